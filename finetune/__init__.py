@@ -1,0 +1,23 @@
+"""A fine-tuning workbench for small LLMs.
+
+The core is plain Python, usable from a notebook or the CLI (`python -m finetune --help`);
+`finetune.ui` wraps it in a Gradio app (`python app.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+class FinetuneError(Exception):
+    """An error the user can fix; its message says how. The UI shows it as `gr.Error`."""
+
+
+def home() -> Path:
+    """The app's data dir: model cache, runs, votes. `FINETUNE_HOME` overrides the default."""
+    path = Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".cache" / "finetune-workbench")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

