@@ -39,7 +39,11 @@ def prompt_inputs(tokenizer, prompts: str | list[str], device) -> dict:
     return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add).to(device)
 
 
-def generate_kwargs(tokenizer, params: GenerationParams) -> dict:
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
+
+
+def generate_kwargs(tokenizer, params: GenerationParams, model=None, adapter_names: list[str] | None = None) -> dict:
+    """Keyword arguments for `model.generate`. On a PEFT model every row names its adapter (or the base)."""
     kwargs = dict(
         max_new_tokens=params.max_new_tokens,
         do_sample=not params.greedy,
@@ -50,7 +54,32 @@ def generate_kwargs(tokenizer, params: GenerationParams) -> dict:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     else:
         kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=None)
+    if adapter_names is not None or hasattr(model, "peft_config"):
+        kwargs["adapter_names"] = adapter_names or [BASE_ADAPTER]
     return kwargs
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[str],
+    params: GenerationParams | None = None,
+    adapter_names: list[str] | None = None,
+) -> list[str]:
+    """Complete several prompts in one batched `generate`; on a PEFT model, row i uses `adapter_names[i]`."""
+    params = params or GenerationParams()
+    inputs = prompt_inputs(tokenizer, prompts, model.device)
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    with torch.inference_mode():
+        out = model.generate(**inputs, **generate_kwargs(tokenizer, params, model, adapter_names))
+    texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [cut_at_stop(t, params.stop) for t in texts]
 
 
 class StopFilter:
@@ -86,8 +115,13 @@ class StopFilter:
         return text
 
 
-def stream(model, tokenizer, prompt: str, params: GenerationParams | None = None, **generate_extra) -> Iterator[str]:
-    """Yield the model's continuation of `prompt` chunk by chunk; closing the generator stops generation."""
+def stream(
+    model, tokenizer, prompt: str, params: GenerationParams | None = None, adapter_name: str | None = None
+) -> Iterator[str]:
+    """Yield the model's continuation of `prompt` chunk by chunk; closing the generator stops generation.
+
+    On a PEFT model, `adapter_name` picks the adapter (None: the base model without any adapter).
+    """
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     params = params or GenerationParams()
@@ -103,8 +137,7 @@ def stream(model, tokenizer, prompt: str, params: GenerationParams | None = None
             with torch.inference_mode():
                 model.generate(
                     **inputs,
-                    **generate_kwargs(tokenizer, params),
-                    **generate_extra,
+                    **generate_kwargs(tokenizer, params, model, [adapter_name] if adapter_name else None),
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]),
                 )

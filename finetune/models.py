@@ -20,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -241,6 +241,9 @@ class LoadedModel:
     load_seconds: float
     # Held while generating: one model's forward passes run one request at a time.
     lock: threading.Lock
+    # Adapter folder -> adapter name, once LoRA adapters are attached: `model` is then a PeftModel whose
+    # rows must each name their adapter (or "__base__") when generating.
+    adapters: dict[str, str] = field(default_factory=dict)
 
 
 class ModelPool:
@@ -273,6 +276,29 @@ class ModelPool:
                 self._models[spec.key] = entry
                 self._evict(keep=spec.key)
             return entry
+
+    def get_with_adapter(self, spec: ModelSpec, adapter_dir: str | Path) -> tuple[LoadedModel, str]:
+        """The shared base model with the LoRA adapter at `adapter_dir` attached; returns (entry, adapter name).
+
+        Adapters are attached to the one loaded base model (not a second copy), so base and tuned answers
+        can come from one batched forward pass (PEFT mixed-adapter batches).
+        """
+        from peft import PeftModel
+
+        entry = self.get(spec)
+        key = str(Path(adapter_dir).resolve())
+        with entry.lock:
+            if key not in entry.adapters:
+                if not (Path(key) / "adapter_config.json").is_file():
+                    raise FinetuneError(f"No LoRA adapter in {adapter_dir} (adapter_config.json is missing).")
+                name = f"adapter{len(entry.adapters)}"
+                if isinstance(entry.model, PeftModel):
+                    entry.model.load_adapter(key, adapter_name=name)
+                else:
+                    entry.model = PeftModel.from_pretrained(entry.model, key, adapter_name=name)
+                entry.model.eval()
+                entry.adapters[key] = name
+        return entry, entry.adapters[key]
 
     def _evict(self, keep: tuple) -> None:
         if self.budget_bytes is None:
