@@ -1,0 +1,82 @@
+import time
+
+import pytest
+
+from finetune.config import GenerationParams, ModelSpec
+from finetune.generate import StopFilter, generate_batch, merge_streams, stream
+from finetune.models import load_model
+from finetune.templates import TEMPLATES, build_prompt
+
+
+def test_stop_filter_cuts_at_stop_string_split_across_chunks():
+    f = StopFilter(("###",))
+    out = [f.push(c) for c in ["Paris is", " the capital.\n\n#", "## Question"]]
+    assert "".join(out) == "Paris is the capital.\n\n" and f.stopped
+    assert out[1] == " the capital.\n\n"  # the '#' that might start a header was held back
+
+
+def test_stop_filter_releases_held_text_that_was_not_a_stop():
+    f = StopFilter(("###",))
+    assert f.push("C#") == "C"
+    assert f.push(" is a language") == "# is a language"
+    assert f.flush() == "" and f.text == "C# is a language"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    return load_model(ModelSpec(tiny_llama))
+
+
+def test_stream_yields_several_chunks_and_matches_batch_generation(tiny):
+    model, tokenizer = tiny
+    prompt = build_prompt(TEMPLATES["qa"], "What is Lamini?")
+    params = GenerationParams(max_new_tokens=12, stop=())
+    chunks = list(stream(model, tokenizer, prompt, params))
+    assert len(chunks) > 1
+    assert "".join(chunks) == generate_batch(model, tokenizer, [prompt], params)[0]
+
+
+def test_closing_a_stream_stops_generation(tiny):
+    model, tokenizer = tiny
+    it = stream(model, tokenizer, "Hello", GenerationParams(max_new_tokens=400, stop=()))
+    next(it)
+    t0 = time.perf_counter()
+    it.close()  # must return promptly: the generate thread is cancelled, not left to run 400 steps
+    assert time.perf_counter() - t0 < 5
+
+
+def _slow(chunks, delay):
+    for c in chunks:
+        time.sleep(delay)
+        yield c
+
+
+def test_merge_streams_interleaves_and_isolates_errors():
+    def broken():
+        yield "partial"
+        raise ConnectionError("refused")
+
+    order = []
+    for cols in merge_streams({"a": _slow("abcd", 0.02), "b": _slow("wxyz", 0.02), "c": broken()}):
+        order.append((cols["a"].chunks, cols["b"].chunks))
+        final = cols
+    assert final["a"].text == "abcd" and final["b"].text == "wxyz"
+    assert final["c"].error == "ConnectionError: refused" and final["c"].text == "partial"
+    assert all(c.done for c in final.values())
+    # Both columns had output before either finished.
+    assert any(0 < a < 4 and 0 < b < 4 for a, b in order)
+
+
+@pytest.mark.integration
+def test_embedded_models_answer_offline():
+    params = GenerationParams(max_new_tokens=24)
+    ref, ref_tok = load_model(ModelSpec("smollm2-135m-instruct", dtype="bfloat16"))
+    chunks = list(
+        stream(
+            ref, ref_tok, build_prompt(TEMPLATES["chat"], "What is the capital of France?", tokenizer=ref_tok), params
+        )
+    )
+    assert len(chunks) > 1 and "Paris" in "".join(chunks)
+    base, base_tok = load_model(ModelSpec("gemma-3-270m", dtype="bfloat16"))
+    answer = "".join(stream(base, base_tok, build_prompt(TEMPLATES["qa"], "What is the capital of France?"), params))
+    assert "Paris" in answer and "###" not in answer

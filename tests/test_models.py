@@ -1,0 +1,108 @@
+import threading
+import time
+
+import pytest
+import torch
+
+from finetune import FinetuneError
+from finetune.config import ModelSpec
+from finetune.models import EMBEDDED, ModelPool, load_model, quantization_config, resolve_source
+
+
+def test_quantization_config_choices():
+    assert quantization_config(None) is None and quantization_config("none") is None
+    q4 = quantization_config("4bit")
+    assert q4.load_in_4bit and q4.bnb_4bit_quant_type == "nf4" and q4.bnb_4bit_use_double_quant
+    assert q4.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_config("8bit").load_in_8bit
+    with pytest.raises(FinetuneError, match="Unknown quantization"):
+        quantization_config("3bit")
+
+
+def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("finetune.models.bitsandbytes_available", lambda: False)
+    with pytest.raises(FinetuneError, match="bitsandbytes"):
+        quantization_config("4bit")
+
+
+def test_trust_remote_code_is_off_unless_asked(monkeypatch, tiny_llama):
+    assert ModelSpec().trust_remote_code is False
+    seen = []
+    import transformers
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    load_model(ModelSpec(tiny_llama))
+    load_model(ModelSpec(tiny_llama, trust_remote_code=True))
+    assert seen == [False, True]
+
+
+@pytest.mark.parametrize("source", ["no-such-org/no-such-model-xyz", "../../etc", "/does/not/exist", ""])
+def test_unknown_model_is_a_clear_error(source):
+    with pytest.raises(FinetuneError, match="model|Model"):
+        load_model(ModelSpec(source))
+
+
+def test_local_folder_loads_on_cpu_in_eval_mode(tiny_llama):
+    model, tokenizer = load_model(ModelSpec(tiny_llama, dtype="bfloat16"))
+    assert model.dtype == torch.bfloat16 and not model.training and model.device.type == "cpu"
+    assert tokenizer.pad_token is not None
+    assert resolve_source(ModelSpec(tiny_llama)) == tiny_llama
+
+
+def test_4bit_load_on_cpu(tiny_llama):
+    model, _ = load_model(ModelSpec(tiny_llama, quantization="4bit"))
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    out = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(out).all()
+
+
+def test_pool_loads_once_and_evicts_least_recently_used():
+    calls = []
+
+    class Fake(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(256))  # 1 KiB
+
+    def loader(spec):
+        calls.append(spec.source)
+        time.sleep(0.05)
+        return Fake(), object()
+
+    pool = ModelPool(budget_bytes=2048, loader=loader)
+    threads = [threading.Thread(target=pool.get, args=(ModelSpec("a"),)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["a"]  # four concurrent first requests, one load
+    pool.get(ModelSpec("b"))
+    pool.get(ModelSpec("a"))  # a is now the most recently used
+    pool.get(ModelSpec("c"))  # over budget: b goes
+    assert [s.source for s in pool.loaded()] == ["a", "c"]
+    assert pool.get(ModelSpec("a")).nbytes == 1024
+
+
+@pytest.mark.integration
+def test_cache_round_trip_gives_the_same_logits(tmp_path, monkeypatch):
+    """Convert the GGUF into a fresh cache, reload from safetensors: same logits as the GGUF-loaded model."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("FINETUNE_MODEL_CACHE", str(tmp_path))
+    name = "smollm2-135m-instruct"
+    cached, tokenizer = load_model(ModelSpec(name))
+    assert (tmp_path / name / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(f".{name}-*"))  # no temp dir left behind
+    gguf = EMBEDDED[name].locate_gguf()
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(cached(ids).logits, direct(ids).logits)
