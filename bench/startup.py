@@ -1,0 +1,102 @@
+"""Start-up benchmark: cold start (first GGUF conversion) vs warm start (safetensors cache).
+
+    python bench/startup.py [--quick]
+
+Measures, each in a fresh process: per-model load time cold and warm, and seconds from process start to
+the app serving its page. Targets (issue 9): warm model load <= 2 s each; page served <= 15 s warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from common import ROOT, run_python, table
+
+LOAD = """
+import json, time
+t0 = time.perf_counter()
+from finetune.config import ModelSpec
+from finetune.models import load_model, inference_dtype
+t1 = time.perf_counter()
+load_model(ModelSpec({name!r}, dtype=inference_dtype()))
+print(json.dumps({{"import_s": t1 - t0, "load_s": time.perf_counter() - t1}}))
+"""
+
+
+def model_load(name: str, cache: str) -> dict:
+    return json.loads(run_python(LOAD.format(name=name), env={"FINETUNE_MODEL_CACHE": cache}).strip().splitlines()[-1])
+
+
+def page_served_s(cache: str, home: str, timeout: float = 600) -> float:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FINETUNE_MODEL_CACHE": cache, "FINETUNE_HOME": home, "GRADIO_ANALYTICS_ENABLED": "False"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while time.perf_counter() - t0 < timeout:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - t0
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("the app did not serve its page")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Cold-convert only the small reference model.")
+    args = parser.parse_args()
+    from finetune.models import BASE_MODEL, REFERENCE_MODEL, model_cache
+
+    warm_cache = str(model_cache())
+    rows = []
+    with tempfile.TemporaryDirectory() as cold_cache, tempfile.TemporaryDirectory() as home:
+        names = [REFERENCE_MODEL] if args.quick else [BASE_MODEL, REFERENCE_MODEL]
+        for name in [BASE_MODEL, REFERENCE_MODEL]:
+            model_load(name, warm_cache)  # make sure the warm cache exists
+        for name in names:
+            cold = model_load(name, cold_cache)
+            warm = model_load(name, warm_cache)
+            rows.append(
+                {
+                    "what": f"load {name}",
+                    "cold_s": cold["load_s"],
+                    "warm_s": warm["load_s"],
+                    "cold/warm": cold["load_s"] / warm["load_s"],
+                    "target_warm": "<= 2 s",
+                }
+            )
+        page = page_served_s(warm_cache, home)
+        rows.append(
+            {"what": "app serves its page", "cold_s": "", "warm_s": page, "cold/warm": "", "target_warm": "<= 15 s"}
+        )
+    print(table(rows, "Start-up (fresh process each)"))
+    worst = max(r["warm_s"] for r in rows if r["what"].startswith("load"))
+    print(
+        f"headline: warm model load {worst:.2f} s (worst model), page served {page:.1f} s warm; "
+        f"cold/warm load ratio {max(r['cold/warm'] for r in rows if r['cold/warm'] != ''):.1f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
