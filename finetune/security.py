@@ -1,0 +1,103 @@
+"""Guards for a shared box: safe names and paths inside the data dir, checked archives, users and limits.
+
+Everything the app writes, serves or deletes goes through `safe_path`, so a run name like `../../etc`
+or an absolute path can never reach outside `finetune.home()`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune import FinetuneError, home
+
+MAX_NAME = 64
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str, fallback: str = "unnamed") -> str:
+    """A file-system-safe name: ASCII letters, digits, `._-`; no leading dots; at most 64 characters."""
+    text = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+    text = _UNSAFE.sub("-", text.replace("\x00", "")).strip(".-_")[:MAX_NAME].strip(".-_")
+    return text or fallback
+
+
+def safe_path(*parts: str, root: Path | None = None) -> Path:
+    """`root/parts...` (root: the data dir), refusing anything that would resolve outside root."""
+    root = (root or home()).resolve()
+    if any("\x00" in str(p) for p in parts):
+        raise FinetuneError("File names cannot contain NUL bytes.")
+    path = root.joinpath(*parts).resolve()
+    if path != root and root not in path.parents:
+        raise FinetuneError(f"{'/'.join(map(str, parts))!r} is outside the app's data folder.")
+    return path
+
+
+def check_upload_size(path: str | Path, limit_mb: float | None = None) -> None:
+    limit_mb = limit_mb if limit_mb is not None else float(os.environ.get("FINETUNE_MAX_UPLOAD_MB", "100"))
+    size = Path(path).stat().st_size
+    if size > limit_mb * 2**20:
+        raise FinetuneError(f"The file is {size / 2**20:.0f} MB; the limit is {limit_mb:.0f} MB.")
+
+
+def extract_zip(archive: str | Path, dest: Path, max_bytes: int = 2 * 2**30, max_files: int = 1000) -> Path:
+    """Extract a zip after checking every member: no absolute or `..` paths, no links, bounded total size."""
+    with zipfile.ZipFile(archive) as zf:
+        members = zf.infolist()
+        if len(members) > max_files:
+            raise FinetuneError(f"The archive has {len(members)} files; at most {max_files} are accepted.")
+        if sum(m.file_size for m in members) > max_bytes:
+            raise FinetuneError(f"The archive unpacks to more than {max_bytes / 2**30:.0f} GB.")
+        for m in members:
+            name = m.filename
+            is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
+            if is_link or name.startswith(("/", "\\")) or ".." in Path(name).parts or ":" in name or "\x00" in name:
+                raise FinetuneError(f"The archive holds an unsafe path ({name!r}); it was not extracted.")
+        dest.mkdir(parents=True, exist_ok=True)
+        for m in members:
+            safe_path(m.filename, root=dest)  # belt and braces: resolves inside dest
+        zf.extractall(dest)
+    return dest
+
+
+@dataclass
+class Limits:
+    """Limits that protect a shared box; each set by the env var named in its help."""
+
+    max_upload_mb: float = field(default=100.0, metadata={"help": "FINETUNE_MAX_UPLOAD_MB"})
+    max_new_tokens: int = field(default=512, metadata={"help": "FINETUNE_MAX_NEW_TOKENS"})
+    max_train_steps: int = field(default=2000, metadata={"help": "FINETUNE_MAX_TRAIN_STEPS"})
+    max_queued_runs: int = field(default=2, metadata={"help": "FINETUNE_MAX_QUEUED_RUNS (per user)"})
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        kwargs = {}
+        for name, f in cls.__dataclass_fields__.items():
+            value = os.environ.get(f.metadata["help"].split()[0])
+            if value:
+                kwargs[name] = type(getattr(cls, name))(value)
+        return cls(**kwargs)
+
+
+def parse_auth(spec: str | None = None) -> list[tuple[str, str]]:
+    """Users from `FINETUNE_AUTH`: "user:pass,user2:pass2", or a path to a file with one user:pass per line."""
+    spec = spec if spec is not None else os.environ.get("FINETUNE_AUTH", "")
+    if not spec.strip():
+        return []
+    if os.path.isfile(spec):
+        spec = Path(spec).read_text(encoding="utf-8").replace("\n", ",")
+    users = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise FinetuneError("FINETUNE_AUTH entries must look like user:password, separated by commas.")
+        users.append((user, password))
+    return users
+
+
+def is_admin(user: str | None) -> bool:
+    return bool(user) and user in {u.strip() for u in os.environ.get("FINETUNE_ADMINS", "admin").split(",")}
