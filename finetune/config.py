@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -87,3 +90,149 @@ class DataConfig:
     test_size: float = field(default=0.1, metadata={"help": "Held-out fraction (the course uses 0.1)."})
     seed: int = field(default=123, metadata={"help": "Split seed (the course uses 123)."})
     max_rows: int | None = field(default=None, metadata={"help": "Use only the first N rows (quick experiments)."})
+
+
+@dataclass
+class TrainConfig:
+    """One training run: base model, data, LoRA and optimizer settings (defaults: a quick CPU run, visible result).
+
+    Saved as `config.yaml` in the run folder; recipes in `recipes/` are the same YAML. Load with `load_train_config`.
+    """
+
+    model: ModelSpec = field(default_factory=ModelSpec, metadata={"help": "Base model; quantization 4bit = QLoRA."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data set, column mapping, template."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per row (prompt + answer); answers are cut."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: str | list[str] = field(
+        default="all-linear", metadata={"help": "'all-linear' (QLoRA paper) or module names, e.g. [q_proj, v_proj]."}
+    )
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate (LoRA takes 1e-4 to 1e-3)."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "linear, cosine, constant, ..."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps; a value below 1 is a fraction."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    num_epochs: float = field(default=1.0, metadata={"help": "Passes over the training rows (when max_steps <= 0)."})
+    max_steps: int = field(default=120, metadata={"help": "Optimizer steps; overrides num_epochs when > 0."})
+    batch_size: int = field(default=8, metadata={"help": "Rows per device per forward pass."})
+    grad_accum: int = field(default=1, metadata={"help": "Forward passes per optimizer step."})
+    eval_steps: int = field(default=0, metadata={"help": "Held-out loss every N steps (0: only at the end)."})
+    eval_rows: int | None = field(default=64, metadata={"help": "Held-out rows for the loss in training (None: all)."})
+    save_steps: int = field(default=40, metadata={"help": "Checkpoint (for resume) every N steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
+    logging_steps: int = field(default=5, metadata={"help": "Loss/metrics line every N steps."})
+    seed: int = field(default=42, metadata={"help": "Seed for LoRA init and data order."})
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 where the GPU/CPU computes it natively), bf16, fp16 or no."}
+    )
+    answer_only_logits: bool = field(
+        default=True,
+        metadata={"help": "Compute the vocabulary projection only where the loss needs it (same loss, much faster)."},
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (big models)."})
+    eval_at_end: bool = field(default=False, metadata={"help": "Run the evaluation (finetune.evaluate) at the end."})
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "Hub repo id to push the adapter to at the end (needs HF_TOKEN)."}
+    )
+    name: str | None = field(default=None, metadata={"help": "Display name of the run (default: model + data)."})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        return _from_dict(cls, values, "")
+
+
+def _from_dict(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise _config_error(f"{prefix.rstrip('.') or 'The config'} must be a mapping of keys to values.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise _config_error(f"Unknown setting {prefix}{unknown[0]}; known: {', '.join(sorted(known))}.")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str):
+    """YAML reads `3e-4` as text and `1` as int: convert scalars to the field's type."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None or (optional and value in ("", "null", "None", "none")):
+        if optional:
+            return None
+        raise _config_error(f"{key} needs a value.")
+    scalars = [t for t in (args or (hint,)) if t in (bool, int, float)]
+    if not scalars or isinstance(value, scalars[0]) and not (scalars[0] is int and isinstance(value, bool)):
+        return value
+    kind = scalars[0]
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+            raise ValueError
+        number = float(value)
+        if kind is int:
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        return number
+    except (TypeError, ValueError):
+        raise _config_error(f"{key} must be {kind.__name__}, not {value!r}.") from None
+
+
+def _config_error(message: str) -> Exception:
+    from finetune import FinetuneError  # finetune/__init__ is tiny; imported late only to keep this module leaf-like
+
+    return FinetuneError(message)
+
+
+def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply `a.b=value` strings (values parsed as YAML) to a nested dict, in place; returns it."""
+    import yaml
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise _config_error(f"Override {item!r} must look like key=value, e.g. learning_rate=3e-4.")
+        *parents, leaf = key.strip().split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise _config_error(f"Override {item!r}: {part} is not a section.")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return values
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A TrainConfig from a YAML recipe (or the defaults when `path` is None) plus `key=value` overrides."""
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise _config_error(f"No config file {path}: give a path like recipes/lamini_docs_qlora.yaml.") from None
+        except yaml.YAMLError as e:
+            raise _config_error(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return TrainConfig.from_dict(apply_overrides(values, overrides))
+
+
+def dump_train_config(cfg: TrainConfig, path: str | Path | None = None) -> str:
+    """YAML text of a config (keys in field order); also written to `path` when given."""
+    import yaml
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
