@@ -5,29 +5,39 @@ for chunk in stream(model, tokenizer, "### Question:\\nWhat is Lamini?\\n\\n### 
 
 for update in merge_streams({"base": stream(...), "reference": stream(...)}):
     update["base"].text  # everything that column has produced so far
+
+Backends answer a conversation (`[{"role": "user", "content": ...}, ...]`) as a `TextStream`:
+`LocalBackend` (a pooled transformers model, optionally with a LoRA adapter) and `OpenAIBackend`
+(any OpenAI-compatible server, streamed over Server-Sent Events). `stream_all` starts several at once
+and puts every local column that shares one loaded model into ONE batched `generate`, each row with its
+own adapter (PEFT mixed-adapter batch), split back into per-column streams by `BatchStreamer`:
+
+backends = {"base": LocalBackend(pool, spec, "qa"), "tuned": LocalBackend(pool, spec, "qa", adapter_dir),
+            "reference": OpenAIBackend("http://127.0.0.1:8000/v1", "my-model")}
+streams = stream_all(backends, {name: [{"role": "user", "content": "What is Lamini?"}] for name in backends}, params)
+for update in merge_streams(streams, count_tokens=token_counters(streams)): ...
 """
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from transformers import StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
-from finetune.config import GenerationParams
-
-
-class _CancelCriteria:
-    """Stops `generate` between two steps once the consumer is gone or a stop string was seen."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+from finetune import FinetuneError
+from finetune.config import GenerationParams, ModelSpec
+from finetune.models import ModelPool
+from finetune.templates import Template, build_prompt, get_template
 
 
 def prompt_inputs(tokenizer, prompts: str | list[str], device) -> dict:
@@ -115,6 +125,221 @@ class StopFilter:
         return text
 
 
+class TextStream:
+    """An iterator of text chunks that, once finished, knows how many tokens it produced (`tokens`, None: unknown).
+
+    `make(self)` returns the chunk iterator; a generator can fill in `self.tokens` as it ends.
+    """
+
+    def __init__(self, make: Callable[[TextStream], Iterator[str]]):
+        self.tokens: int | None = None
+        self._chunks = make(self)
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close:
+            close()
+
+
+_END = object()  # a row's queue ends with this
+
+
+class RowText:
+    """One row of a batched generation as seen by its reader: text chunks arrive in `queue`, then `_END`.
+
+    An exception in the queue is raised by the reader. `done`: no more text will come (EOS, stop string,
+    error); `closed`: the reader went away, so generating this row is wasted work.
+    """
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self.filter = StopFilter(())
+        self.ids: list[int] = []  # tokens of the current line (decoded together, see BatchStreamer.put)
+        self.offset = 0  # characters of decode(ids) already pushed
+        self.tokens = 0
+        self.done = False
+        self.closed = False
+
+    def push(self, text: str) -> None:
+        if out := self.filter.push(text):
+            self.queue.put(out)
+        if self.filter.stopped:
+            self.finish()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if error is not None:
+            self.queue.put(error)
+        elif rest := self.filter.flush():
+            self.queue.put(rest)
+        self.queue.put(_END)
+
+
+class BatchStreamer(BaseStreamer):
+    """A streamer for a whole batch: each step's token ids (one per row) become one text stream per row.
+
+    Each row ends on its own, at an EOS token or at one of its stop strings; `RowsDone` tells `generate`
+    which rows are done so it stops as soon as all are (or all readers went away).
+    """
+
+    def __init__(self, tokenizer, rows: list[RowText], eos_ids: set[int]):
+        self.tokenizer, self.rows, self.eos_ids = tokenizer, rows, eos_ids
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate hands over the prompt ids first
+            self._prompt_seen = True
+            return
+        for row, token in zip(self.rows, value.reshape(-1).tolist()):
+            if row.done or row.closed:
+                continue
+            if token in self.eos_ids:
+                row.finish()
+                continue
+            row.ids.append(token)
+            row.tokens += 1
+            text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            row.push(text[row.offset :])
+            row.offset = len(text)
+            if text.endswith("\n"):  # decode line by line, as TextStreamer does, so a step stays cheap
+                row.ids, row.offset = [], 0
+
+    def end(self) -> None:
+        for row in self.rows:
+            row.finish()
+
+
+class RowsDone:
+    """Stopping criteria: per row, whether its stream has ended or its reader is gone."""
+
+    def __init__(self, rows: list[RowText]):
+        self.rows = rows
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        done = [row.done or row.closed for row in self.rows]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Loaded:
+    """A model with its tokenizer and the lock held while generating with it (`models.LoadedModel` fits too).
+
+    `model` is read only while holding `lock`: attaching an adapter to a pooled model swaps it for a PeftModel.
+    """
+
+    model: object
+    tokenizer: object
+    lock: AbstractContextManager = field(default_factory=nullcontext)
+
+
+@dataclass
+class BatchJob:
+    """What one batched `generate` needs: built by a `prepare` function in the generation thread."""
+
+    loaded: Loaded
+    prompts: list[str | None]  # one per row; None for a row that failed to prepare (see `errors`)
+    params: GenerationParams
+    adapter_names: list[str | None] | None = None  # per row; None: the base model without adapter
+    stops: list[tuple[str, ...]] | None = None  # per row; default params.stop
+    errors: dict[int, BaseException] = field(default_factory=dict)  # rows that fail alone
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def _run_batch(job: BatchJob, rows: list[RowText]) -> None:
+    for i, error in job.errors.items():
+        rows[i].finish(error)
+    live = [i for i, p in enumerate(job.prompts) if p is not None and i not in job.errors]
+    if not live:
+        return
+    stops = job.stops or [job.params.stop] * len(rows)
+    for i in live:
+        rows[i].filter = StopFilter(stops[i])
+    live_rows = [rows[i] for i in live]
+    with job.loaded.lock:  # one generation per model at a time; other requests for it queue here
+        model, tokenizer = job.loaded.model, job.loaded.tokenizer
+        names = None
+        if hasattr(model, "peft_config"):
+            names = [(job.adapter_names or [None] * len(rows))[i] or BASE_ADAPTER for i in live]
+        inputs = prompt_inputs(tokenizer, [job.prompts[i] for i in live], model.device)
+        if job.params.seed is not None:
+            torch.manual_seed(job.params.seed)
+        with torch.inference_mode():
+            model.generate(
+                **inputs,
+                **generate_kwargs(tokenizer, job.params, model, names),
+                streamer=BatchStreamer(tokenizer, live_rows, eos_ids(model, tokenizer)),
+                stopping_criteria=StoppingCriteriaList([RowsDone(live_rows)]),
+            )
+
+
+def stream_batch(prepare: Callable[[], BatchJob], n_rows: int) -> list[TextStream]:
+    """`n_rows` text streams fed by one batched `generate`, which starts when any stream is first read.
+
+    `prepare` runs in the generation thread, so loading a model blocks no caller; an exception there or in
+    `generate` ends every row's stream with that exception. Closing every stream stops generation.
+    """
+    rows = [RowText() for _ in range(n_rows)]
+    state: dict = {}
+    start = threading.Lock()
+
+    def run() -> None:
+        try:
+            _run_batch(prepare(), rows)
+        except BaseException as e:  # raised again in each reader's thread
+            for row in rows:
+                row.finish(e)
+        finally:
+            for row in rows:
+                row.finish()
+
+    def read(i: int, out: TextStream) -> Iterator[str]:
+        with start:
+            if "thread" not in state:
+                state["thread"] = threading.Thread(target=run, daemon=True)
+                state["thread"].start()
+        row = rows[i]
+        try:
+            while (item := row.queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            row.closed = True
+            out.tokens = row.tokens
+            if all(r.closed for r in rows):
+                state["thread"].join()
+
+    return [TextStream(lambda out, i=i: read(i, out)) for i in range(n_rows)]
+
+
+def stream_rows(
+    model,
+    tokenizer,
+    prompts: list[str],
+    params: GenerationParams | None = None,
+    adapter_names: list[str | None] | None = None,
+    stops: list[tuple[str, ...]] | None = None,
+) -> list[TextStream]:
+    """One text stream per prompt, all from one batched `generate` (row i with adapter `adapter_names[i]`)."""
+    job = BatchJob(Loaded(model, tokenizer), list(prompts), params or GenerationParams(), adapter_names, stops)
+    return stream_batch(lambda: job, len(prompts))
+
+
 def stream(
     model, tokenizer, prompt: str, params: GenerationParams | None = None, adapter_name: str | None = None
 ) -> Iterator[str]:
@@ -122,48 +347,229 @@ def stream(
 
     On a PEFT model, `adapter_name` picks the adapter (None: the base model without any adapter).
     """
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-    params = params or GenerationParams()
-    inputs = prompt_inputs(tokenizer, prompt, model.device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-    cancel = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            with torch.inference_mode():
-                model.generate(
-                    **inputs,
-                    **generate_kwargs(tokenizer, params, model, [adapter_name] if adapter_name else None),
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]),
-                )
-        except BaseException as e:  # re-raised in the consumer's thread
-            errors.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    stops = StopFilter(params.stop)
+    (row,) = stream_rows(model, tokenizer, [prompt], params, [adapter_name])
     try:
-        for chunk in streamer:
-            out = stops.push(chunk)
-            if out:
-                yield out
-            if stops.stopped:
-                cancel.set()
-                break
-        else:
-            if out := stops.flush():
-                yield out
+        yield from row
     finally:
-        cancel.set()
-        thread.join()
-    if errors:
-        raise errors[0]
+        row.close()
+
+
+# --- backends --------------------------------------------------------------------------------------
+
+
+class BackendError(FinetuneError):
+    """A backend could not answer (server down, refused key, timeout, broken stream); shown in its column."""
+
+
+def conversation_prompt(template: Template, messages: list[dict], tokenizer=None) -> str:
+    """The prompt for a conversation that ends with the user's turn, in `template`'s format.
+
+    The chat template renders the whole message list; a text template (Q/A, Alpaca) repeats its
+    question/answer block for each earlier turn, so a base model sees the history as in training.
+    """
+    if not messages or messages[-1]["role"] != "user":
+        raise FinetuneError("A conversation must end with the user's question.")
+    if template.chat:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise FinetuneError("This model has no chat template: choose the Alpaca or Q/A template.")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text, question = "", None
+    for m in messages:
+        if m["role"] == "user":
+            question = m["content"]
+        elif m["role"] == "assistant" and question is not None:
+            text += build_prompt(template, question) + m["content"].strip() + "\n\n"
+            question = None
+    return text + build_prompt(template, messages[-1]["content"])
+
+
+class Backend(ABC):
+    """Answers a conversation (`[{"role": ..., "content": ...}, ...]`, ending with the user's turn) as a stream."""
+
+    @property
+    @abstractmethod
+    def label(self) -> str:
+        """The model's name as shown to users and stored with votes."""
+
+    @abstractmethod
+    def stream(self, messages: list[dict], params: GenerationParams) -> TextStream: ...
+
+
+@dataclass
+class LocalBackend(Backend):
+    """A transformers model from the shared pool, optionally with a LoRA adapter, prompted with `template`."""
+
+    pool: ModelPool
+    spec: ModelSpec
+    template: str = "qa"  # a name from templates.TEMPLATES (or a custom template's text)
+    adapter: str | Path | None = None  # folder of a PEFT LoRA adapter for `spec`'s model
+    adapter_label: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.adapter is None:
+            return self.spec.source
+        return f"{self.spec.source} + {self.adapter_label or Path(self.adapter).name}"
+
+    def stream(self, messages: list[dict], params: GenerationParams) -> TextStream:
+        return stream_all({"answer": self}, {"answer": messages}, params)["answer"]
+
+
+def _local_batch(backends: list[LocalBackend], conversations: list[list[dict]], params: GenerationParams):
+    """A `prepare` for `stream_batch`: loads the shared model, attaches adapters, builds each row's prompt."""
+    pool, spec = backends[0].pool, backends[0].spec
+
+    def prepare() -> BatchJob:
+        entry = pool.get(spec)
+        job = BatchJob(entry, [None] * len(backends), params, [None] * len(backends), [()] * len(backends))
+        for i, (backend, messages) in enumerate(zip(backends, conversations)):
+            try:  # a broken adapter or template fails its own row only
+                if backend.adapter is not None:
+                    job.adapter_names[i] = pool.get_with_adapter(spec, backend.adapter)[1]
+                template = get_template(backend.template)
+                job.prompts[i] = conversation_prompt(template, messages, entry.tokenizer)
+                job.stops[i] = tuple(dict.fromkeys(template.stop + params.stop)) if not template.chat else ()
+            except FinetuneError as e:
+                job.errors[i] = e
+        return job
+
+    return prepare
+
+
+class OpenAIBackend(Backend):
+    """Any OpenAI-compatible server (vLLM, TGI, llama.cpp, `transformers serve`, OpenAI): streamed chat completions.
+
+    `base_url` is the API root, e.g. `http://127.0.0.1:8000/v1` (`/v1` is added when missing). The API key
+    is sent as a bearer token and kept out of `repr`, logs and error messages.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0):
+        base_url = base_url.strip().rstrip("/")
+        if not base_url.startswith(("http://", "https://")):
+            raise FinetuneError(f"Endpoint {base_url!r} must start with http:// or https://.")
+        if not model.strip():
+            raise FinetuneError("Give the endpoint's model name (see its /v1/models).")
+        self.base_url = base_url if base_url.endswith("/v1") else base_url + "/v1"
+        self.model = model.strip()
+        self._api_key = api_key or None
+        self.timeout_s = timeout_s
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend({self.base_url!r}, {self.model!r})"
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} @ {self.base_url.split('://', 1)[1].removesuffix('/v1')}"
+
+    def stream(self, messages: list[dict], params: GenerationParams) -> TextStream:
+        return TextStream(lambda out: self._chunks(out, messages, params))
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _chunks(self, out: TextStream, messages: list[dict], params: GenerationParams) -> Iterator[str]:
+        import httpx
+
+        body: dict = {
+            "model": self.model,
+            "messages": messages,
+            "stream": True,
+            "max_tokens": params.max_new_tokens,
+            "temperature": 0.0 if params.greedy else params.temperature,
+            "stream_options": {"include_usage": True},
+        }
+        if not params.greedy:
+            body["top_p"] = params.top_p
+        if params.seed is not None:
+            body["seed"] = params.seed
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        stops, deltas = StopFilter(params.stop), 0
+        try:
+            with httpx.stream(
+                "POST",
+                self.base_url + "/chat/completions",
+                json=body,
+                headers=headers,
+                timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)),
+            ) as response:
+                if response.status_code != 200:
+                    raise BackendError(
+                        self._http_error(response.status_code, response.read().decode(errors="replace"))
+                    )
+                for event in _sse_events(response.iter_lines()):
+                    if event.get("error"):
+                        raise BackendError(self._redact(f"The endpoint reported an error: {event['error']}"))
+                    if event.get("usage"):
+                        out.tokens = event["usage"].get("completion_tokens")
+                    for choice in event.get("choices") or []:
+                        content = (choice.get("delta") or {}).get("content")
+                        if content:
+                            deltas += 1
+                            if text := stops.push(content):
+                                yield text
+                            if stops.stopped:
+                                return
+                if rest := stops.flush():
+                    yield rest
+        except httpx.ConnectError as e:
+            raise BackendError(f"Could not connect to {self.base_url}: is the server running? ({e})") from None
+        except httpx.TimeoutException:
+            raise BackendError(f"{self.base_url} did not answer within {self.timeout_s:g} s.") from None
+        except httpx.HTTPError as e:
+            raise BackendError(self._redact(f"The connection to {self.base_url} failed: {e}")) from None
+        finally:
+            if out.tokens is None and deltas:
+                out.tokens = deltas  # servers without usage in the stream send about one token per delta
+
+    def _http_error(self, status: int, body: str) -> str:
+        detail = self._redact(" ".join(body.split())[:300])
+        if status in (401, 403):
+            return f"The endpoint refused the API key (HTTP {status}): check the key. {detail}"
+        if status == 404:
+            return f"No such endpoint or model (HTTP 404): check the base URL and model name. {detail}"
+        return f"The endpoint answered HTTP {status}: {detail}"
+
+
+def _sse_events(lines: Iterator[str]) -> Iterator[dict]:
+    """JSON payloads of a Server-Sent Events stream of chat-completion chunks, until `data: [DONE]`."""
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith(":") or line.split(":", 1)[0] in ("event", "id", "retry"):
+            continue
+        if not line.startswith("data:"):
+            raise BackendError(f"Malformed stream from the endpoint (not Server-Sent Events): {line[:80]!r}")
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except json.JSONDecodeError:
+            raise BackendError(f"Malformed stream from the endpoint (bad JSON): {data[:80]!r}") from None
+        if not isinstance(event, dict):
+            raise BackendError(f"Malformed stream from the endpoint (not an object): {data[:80]!r}")
+        yield event
+
+
+def stream_all(
+    backends: dict[str, Backend], conversations: dict[str, list[dict]], params: GenerationParams
+) -> dict[str, TextStream]:
+    """One stream per column. Local columns on the same model share one batched `generate` (mixed adapters)."""
+    streams: dict[str, TextStream] = {}
+    groups: dict[tuple, list[str]] = {}
+    for name, backend in backends.items():
+        if isinstance(backend, LocalBackend):
+            groups.setdefault((id(backend.pool), backend.spec.key), []).append(name)
+        else:
+            streams[name] = backend.stream(conversations[name], params)
+    for names in groups.values():
+        prepare = _local_batch([backends[n] for n in names], [conversations[n] for n in names], params)
+        streams.update(zip(names, stream_batch(prepare, len(names))))
+    return {name: streams[name] for name in backends}
+
+
+def token_counters(streams: dict[str, TextStream]) -> dict[str, Callable[[str], int | None]]:
+    """`count_tokens` for `merge_streams`: each stream's own count of the tokens it produced."""
+    return {name: (lambda _text, s=s: s.tokens) for name, s in streams.items()}
 
 
 def generate_text(model, tokenizer, prompt: str, params: GenerationParams | None = None) -> str:
