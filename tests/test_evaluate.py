@@ -303,3 +303,16 @@ def test_arc_easy_runs_base_and_tuned_through_the_harness(monkeypatch, tiny_llam
     assert "could not be loaded (ConnectionError" in arc_easy(ModelSpec(tiny_llama), "adapter")["note"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert "offline" in arc_easy(ModelSpec(tiny_llama), "adapter")["note"]
+
+
+def test_cli_eval_prints_base_vs_tuned_and_writes_eval_json(tmp_path, tiny_llama, capsys):
+    from finetune.__main__ import main
+
+    run = make_run(tmp_path, tiny_llama)
+    argv = ["eval", "--run", str(run), "--limit", "2", "--max-new-tokens", "4", "--no-similarity"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 held-out questions" in out and "perplexity" in out and "Similarity skipped" in out
+    assert json.loads((run / EVAL_FILE).read_text())["questions"] == 2
+    assert main(["eval", "--run", str(tmp_path / "missing")]) == 2
+    assert "No training run" in capsys.readouterr().err
