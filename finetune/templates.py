@@ -2,7 +2,8 @@
 
 A fine-tuning row is a prompt (what the model is given) and an answer (what it learns to write).
 Rows use the canonical fields `instruction`, `input` and `output` (see `finetune.data` for the
-column mapping); `messages` rows (chat lists) use the model's chat template.
+column mapping); `messages` rows (chat lists) use the model's chat template, and `text` rows
+(pretraining-style plain text) the `text` template, which trains on the whole text.
 
     from finetune.templates import TEMPLATES, render, encode
     prompt, answer = render(TEMPLATES["qa"], {"instruction": "What is Lamini?", "output": "An LLM engine."})
@@ -64,6 +65,12 @@ TEMPLATES: dict[str, Template] = {
             description="The course's Q/A template: ### Question: ... ### Answer: ...",
         ),
         Template("chat", chat=True, stop=(), description="The model's own chat template (instruct models)."),
+        Template(
+            "text",
+            answer_field="text",
+            stop=(),
+            description="Plain text, pretraining style: no prompt, the whole text is trained on.",
+        ),
     )
 }
 
