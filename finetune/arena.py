@@ -1,45 +1,473 @@
-"""The arena: one question answered by several models at once, streamed side by side.
+"""The arena: base, tuned (base + LoRA adapter) and reference models answer side by side; blind votes; leaderboard.
 
-pool = ModelPool()
-contenders = {"base": Contender(ModelSpec("gemma-3-270m"), "qa"),
-              "reference": Contender(ModelSpec("smollm2-135m-instruct"), "chat")}
-for columns in answer(pool, contenders, "What is Lamini?", GenerationParams()):
-    print({name: col.text for name, col in columns.items()})
+    pool = ModelPool()
+    setup = ArenaSetup(base_model="gemma-3-270m", adapter=list_adapters()[0].path)
+    backends = make_backends(pool, setup)  # base and tuned share one model and one batched generate
+    session = ArenaSession.start(blind=True)
+    for columns in ask(backends, session, "What is Lamini?", GenerationParams(stop=())):
+        print({role: col.text for role, col in columns.items()})
+    VoteStore().add(session.vote("A"))  # "A", "B", "C", "tie" or "bad"
+    for row in leaderboard(VoteStore().votes()): print(row)
+
+Votes live in SQLite (`$FINETUNE_HOME/arena.sqlite`). The leaderboard turns each vote into pairwise battles
+(the best answer beats the two others; tie and all-bad are ties between every pair) and rates models with
+online Elo and with Bradley-Terry (maximum likelihood), both with bootstrap 95% intervals, as LMSYS's
+Chatbot Arena (FastChat) does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+import csv
+import io
+import json
+import math
+import random
+import shutil
+import sqlite3
+import time
+import zipfile
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
-from finetune.config import GenerationParams, ModelSpec
-from finetune.generate import Column, merge_streams, stream
-from finetune.models import ModelPool
-from finetune.templates import TEMPLATES, build_prompt
+import numpy as np
+import yaml
+
+from finetune import FinetuneError, home
+from finetune.config import DataConfig, GenerationParams, ModelSpec
+from finetune.generate import (
+    Backend,
+    Column,
+    LocalBackend,
+    OpenAIBackend,
+    TextStream,
+    merge_streams,
+    stream_all,
+    token_counters,
+)
+from finetune.models import EMBEDDED, ModelPool, inference_dtype, model_cache
+
+ROLES = ("base", "tuned", "reference")
+LABELS = ("A", "B", "C")  # blind names, by display position
+OUTCOMES = ("tie", "bad")  # votes that are not "this answer is best"
+COURSE_QUESTIONS = ("What do you think of Mars?",)
+
+
+# --- adapters on disk --------------------------------------------------------------------------------
 
 
 @dataclass
-class Contender:
-    spec: ModelSpec
-    template: str = "qa"  # how the question is put to this model: a template name from TEMPLATES
+class AdapterInfo:
+    """A LoRA adapter the tuned column can use, and what it was trained with."""
+
+    name: str  # run id, or the name of an uploaded adapter
+    path: Path
+    base_model: str  # ModelSpec source of the model it was trained on
+    template: str  # the prompt template it was trained with
+    origin: str  # "run" or "upload"
 
 
-def _contender_stream(pool: ModelPool, contender: Contender, question: str, params: GenerationParams):
-    loaded = pool.get(contender.spec)
-    template = TEMPLATES[contender.template]
-    prompt = build_prompt(template, question, tokenizer=loaded.tokenizer)
-    params = replace(params, stop=template.stop)
-    with loaded.lock:  # one generation per model at a time; other requests for it wait here
-        yield from stream(loaded.model, loaded.tokenizer, prompt, params)
+def uploads_dir() -> Path:
+    return home() / "adapters"
 
 
-def answer(
-    pool: ModelPool, contenders: dict[str, Contender], question: str, params: GenerationParams
+def _base_from_adapter_config(adapter: Path) -> str:
+    source = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    # Adapters trained on an embedded model name its converted cache folder: map it back to the short name.
+    path = Path(source)
+    if path.name in EMBEDDED and path.parent.resolve() == model_cache().resolve():
+        return path.name
+    return source
+
+
+def adapter_info(path: str | Path, name: str | None = None, origin: str = "upload") -> AdapterInfo:
+    """Describe the adapter folder `path`; a run's config.yaml (one level up) gives its model and template."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise FinetuneError(f"No LoRA adapter in {path} (adapter_config.json is missing).")
+    base_model, template = _base_from_adapter_config(path), "qa"
+    config_file = path.parent / "config.yaml"
+    if config_file.is_file():
+        config = yaml.safe_load(config_file.read_text()) or {}
+        base_model = (config.get("model") or {}).get("source") or base_model
+        template = (config.get("data") or {}).get("template") or template
+    return AdapterInfo(name or path.parent.name, path, base_model, template, origin)
+
+
+def list_adapters() -> list[AdapterInfo]:
+    """Final adapters of training runs (newest first), then uploaded ones."""
+    runs = sorted(
+        (p for p in (home() / "runs").glob("*/adapter") if (p / "adapter_config.json").is_file()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    uploads = sorted(p for p in uploads_dir().glob("*") if (p / "adapter_config.json").is_file())
+    infos = [adapter_info(p, p.parent.name, "run") for p in runs]
+    return infos + [adapter_info(p, p.name, "upload") for p in uploads]
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def install_adapter(files: list[str | Path], name: str) -> AdapterInfo:
+    """Copy an uploaded adapter (a .zip, or its adapter_config.json + adapter_model.safetensors) to the uploads dir."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.strip()).strip(".-")
+    if not safe:
+        raise FinetuneError("Give the uploaded adapter a name (letters, digits, - or _).")
+    target = uploads_dir() / safe
+    if target.exists():
+        raise FinetuneError(f"An adapter named {safe!r} exists already: choose another name.")
+    tmp = uploads_dir() / f".{safe}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for f in map(Path, files):
+            if f.suffix == ".zip":
+                with zipfile.ZipFile(f) as z:
+                    for member in z.namelist():
+                        if Path(member).name in ADAPTER_FILES:  # flattened: never writes outside tmp
+                            (tmp / Path(member).name).write_bytes(z.read(member))
+            elif f.name in ADAPTER_FILES or f.name.endswith(ADAPTER_FILES):
+                shutil.copyfile(f, tmp / next(a for a in ADAPTER_FILES if f.name.endswith(a)))
+        missing = [a for a in ADAPTER_FILES if not (tmp / a).is_file()]
+        if missing:
+            raise FinetuneError(
+                f"The upload lacks {', '.join(missing)}: upload both files of a PEFT adapter or a .zip."
+            )
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return adapter_info(target, safe, "upload")
+
+
+@lru_cache(maxsize=1)
+def example_questions(n: int = 4) -> tuple[str, ...]:
+    """The course's question plus the first held-out lamini_docs questions (never seen in training)."""
+    from finetune.data import load_splits
+
+    try:
+        test = load_splits(DataConfig("lamini_docs"))["test"]["instruction"][:n]
+    except FinetuneError:
+        test = []
+    return COURSE_QUESTIONS + tuple(test)
+
+
+# --- columns -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArenaSetup:
+    """Which model answers in each column."""
+
+    base_model: str = "gemma-3-270m"
+    adapter: str | Path | None = None  # adapter folder for the tuned column
+    template: str | None = None  # prompt template of base and tuned; None: the adapter's own
+    reference_model: str = "smollm2-135m-instruct"  # used when no endpoint is given
+    endpoint_url: str = ""  # an OpenAI-compatible server instead of the local reference model
+    endpoint_model: str = ""
+    api_key: str = field(default="", repr=False)  # never stored or shown
+
+
+class Unavailable(Backend):
+    """A column that cannot run (e.g. no adapter chosen): its stream raises a message saying what to do."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    @property
+    def label(self) -> str:
+        return "(none)"
+
+    def stream(self, messages: list[dict], params: GenerationParams) -> TextStream:
+        def fail(out: TextStream) -> Iterator[str]:
+            raise FinetuneError(self.message)
+            yield  # a generator, so the error is raised in the reader's thread
+
+        return TextStream(fail)
+
+
+def make_backends(pool: ModelPool, setup: ArenaSetup) -> dict[str, Backend]:
+    """The three columns. Base and tuned use the adapter's training template; the reference its chat template."""
+    dtype = inference_dtype()
+    info = adapter_info(setup.adapter) if setup.adapter else None
+    template = setup.template or (info.template if info else "qa")
+    backends: dict[str, Backend] = {"base": LocalBackend(pool, ModelSpec(setup.base_model, dtype=dtype), template)}
+    if info is None:
+        backends["tuned"] = Unavailable("No adapter chosen: train one in the Train tab, or upload one.")
+    else:
+        spec = ModelSpec(info.base_model, dtype=dtype)
+        backends["tuned"] = LocalBackend(pool, spec, template, info.path, info.name)
+    if setup.endpoint_url.strip():
+        backends["reference"] = OpenAIBackend(setup.endpoint_url, setup.endpoint_model, setup.api_key or None)
+    else:
+        backends["reference"] = LocalBackend(pool, ModelSpec(setup.reference_model, dtype=dtype), "chat")
+    return backends
+
+
+# --- a session: per-user histories, blind order --------------------------------------------------------
+
+
+@dataclass
+class ArenaSession:
+    """One user's arena state (kept in `gr.State`, never in module globals)."""
+
+    histories: dict[str, list[dict]] = field(default_factory=lambda: {r: [] for r in ROLES})
+    order: list[str] = field(default_factory=lambda: list(ROLES))  # display position -> role
+    blind: bool = False
+    voted: bool = False
+    models: dict[str, str] = field(default_factory=dict)  # role -> model label of the current round
+    params: dict = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, blind: bool = False, rng: random.Random | None = None) -> ArenaSession:
+        order = list(ROLES)
+        if blind:
+            (rng or random.Random()).shuffle(order)
+        return cls(order=order, blind=blind)
+
+    def reveal(self, label: str) -> str:
+        """The role behind a blind name ("A", "B", "C")."""
+        try:
+            return self.order[LABELS.index(label)]
+        except ValueError:
+            raise FinetuneError(f"Unknown answer {label!r}: vote A, B, C, tie or bad.") from None
+
+    @property
+    def question(self) -> str:
+        users = [m["content"] for h in self.histories.values() for m in h if m["role"] == "user"]
+        return users[-1] if users else ""
+
+    def vote(self, choice: str) -> Vote:
+        """Record the user's choice ("A"/"B"/"C", or "tie"/"bad") for the current round; names are then revealed."""
+        if self.voted:
+            raise FinetuneError("You already voted on this round: ask a new question.")
+        if not self.question:
+            raise FinetuneError("Ask a question before voting.")
+        winner = choice if choice in OUTCOMES else self.reveal(choice)
+        answers = {r: _last_answer(h) for r, h in self.histories.items() if r in self.models}
+        history = {r: h for r, h in self.histories.items() if r in self.models}
+        self.voted = True
+        return Vote(winner, self.question, answers, dict(self.models), self.params, list(self.order), history)
+
+
+def _last_answer(messages: list[dict]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
+
+
+def ask(
+    backends: dict[str, Backend],
+    session: ArenaSession,
+    question: str,
+    params: GenerationParams,
 ) -> Iterator[dict[str, Column]]:
-    """Stream every contender's answer to `question` at once; yields all columns after each chunk."""
-    streams = {name: _contender_stream(pool, c, question, params) for name, c in contenders.items()}
+    """Stream every column's answer to `question` (each with its own history); the session keeps the answers."""
+    question = question.strip()
+    if not question:
+        raise FinetuneError("Type a question first.")
+    if session.voted:  # a vote ends a blind round: the next question starts a fresh one
+        fresh = ArenaSession.start(session.blind)
+        session.histories, session.order, session.voted = fresh.histories, fresh.order, False
+    conversations = {r: session.histories[r] + [{"role": "user", "content": question}] for r in backends}
+    session.models = {r: b.label for r, b in backends.items()}
+    session.params = asdict(params)
+    streams = stream_all(backends, conversations, params)
+    for columns in merge_streams(streams, token_counters(streams)):
+        # The histories always hold what is on screen, so a follow-up question continues each column's own thread.
+        for role, messages in conversations.items():
+            session.histories[role] = messages + [{"role": "assistant", "content": columns[role].text.strip()}]
+        yield columns
 
-    def counter(name: str):
-        return lambda text: len(pool.get(contenders[name].spec).tokenizer(text, add_special_tokens=False).input_ids)
 
-    yield from merge_streams(streams, count_tokens={name: counter(name) for name in contenders})
+# --- votes ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Vote:
+    winner: str  # a role, "tie" or "bad"
+    prompt: str
+    answers: dict[str, str]  # role -> answer
+    models: dict[str, str]  # role -> model label
+    settings: dict  # GenerationParams as a dict
+    order: list[str] = field(default_factory=lambda: list(ROLES))  # blind display order (A, B, C)
+    history: dict[str, list[dict]] = field(default_factory=dict)  # role -> conversation
+    time: float = field(default_factory=time.time)
+    id: int | None = None
+
+
+class VoteStore:
+    """Votes in SQLite. One connection per call, so any Gradio worker thread can use the same store."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else home() / "arena.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS votes (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, "
+                "winner TEXT NOT NULL, prompt TEXT NOT NULL, answers TEXT NOT NULL, models TEXT NOT NULL, "
+                "settings TEXT NOT NULL, display_order TEXT NOT NULL, history TEXT NOT NULL)"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def add(self, vote: Vote) -> int:
+        row = (vote.time, vote.winner, vote.prompt) + tuple(
+            json.dumps(x) for x in (vote.answers, vote.models, vote.settings, vote.order, vote.history)
+        )
+        db = self._connect()
+        try:
+            with db:  # commits, or rolls back on error
+                cur = db.execute(
+                    "INSERT INTO votes (time, winner, prompt, answers, models, settings, display_order, history) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+            vote.id = cur.lastrowid
+        finally:
+            db.close()
+        return vote.id
+
+    def votes(self) -> list[Vote]:
+        db = self._connect()
+        try:
+            rows = db.execute(
+                "SELECT id, time, winner, prompt, answers, models, settings, display_order, history "
+                "FROM votes ORDER BY id"
+            ).fetchall()
+        finally:
+            db.close()
+        return [
+            Vote(winner, prompt, *map(json.loads, (answers, models, settings, order, history)), time=t, id=i)
+            for i, t, winner, prompt, answers, models, settings, order, history in rows
+        ]
+
+
+# --- ratings ----------------------------------------------------------------------------------------
+
+Battle = tuple[str, str, str]  # (model a, model b, winner: "a", "b" or "tie")
+
+
+def battles(votes: list[Vote]) -> list[Battle]:
+    """Pairwise battles of a list of votes: the best answer beats each other one; tie and all-bad tie every pair."""
+    out: list[Battle] = []
+    for v in votes:
+        roles = [r for r in ROLES if r in v.models]
+        for i, a in enumerate(roles):
+            for b in roles[i + 1 :]:
+                if v.models[a] == v.models[b]:
+                    continue  # the same model in two columns: no information
+                outcome = "a" if v.winner == a else "b" if v.winner == b else "tie"
+                if v.winner in (a, b) or v.winner in OUTCOMES:
+                    out.append((v.models[a], v.models[b], outcome))
+    return out
+
+
+def compute_elo(battles: list[Battle], k: float = 32, scale: float = 400, base: float = 10, init: float = 1000):
+    """Online Elo in battle order (FastChat's `compute_online_elo`); k=32 suits the few votes of a local arena."""
+    ratings: dict[str, float] = defaultdict(lambda: init)
+    for a, b, winner in battles:
+        expected_a = 1 / (1 + base ** ((ratings[b] - ratings[a]) / scale))
+        score_a = {"a": 1.0, "b": 0.0, "tie": 0.5}[winner]
+        ratings[a] += k * (score_a - expected_a)
+        ratings[b] -= k * (score_a - expected_a)
+    return dict(ratings)
+
+
+def bradley_terry(
+    battles: list[Battle], scale: float = 400, base: float = 10, init: float = 1000, prior: float = 1.0
+) -> dict[str, float]:
+    """Bradley-Terry ratings on the Elo scale, by maximum likelihood (Hunter's MM iterations).
+
+    A tie counts half a win for each side. `prior` adds that many virtual ties to every pair that met,
+    so a model that never lost (or never won) still gets a finite rating.
+    """
+    models = sorted({m for a, b, _ in battles for m in (a, b)})
+    if not models:
+        return {}
+    index = {m: i for i, m in enumerate(models)}
+    wins = np.zeros((len(models), len(models)))
+    for a, b, winner in battles:
+        i, j = index[a], index[b]
+        w = {"a": 1.0, "b": 0.0, "tie": 0.5}[winner]
+        wins[i, j] += w
+        wins[j, i] += 1 - w
+    games = wins + wins.T
+    played = games > 0
+    wins = wins + prior / 2 * played
+    games = games + prior * played
+    p = np.ones(len(models))
+    for _ in range(10_000):
+        denom = (games / (p[:, None] + p[None, :])).sum(axis=1)
+        new = np.where(denom > 0, wins.sum(axis=1) / np.where(denom > 0, denom, 1), 1.0)
+        new /= np.exp(np.log(new).mean())  # fix the scale: geometric mean 1, so the mean rating is `init`
+        if np.abs(new - p).max() < 1e-10:
+            p = new
+            break
+        p = new
+    return {m: init + scale * math.log(p[index[m]], base) for m in models}
+
+
+def bootstrap_intervals(
+    battles: list[Battle], rate: Callable[[list[Battle]], dict[str, float]], rounds: int = 200, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95% intervals of `rate` over `rounds` resamples (with replacement) of the battles."""
+    rng = random.Random(seed)
+    samples: dict[str, list[float]] = defaultdict(list)
+    for _ in range(rounds if battles else 0):
+        for model, rating in rate(rng.choices(battles, k=len(battles))).items():
+            samples[model].append(rating)
+    return {m: (float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))) for m, s in samples.items()}
+
+
+def leaderboard(votes: list[Vote], rounds: int = 200) -> list[dict]:
+    """One row per model, best first: Elo and Bradley-Terry with 95% bootstrap intervals, and vote counts."""
+    fights = battles(votes)
+    elo, bt = compute_elo(fights), bradley_terry(fights)
+    elo_ci, bt_ci = (
+        bootstrap_intervals(fights, compute_elo, rounds),
+        bootstrap_intervals(fights, bradley_terry, rounds),
+    )
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"votes": 0, "best": 0})
+    for v in votes:
+        for role, model in v.models.items():
+            counts[model]["votes"] += 1
+            counts[model]["best"] += v.winner == role
+    rows = [
+        {
+            "model": m,
+            "elo": round(elo[m], 1),
+            "elo_95_low": round(elo_ci.get(m, (elo[m],) * 2)[0], 1),
+            "elo_95_high": round(elo_ci.get(m, (elo[m],) * 2)[1], 1),
+            "bradley_terry": round(bt[m], 1),
+            "bt_95_low": round(bt_ci.get(m, (bt[m],) * 2)[0], 1),
+            "bt_95_high": round(bt_ci.get(m, (bt[m],) * 2)[1], 1),
+            "battles": sum(m in (a, b) for a, b, _ in fights),
+            **counts[m],
+        }
+        for m in bt
+    ]
+    return sorted(rows, key=lambda r: -r["bradley_terry"])
+
+
+LEADERBOARD_COLUMNS = (
+    "model",
+    "elo",
+    "elo_95_low",
+    "elo_95_high",
+    "bradley_terry",
+    "bt_95_low",
+    "bt_95_high",
+    "battles",
+    "votes",
+    "best",
+)
+
+
+def leaderboard_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=LEADERBOARD_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()

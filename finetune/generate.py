@@ -641,7 +641,8 @@ def merge_streams(
                 if count_tokens and name in count_tokens and col.error is None:
                     col.tokens = count_tokens[name](col.text)
             elif isinstance(item, Exception):
-                col.error = f"{type(item).__name__}: {item}"
+                # Our own errors already say what to do; anything else also needs its type to make sense.
+                col.error = str(item) if isinstance(item, FinetuneError) else f"{type(item).__name__}: {item}"
             else:
                 col.text += item
                 col.chunks += 1

@@ -1,71 +1,254 @@
-"""Arena tab: one question, answers streamed side by side."""
+"""Arena tab: base, tuned and reference answers streamed side by side; blind votes and a leaderboard.
+
+Named API endpoints (gradio_client): `/arena` (question + settings -> three streamed chats), `/vote`
+(A/B/C/tie/bad for the last blind round), `/leaderboard` (table + CSV file), `/arena_clear`.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import gradio as gr
+import pandas as pd
+from gradio.context import Context
 
 from finetune import FinetuneError
-from finetune.arena import Contender, answer
-from finetune.config import AppSettings, GenerationParams, ModelSpec
+from finetune.arena import (
+    LABELS,
+    LEADERBOARD_COLUMNS,
+    ROLES,
+    ArenaSession,
+    ArenaSetup,
+    VoteStore,
+    ask,
+    example_questions,
+    install_adapter,
+    leaderboard,
+    leaderboard_csv,
+    list_adapters,
+    make_backends,
+)
+from finetune.config import AppSettings, GenerationParams
 from finetune.generate import Column
-from finetune.models import ModelPool, inference_dtype
+from finetune.models import EMBEDDED, ModelPool
+from finetune.templates import TEMPLATES
 
-EXAMPLES = [
-    "What is the capital of France?",
-    "What do you think of Mars?",
-    "How can I evaluate the performance and quality of the generated text from Lamini models?",
-]
+AUTO_TEMPLATE = "auto (the adapter's)"
+VOTES = [("A is best", "A"), ("B is best", "B"), ("C is best", "C"), ("Tie", "tie"), ("All bad", "bad")]
 
 
-def _render(col: Column) -> str:
+def _stats(col: Column | None) -> str:
+    if col is None:
+        return ""
     if col.error:
-        return f"{col.text}\n\n**Error:** {col.error}"
-    stats = []
+        return f"**Error:** {col.error}"
+    parts = []
     if col.first_token_s is not None:
-        stats.append(f"first token {col.first_token_s:.2f} s")
+        parts.append(f"first token {col.first_token_s:.2f} s")
+    if col.done and col.tokens is not None:
+        parts.append(f"{col.tokens} tokens")
     if col.tokens_per_s is not None:
-        stats.append(f"{col.tokens_per_s:.1f} tokens/s")
-    return col.text.strip() + (f"\n\n*{' · '.join(stats)}*" if col.done and stats else "")
+        parts.append(f"{col.tokens_per_s:.1f} tokens/s")
+    return " · ".join(parts) + ("" if col.done else " · streaming…")
 
 
-def build_arena_tab(settings: AppSettings, pool: ModelPool) -> None:
-    dtype = inference_dtype()
-    contenders = {
-        "base": Contender(ModelSpec(settings.base_model, dtype=dtype), "qa"),
-        "reference": Contender(ModelSpec(settings.reference_model, dtype=dtype), "chat"),
-    }
+def _settings_line(p: GenerationParams) -> str:
+    decoding = "greedy" if p.greedy else f"temperature {p.temperature:g}, top-p {p.top_p:g}"
+    return f"Settings (shared by all columns): {decoding}, at most {p.max_new_tokens} new tokens."
+
+
+def _label(session: ArenaSession, position: int) -> str:
+    role = session.order[position]
+    name = session.models.get(role, "")
+    if session.blind and not session.voted:
+        return f"Answer {LABELS[position]}"
+    prefix = f"{LABELS[position]} = " if session.blind else ""
+    return f"{prefix}{role.title()} · {name}" if name else f"{prefix}{role.title()}"
+
+
+def _chats(session: ArenaSession, columns: dict[str, Column] | None = None, labels: bool = True) -> list:
+    """Chatbot and stats values in display order (A, B, C); `labels`: also set the chatbots' titles.
+
+    Titles change only when a round starts or names are revealed; plain message lists otherwise keep the
+    `/arena` API's result simple (three chats, three stats lines).
+    """
+    chats, stats = [], []
+    for position, role in enumerate(session.order):
+        messages = list(session.histories[role])
+        col = (columns or {}).get(role)
+        if col is not None and col.error and messages:
+            messages[-1] = {"role": "assistant", "content": f"{col.text.strip()}\n\n*Error: {col.error}*".strip()}
+        chats.append(gr.Chatbot(value=messages, label=_label(session, position)) if labels else messages)
+        stats.append(_stats(col))
+    return chats + stats
+
+
+def _adapter_choices() -> list[tuple[str, str]]:
+    return [(f"{a.name} ({a.origin}; {a.base_model}; {a.template} template)", str(a.path)) for a in list_adapters()]
+
+
+def _leaderboard(store: VoteStore):
+    rows = leaderboard(store.votes())
+    path = os.path.join(tempfile.mkdtemp(prefix="arena-"), "arena_leaderboard.csv")
+    with open(path, "w", newline="") as f:
+        f.write(leaderboard_csv(rows))
+    return pd.DataFrame(rows, columns=list(LEADERBOARD_COLUMNS)), path
+
+
+def build_arena_tab(settings: AppSettings, pool: ModelPool, store: VoteStore | None = None) -> None:
+    store = store or VoteStore()
+    adapters = _adapter_choices()
     gr.Markdown(
-        f"Ask one question; the **base** model (`{settings.base_model}`, pretrained, not instruction-tuned) "
-        f"and the **reference** model (`{settings.reference_model}`, instruction-tuned) answer side by side."
+        "Ask one question; the **base** model (pretrained), the **tuned** model (the same base + your LoRA "
+        "adapter) and a **reference** instruct model answer side by side. Base and tuned run in one batched "
+        "pass on one shared model. Turn on **blind mode** to vote without seeing names."
     )
-    with gr.Row():
-        question = gr.Textbox(label="Question", placeholder="Ask something...", scale=4, lines=2)
-        with gr.Column(scale=1, min_width=160):
-            ask = gr.Button("Ask", variant="primary")
-            max_new_tokens = gr.Slider(
-                16, settings.max_new_tokens, value=min(128, settings.max_new_tokens), step=16, label="Max new tokens"
+    with gr.Accordion("Models", open=not adapters):
+        with gr.Row():
+            base_model = gr.Dropdown(
+                list(dict.fromkeys([settings.base_model, *EMBEDDED])),
+                value=settings.base_model,
+                allow_custom_value=True,
+                label="Base: model (embedded name, Hub id or local folder)",
             )
-    gr.Examples(EXAMPLES, inputs=question)
+            adapter = gr.Dropdown(
+                adapters,
+                value=adapters[0][1] if adapters else "",
+                allow_custom_value=True,
+                label="Tuned: LoRA adapter (from training runs and uploads, or a folder)",
+            )
+            template = gr.Dropdown(
+                [AUTO_TEMPLATE, *(t for t in TEMPLATES if t != "chat")],
+                value=AUTO_TEMPLATE,
+                label="Prompt template of base and tuned",
+            )
+        with gr.Row():
+            refresh = gr.Button("Refresh adapters", size="sm")
+            upload = gr.File(label="Upload an adapter (.zip, or both adapter files)", file_count="multiple")
+            upload_name = gr.Textbox(label="Name of the uploaded adapter", placeholder="my-adapter")
+            add = gr.Button("Add adapter", size="sm")
+        with gr.Row():
+            reference_model = gr.Dropdown(
+                list(dict.fromkeys([settings.reference_model, *EMBEDDED])),
+                value=settings.reference_model,
+                allow_custom_value=True,
+                label="Reference: local model (chat template)",
+            )
+            endpoint_url = gr.Textbox(
+                "", label="…or an OpenAI-compatible endpoint (base URL)", placeholder="http://127.0.0.1:8000/v1"
+            )
+            endpoint_model = gr.Textbox("", label="Endpoint model name")
+            key_env = gr.Textbox(value="OPENAI_API_KEY", label="API key from env var")
+            api_key = gr.Textbox("", type="password", label="…or API key (never stored)")
+    with gr.Row():
+        max_new_tokens = gr.Slider(
+            16, settings.max_new_tokens, value=min(128, settings.max_new_tokens), step=16, label="Max new tokens"
+        )
+        greedy = gr.Checkbox(value=True, label="Greedy")
+        temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (when not greedy)")
+        top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p (when not greedy)")
+        blind = gr.Checkbox(value=False, label="Blind mode (A/B/C, then vote)")
+    session = gr.State(None)
     with gr.Row(equal_height=True):
-        base_out = gr.Markdown(label="Base", container=True, min_height=160)
-        ref_out = gr.Markdown(label="Reference", container=True, min_height=160)
+        chats, stats = [], []
+        for role in ROLES:
+            with gr.Column():
+                chats.append(gr.Chatbot(label=role.title(), height=380))
+                stats.append(gr.Markdown())
+    settings_line = gr.Markdown()
+    with gr.Row():
+        question = gr.Textbox("", label="Question", placeholder="Ask something...", scale=4, lines=2)
+        with gr.Column(scale=1, min_width=160):
+            send = gr.Button("Ask", variant="primary")
+            clear = gr.Button("Clear")
+    gr.Examples([[q] for q in example_questions()], inputs=question, label="Examples (lamini_docs test questions)")
+    with gr.Group(visible=False) as vote_box:
+        with gr.Row():
+            choice = gr.Radio(VOTES, label="Which answer is best?", scale=4)
+            vote = gr.Button("Vote", variant="primary", scale=1)
+        verdict = gr.Markdown()
+    with gr.Accordion("Leaderboard (blind votes)", open=False):
+        board = gr.Dataframe(headers=list(LEADERBOARD_COLUMNS), interactive=False)
+        with gr.Row():
+            refresh_board = gr.Button("Refresh", size="sm")
+            csv_file = gr.DownloadButton("Export CSV", size="sm")
 
-    def run(q: str, max_tokens: float):
-        if not q or not q.strip():
-            raise gr.Error("Type a question first.")
-        params = GenerationParams(max_new_tokens=min(int(max_tokens), settings.max_new_tokens))
+    # Question and settings first, so an API caller can pass just those: client.predict("Hi", 64, api_name="/arena").
+    def run(
+        q, max_tokens, temp, p, greedy_, blind_, base, adapter_dir, template_name, ref, url, ep_model, env, key, state
+    ):
+        if state is None or state.blind != blind_:
+            state = ArenaSession.start(blind_)
+        setup = ArenaSetup(
+            base_model=base,
+            adapter=adapter_dir or None,
+            template=None if template_name in (None, AUTO_TEMPLATE) else template_name,
+            reference_model=ref,
+            endpoint_url=url or "",
+            endpoint_model=ep_model or "",
+            api_key=key or (os.environ.get(env.strip(), "") if env and env.strip() else ""),
+        )
+        params = GenerationParams(
+            max_new_tokens=max(1, min(int(max_tokens), settings.max_new_tokens)),
+            temperature=0.0 if greedy_ else float(temp),
+            top_p=float(p),
+            stop=(),  # each column stops at its own template's header (see generate.LocalBackend)
+        )
         try:
-            for columns in answer(pool, contenders, q.strip(), params):
-                yield _render(columns["base"]), _render(columns["reference"])
+            backends = make_backends(pool, setup)
+            for i, columns in enumerate(ask(backends, state, q or "", params)):
+                chats_and_stats = _chats(state, columns, labels=i == 0)
+                yield *chats_and_stats, state, _settings_line(params), "", gr.Group(visible=state.blind), ""
         except FinetuneError as e:
             raise gr.Error(str(e)) from e
 
     gr.on(
-        [ask.click, question.submit],
+        [send.click, question.submit],
         run,
-        [question, max_new_tokens],
-        [base_out, ref_out],
+        [question, max_new_tokens, temperature, top_p, greedy, blind, base_model, adapter, template, reference_model]
+        + [endpoint_url, endpoint_model, key_env, api_key, session],
+        [*chats, *stats, session, settings_line, question, vote_box, verdict],
         api_name="arena",
         concurrency_limit=settings.generation_concurrency,
         concurrency_id="arena",
     )
+
+    def reset(blind_: bool):
+        state = ArenaSession.start(blind_)
+        return *_chats(state), state, gr.Group(visible=False), ""
+
+    clear.click(reset, blind, [*chats, *stats, session, vote_box, verdict], api_name="arena_clear")
+    blind.change(reset, blind, [*chats, *stats, session, vote_box, verdict], api_visibility="private")
+
+    def cast(choice_: str | None, state: ArenaSession | None):
+        if state is None or not state.blind:
+            raise gr.Error("Votes are for blind mode: turn it on and ask a question.")
+        if not choice_:
+            raise gr.Error("Pick the best answer (or tie / all bad) first.")
+        try:
+            store.add(state.vote(choice_))
+        except FinetuneError as e:
+            raise gr.Error(str(e)) from e
+        names = ", ".join(f"**{LABELS[i]}** = {r} ({state.models.get(r, '')})" for i, r in enumerate(state.order))
+        thanks = f"Thanks! {names}. Ask a new question for the next round."
+        return *_chats(state)[:3], state, thanks, *_leaderboard(store)
+
+    vote.click(cast, [choice, session], [*chats, session, verdict, board, csv_file], api_name="vote")
+    refresh_board.click(lambda: _leaderboard(store), None, [board, csv_file], api_name="leaderboard")
+
+    def add_adapter(files, name):
+        if not files:
+            raise gr.Error("Choose the adapter files (or a .zip) to upload.")
+        try:
+            info = install_adapter([getattr(f, "name", f) for f in files], name or "")
+        except FinetuneError as e:
+            raise gr.Error(str(e)) from e
+        return gr.Dropdown(choices=_adapter_choices(), value=str(info.path)), None
+
+    add.click(add_adapter, [upload, upload_name], [adapter, upload], api_visibility="private")
+    refresh.click(lambda: gr.Dropdown(choices=_adapter_choices()), None, adapter, api_visibility="private")
+    tab = Context.block  # the enclosing Arena tab: opening it picks up adapters trained since the page loaded
+    if isinstance(tab, gr.Tab):
+        tab.select(lambda: gr.Dropdown(choices=_adapter_choices()), None, adapter, api_visibility="private")
+        tab.select(lambda: _leaderboard(store), None, [board, csv_file], api_visibility="private")
