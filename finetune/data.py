@@ -1,21 +1,45 @@
-"""Data sets for fine-tuning: load (bundled, upload, Hub), map columns to canonical fields, split, export.
+"""Data sets for fine-tuning: load (bundled, upload, Hub), map columns to canonical fields, inspect, split, export.
 
-Canonical rows have `instruction`, `input` and `output` (or `messages` for chat lists); the original
-columns are kept beside them.
+A source is a bundled name (`lamini_docs`, `alpaca_sample`), a `.jsonl`/`.json`/`.csv`/`.parquet` file, or a
+Hub id (`owner/name`, optionally `owner/name:config`) when online. Columns are detected and mapped to the
+canonical fields `instruction`, `input`, `output` (prompt/answer pairs), `messages` (chat lists, OpenAI
+role/content or ShareGPT from/value) or `text` (plain text, trained on whole); the original columns stay
+beside them. Every user mistake raises `FinetuneError` with one sentence saying what to fix.
 
     from finetune.config import DataConfig
-    from finetune.data import load_splits
+    from finetune.data import load_splits, row_stats
     splits = load_splits(DataConfig("lamini_docs"))  # DatasetDict: train (1,260 rows), test (140 rows)
+    row_stats(splits["train"])  # rows, empty and duplicate rows, length percentiles
+
+Local files are parsed here (json, csv, pyarrow) into in-memory data sets, so nothing is written to the
+`datasets` cache; exports and uploads kept for training go under `finetune.home()`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import socket
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from urllib.parse import urlparse
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 
-from finetune import FinetuneError
+from finetune import FinetuneError, home
 from finetune.config import DataConfig
+from finetune.templates import Template, encode_row, get_template, render, validate
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED: dict[str, Path] = {
@@ -23,69 +47,665 @@ BUNDLED: dict[str, Path] = {
     "alpaca_sample": ASSETS / "alpaca_en_demo.json",
 }
 PRETRAINING_SAMPLE = ASSETS / "c4_demo.jsonl"
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+CANONICAL = ("instruction", "input", "output", "messages", "text")
+DEFAULT_MAX_UPLOAD_MB = 100.0
 
-# Column names we recognise for each canonical field, most specific first.
-KNOWN_COLUMNS: dict[str, tuple[str, ...]] = {
-    "instruction": ("instruction", "question", "prompt", "input"),
-    "input": ("input", "context"),
-    "output": ("output", "answer", "response", "completion"),
-}
+
+# --- reading files -------------------------------------------------------------------------------
+
+
+def max_upload_mb() -> float:
+    """Largest file accepted, in MB: `FINETUNE_MAX_UPLOAD_MB`, default 100."""
+    return float(os.environ.get("FINETUNE_MAX_UPLOAD_MB") or DEFAULT_MAX_UPLOAD_MB)
+
+
+def read_file(path: str | Path) -> Dataset:
+    """The rows of a .jsonl, .json (array of objects), .csv or .parquet file, checked and held in memory."""
+    path = Path(path)
+    name = path.name
+    kind = path.suffix.lower()
+    if kind not in FILE_TYPES:
+        raise FinetuneError(f"{name}: unsupported file type; use {', '.join(FILE_TYPES)}.")
+    size = path.stat().st_size
+    if size > max_upload_mb() * 2**20:
+        raise FinetuneError(
+            f"{name} is {size / 2**20:.1f} MB, over the {max_upload_mb():g} MB upload limit: upload a smaller "
+            "file (or raise FINETUNE_MAX_UPLOAD_MB)."
+        )
+    if size == 0:
+        raise FinetuneError(f"{name} is empty: upload a file with a header or one row per line.")
+    if kind == ".parquet":
+        ds = _read_parquet(path)
+    else:
+        text = _decode(path.read_bytes(), name)
+        if not text.strip():
+            raise FinetuneError(f"{name} is empty: upload a file with a header or one row per line.")
+        parse = {".jsonl": _parse_jsonl, ".json": _parse_json, ".csv": _parse_csv}[kind]
+        ds = _to_dataset(parse(text, name), name)
+    if len(ds) == 0:
+        raise FinetuneError(f"{name} has no rows: add at least one row of data.")
+    return ds
+
+
+def _decode(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8-sig")  # -sig: Excel and Notepad write a byte-order mark
+    except UnicodeDecodeError as e:
+        raise FinetuneError(
+            f"{name} is not UTF-8 text (invalid byte at position {e.start}): save it as UTF-8 "
+            "(e.g. 'CSV UTF-8' in Excel) and upload it again."
+        ) from None
+
+
+def _parse_jsonl(text: str, name: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FinetuneError(f"{name}: invalid JSON on line {number} ({e.msg}): fix or remove that line.") from None
+        if not isinstance(row, dict):
+            raise FinetuneError(f"{name}: line {number} is not a JSON object; write one {{...}} object per line.")
+        rows.append(row)
+    return rows
+
+
+def _parse_json(text: str, name: str) -> list[dict]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: JSON Lines saved as .json
+            return _parse_jsonl(text, name)
+        raise FinetuneError(
+            f"{name}: invalid JSON on line {e.lineno} ({e.msg}): fix the file and upload it again."
+        ) from None
+    if not isinstance(data, list):
+        raise FinetuneError(f"{name} must hold a JSON array of objects ([{{...}}, {{...}}]) or one object per line.")
+    for number, row in enumerate(data, 1):
+        if not isinstance(row, dict):
+            raise FinetuneError(f"{name}: item {number} of the array is not a JSON object; make every item {{...}}.")
+    return data
+
+
+def _parse_csv(text: str, name: str) -> list[dict]:
+    # Excel in many locales writes ';'; the header line (rarely quoted) tells the delimiter.
+    header_line = text.lstrip().split("\n", 1)[0]
+    delimiter = max(",;\t", key=header_line.count)
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long answers exceed the 128 KB default
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+        header = [h.strip() or f"column_{i + 1}" for i, h in enumerate(header)]
+        rows = []
+        for fields in reader:
+            if not fields:  # blank line
+                continue
+            if len(fields) != len(header):
+                raise FinetuneError(
+                    f"{name}: line {reader.line_num} has {len(fields)} fields but the header has {len(header)}; "
+                    "fix that row (quote fields that contain the delimiter)."
+                )
+            rows.append(dict(zip(header, fields)))
+    except csv.Error as e:
+        raise FinetuneError(f"{name}: line {reader.line_num} is not valid CSV ({e}); fix that row.") from None
+    return rows
+
+
+def _read_parquet(path: Path) -> Dataset:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise FinetuneError(f"{path.name} is not a valid Parquet file ({e}); export it again.") from None
+    return Dataset(table)
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "text", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _to_dataset(rows: list[dict], name: str) -> Dataset:
+    """Rows -> Dataset, after checking each column holds one type (Arrow would fail with a cryptic message)."""
+    first_seen: dict[str, tuple[str, int]] = {}
+    for number, row in enumerate(rows, 1):
+        for column, value in row.items():
+            if value is None:
+                continue
+            kind = _kind(value)
+            seen_kind, seen_row = first_seen.setdefault(column, (kind, number))
+            if kind != seen_kind:
+                raise FinetuneError(
+                    f"{name}: column {column!r} mixes types ({seen_kind} in row {seen_row}, {kind} in row {number}); "
+                    "make every value of a column the same type."
+                )
+    try:
+        return Dataset.from_list(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise FinetuneError(
+            f"{name}: values nested in a column have inconsistent types ({e}); make them uniform."
+        ) from None
+
+
+# --- sources: bundled, local files, the Hub -------------------------------------------------------
+
+
+def is_hub_id(source: str) -> bool:
+    return (
+        bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?(:[\w.-]+)?", source)) and Path(source).suffix.lower() not in FILE_TYPES
+    )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers (a quick connect, so offline fails in seconds, not after retries)."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_args(source: str) -> tuple[str, str | None]:
+    name, _, config = source.partition(":")
+    return name, config or None
+
+
+def _require_hub(source: str) -> None:
+    if not hub_reachable():
+        raise FinetuneError(
+            f"{source!r} is not a bundled data set ({', '.join(BUNDLED)}) or a file, and the Hugging Face Hub is not "
+            "reachable to load it: use a bundled data set or upload a file."
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _load_hub(source: str) -> Dataset:
+    import datasets
+
+    _require_hub(source)
+    name, config = _hub_args(source)
+    try:
+        # Its own cache under the app's data dir, so the Hub download stays with the app's files.
+        return datasets.load_dataset(name, config, split="train", cache_dir=str(home() / "hub-datasets"))
+    except Exception as e:  # the Hub raises many kinds; all mean "could not load this id"
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"Could not load {source!r} from the Hub ({reason}); check the id and its config.") from e
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cached(path: str, size: int, mtime_ns: int) -> Dataset:
+    return read_file(path)  # size and mtime are in the key so an edited file is read again
 
 
 def load_dataset_source(source: str) -> Dataset:
-    """The raw rows of a bundled name or a local file."""
+    """The raw rows of a bundled name, a local file or a Hub id (cached: repeated calls are free)."""
     path = BUNDLED.get(source) or Path(source)
-    if not path.is_file():
-        raise FinetuneError(f"No data set {source!r}: use {', '.join(BUNDLED)} or a .jsonl/.json/.csv/.parquet file.")
-    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
-    if kind is None:
-        raise FinetuneError(f"{path.name}: unsupported file type; use .jsonl, .json, .csv or .parquet.")
-    return Dataset.from_json(str(path)) if kind == "json" else getattr(Dataset, f"from_{kind}")(str(path))
+    if path.is_file():
+        stat = path.stat()
+        return _read_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if is_hub_id(source):
+        return _load_hub(source)
+    raise FinetuneError(
+        f"No data set {source!r}: use {', '.join(BUNDLED)}, a {'/'.join(FILE_TYPES)} file or a Hub id."
+    )
+
+
+def pretraining_sample(n: int = 5, offset: int = 0) -> list[str]:
+    """`n` texts of the bundled C4 sample: what a model sees in pretraining (unlabelled web text)."""
+    texts = load_dataset_source(str(PRETRAINING_SAMPLE))["text"]
+    return [texts[(offset + i) % len(texts)] for i in range(n)]
+
+
+def finetuning_sample(n: int = 5, offset: int = 0) -> list[dict]:
+    """`n` question/answer pairs of lamini_docs: what fine-tuning data looks like."""
+    ds = load_dataset_source("lamini_docs")
+    return [ds[(offset + i) % len(ds)] for i in range(n)]
+
+
+def stream_hub_texts(source: str = "allenai/c4:en", n: int = 5) -> list[str]:
+    """The first `n` texts of a Hub pretraining set, streamed (nothing downloaded in full); online only."""
+    import datasets
+
+    _require_hub(source)
+    name, config = _hub_args(source)
+    try:
+        rows = list(datasets.load_dataset(name, config, split="train", streaming=True).take(n))
+    except Exception as e:  # see _load_hub
+        raise FinetuneError(f"Could not stream {source!r} from the Hub ({type(e).__name__}); check the id.") from e
+    texts = [row.get("text") or next((v for v in row.values() if isinstance(v, str)), "") for row in rows]
+    if not any(texts):
+        raise FinetuneError(f"{source!r} has no text column to show; choose a pretraining set with a `text` column.")
+    return texts
+
+
+# --- columns -> canonical fields ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Format:
+    """A known layout of columns: canonical field -> column name (matched case-insensitively)."""
+
+    name: str
+    columns: dict[str, str]
+    template: str  # the template that fits it
+
+
+# Most specific first: the first format whose columns are all present wins.
+FORMATS: tuple[Format, ...] = (
+    Format("chat messages (OpenAI role/content)", {"messages": "messages"}, "chat"),
+    Format("chat conversations (ShareGPT from/value)", {"messages": "conversations"}, "chat"),
+    Format(
+        "Alpaca (instruction/input/output)",
+        {"instruction": "instruction", "input": "input", "output": "output"},
+        "alpaca",
+    ),
+    Format("instruction/response", {"instruction": "instruction", "output": "response"}, "alpaca"),
+    Format("instruction/output", {"instruction": "instruction", "output": "output"}, "alpaca"),
+    Format("question/answer", {"instruction": "question", "output": "answer"}, "qa"),
+    Format("prompt/completion", {"instruction": "prompt", "output": "completion"}, "qa"),
+    Format("prompt/response", {"instruction": "prompt", "output": "response"}, "qa"),
+    Format("input/output", {"instruction": "input", "output": "output"}, "qa"),
+    Format("plain text (pretraining style)", {"text": "text"}, "text"),
+)
+CONTEXT_COLUMNS = ("input", "context")  # an extra input beside an instruction (Dolly's `context`)
+
+
+@dataclass(frozen=True)
+class Detection:
+    format: str
+    mapping: dict[str, str]
+    template: str
+
+
+def detect_format(columns: list[str]) -> Detection:
+    """The first known format the columns fit, its mapping and the template to propose."""
+    by_lower = {c.strip().lower(): c for c in columns}
+    for fmt in FORMATS:
+        if all(name in by_lower for name in fmt.columns.values()):
+            mapping = {field: by_lower[name] for field, name in fmt.columns.items()}
+            template = fmt.template
+            if "instruction" in mapping and "input" not in mapping:
+                extra = next(
+                    (by_lower[c] for c in CONTEXT_COLUMNS if c in by_lower and by_lower[c] not in mapping.values()),
+                    None,
+                )
+                if extra:  # Q/A ignores an input; Alpaca shows it when a row has one
+                    mapping["input"], template = extra, "alpaca"
+            return Detection(fmt.name, mapping, template)
+    raise FinetuneError(
+        f"Could not find a prompt/answer column pair among: {', '.join(columns) or '(no columns)'}; rename the "
+        "columns (e.g. question/answer) or choose the mapping by hand."
+    )
 
 
 def detect_mapping(columns: list[str]) -> dict[str, str]:
     """Propose canonical field -> column for a set of columns."""
-    mapping: dict[str, str] = {}
-    for canonical, names in KNOWN_COLUMNS.items():
-        for name in names:
-            if name in columns and name not in mapping.values():
-                mapping[canonical] = name
-                break
-    if "instruction" not in mapping or "output" not in mapping:
+    return detect_format(columns).mapping
+
+
+def check_mapping(mapping: dict[str, str], columns: list[str]) -> None:
+    """Raise a clear error when a mapping names unknown fields or columns, or has nothing to train on."""
+    for field, column in mapping.items():
+        if field not in CANONICAL:
+            raise FinetuneError(f"Unknown field {field!r} in the mapping: use {', '.join(CANONICAL)}.")
+        if column not in columns:
+            raise FinetuneError(
+                f"The mapping points to column {column!r}, which this data set does not have (columns: "
+                f"{', '.join(columns)})."
+            )
+    if not {"output", "messages", "text"} & set(mapping):
         raise FinetuneError(
-            f"Could not find a prompt/answer column pair among: {', '.join(columns)}. Choose the mapping by hand."
+            "Map a column to output (the answer), a chat column to messages, or a text column to text."
         )
-    return mapping
+
+
+ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
+
+
+def _as_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):  # OpenAI content parts: [{"type": "text", "text": ...}, ...]
+        return "".join(p.get("text") or "" if isinstance(p, dict) else str(p) for p in value)
+    return str(value)
+
+
+def normalize_messages(value, row_number: int = 1) -> list[dict]:
+    """A chat list as `[{"role", "content"}]`, from OpenAI (role/content) or ShareGPT (from/value) style."""
+    if isinstance(value, str):  # CSV and some Parquet files store the list as JSON text
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+    if not isinstance(value, list):
+        raise FinetuneError(f"Row {row_number}: the chat column must hold a list of messages, not {_kind(value)}.")
+    messages = []
+    for message in value:
+        if not isinstance(message, dict):
+            raise FinetuneError(f"Row {row_number}: each message must be an object with a role and a content.")
+        role = message.get("role", message.get("from"))
+        normal = ROLES.get(str(role).strip().lower())
+        if normal is None:
+            raise FinetuneError(
+                f"Row {row_number}: unknown chat role {role!r}; use user, assistant or system (ShareGPT: human, gpt)."
+            )
+        messages.append({"role": normal, "content": _as_text(message.get("content", message.get("value")))})
+    return messages
 
 
 def canonicalize(ds: Dataset, mapping: dict[str, str]) -> Dataset:
-    """Add the canonical fields (instruction, input, output) next to the original columns."""
+    """Add the canonical fields next to the original columns.
 
-    def convert(row: dict) -> dict:
-        return {field: str(row.get(col) or "") if col else "" for field, col in mapping_full.items()}
+    Prompt/answer pairs get instruction, input and output; chat lists get `messages` (normalized) plus
+    instruction/output from their last user/assistant turns (for search, stats and evaluation); plain text
+    gets `text`.
+    """
 
-    mapping_full = {
-        "instruction": mapping.get("instruction"),
-        "input": mapping.get("input"),
-        "output": mapping.get("output"),
-    }
-    return ds.map(convert)
+    def convert(row: dict, index: int) -> dict:
+        out = {}
+        if "messages" in mapping:
+            messages = normalize_messages(row.get(mapping["messages"]), index + 1)
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+            question = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
+            answer = messages[last]["content"] if last < len(messages) else ""
+            out.update(messages=messages, instruction=question, input="", output=answer)
+        if {"instruction", "input", "output"} & set(mapping):
+            out.update(
+                {f: _as_text(row.get(mapping[f])) if f in mapping else "" for f in ("instruction", "input", "output")}
+            )
+        if "text" in mapping:
+            out["text"] = _as_text(row.get(mapping["text"]))
+        return out
+
+    return ds.map(convert, with_indices=True)
+
+
+def _answer(row: dict) -> str:
+    return str(row.get("output") or row.get("text") or "")
+
+
+def _content_key(row: dict) -> str:
+    return json.dumps([row.get(f) for f in CANONICAL], ensure_ascii=False, default=str)
+
+
+def clean(ds: Dataset) -> Dataset:
+    """Drop rows with nothing to train on (empty answer) and exact duplicates of an earlier row."""
+    seen: set[str] = set()
+    keep = []
+    for i, row in enumerate(ds.select_columns([c for c in CANONICAL if c in ds.column_names])):
+        key = _content_key(row)
+        if _answer(row).strip() and key not in seen:
+            keep.append(i)
+        seen.add(key)
+    return ds.select(keep) if len(keep) < len(ds) else ds
 
 
 def load_rows(cfg: DataConfig) -> Dataset:
-    ds = load_dataset_source(cfg.source)
+    """The canonical rows of a config: loaded, mapped, checked against the template, optionally cleaned."""
+    return _load_rows(_source_key(cfg.source), json.dumps(asdict(cfg), sort_keys=True))
+
+
+def _source_key(source: str) -> tuple:
+    path = BUNDLED.get(source) or Path(source)
+    if path.is_file():
+        stat = path.stat()
+        return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return (source,)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_rows(source_key: tuple, cfg_json: str) -> Dataset:
+    # Cached on the file's identity and the whole config: the UI asks for the same rows on every click.
+    cfg = DataConfig(**json.loads(cfg_json))
+    raw = load_dataset_source(cfg.source)
     if cfg.max_rows:
-        ds = ds.select(range(min(cfg.max_rows, len(ds))))
-    ds = canonicalize(ds, cfg.mapping or detect_mapping(ds.column_names))
+        raw = raw.select(range(min(cfg.max_rows, len(raw))))
+    mapping = cfg.mapping or detect_mapping(raw.column_names)
+    check_mapping(mapping, raw.column_names)
+    ds = canonicalize(raw, mapping)
+    validate(get_template(cfg.template), ds.column_names)
+    if cfg.clean:
+        ds = clean(ds)
+        if len(ds) == 0:
+            raise FinetuneError("No rows left after dropping empty and duplicate rows: check the column mapping.")
     if len(ds) == 0:
         raise FinetuneError("The data set has no rows.")
+    if not any(
+        _answer(row).strip() for row in ds.select_columns([c for c in ("output", "text") if c in ds.column_names])
+    ):
+        raise FinetuneError("Every row has an empty answer: map the answer column to output (or text for plain text).")
     return ds
 
 
 def split(ds: Dataset, test_size: float = 0.1, seed: int = 123) -> DatasetDict:
-    """Train/test split, reproducible with the seed (the course's 90/10, seed 123)."""
+    """Train/test split, reproducible with the seed (the course's 90/10, seed 123); test_size 0 keeps all rows."""
+    if test_size <= 0:
+        return DatasetDict(train=ds, test=ds.select([]))
+    n_test = math.ceil(test_size * len(ds)) if test_size < 1 else int(test_size)
+    if not 0 < n_test < len(ds):
+        raise FinetuneError(
+            f"{len(ds)} rows are too few for a test split of {test_size:g}: add rows or choose a smaller test size."
+        )
     return ds.train_test_split(test_size=test_size, seed=seed, shuffle=True)
 
 
 def load_splits(cfg: DataConfig) -> DatasetDict:
     return split(load_rows(cfg), cfg.test_size, cfg.seed)
+
+
+# --- inspection: stats, token lengths, token view, table pages ------------------------------------
+
+
+def _percentiles(values) -> dict[str, float]:
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return {}
+    p50, p90, p95, p99 = np.percentile(values, [50, 90, 95, 99])
+    return {
+        "min": float(values.min()),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p95": float(p95),
+        "p99": float(p99),
+        "max": float(values.max()),
+        "mean": round(float(values.mean()), 1),
+    }
+
+
+def row_stats(ds: Dataset) -> dict:
+    """Rows, rows with an empty answer, exact duplicate rows, and percentiles of length in characters."""
+    keys, empty, chars = set(), 0, []
+    for row in ds.select_columns([c for c in CANONICAL if c in ds.column_names]):
+        keys.add(_content_key(row))
+        empty += not _answer(row).strip()
+        if row.get("messages"):
+            chars.append(sum(len(m["content"]) for m in row["messages"]))
+        else:
+            chars.append(sum(len(str(row.get(f) or "")) for f in ("instruction", "input", "output", "text")))
+    return {
+        "rows": len(ds),
+        "empty_rows": empty,
+        "duplicate_rows": len(ds) - len(keys),
+        "length_chars": _percentiles(chars),
+    }
+
+
+def token_lengths(ds: Dataset, tokenizer, template: Template, limit: int | None = 5000) -> np.ndarray:
+    """Tokens per row (prompt + answer + EOS, before truncation) of the first `limit` rows."""
+    rows = ds.select(range(min(limit, len(ds)))) if limit else ds
+    return np.array([len(encode_row(tokenizer, template, row)["input_ids"]) for row in rows], dtype=np.int64)
+
+
+def length_summary(lengths: np.ndarray, max_length: int) -> dict:
+    """Percentiles of token lengths and how many rows `max_length` would truncate."""
+    return {
+        "rows_measured": int(lengths.size),
+        "max_length": int(max_length),
+        "truncated_rows": int((lengths > max_length).sum()),
+        "length_tokens": _percentiles(lengths),
+    }
+
+
+def length_histogram(lengths: np.ndarray, max_length: int, bins: int = 30) -> list[dict]:
+    """Histogram rows `{tokens (bin's upper edge), rows, fits}`; `max_length` is a bin edge, so each bar either
+    fits or is truncated."""
+    if lengths.size == 0:
+        return []
+    top = max(int(lengths.max()), max_length)
+    below = max(1, round(bins * max_length / top))  # bars up to max_length, of equal width
+    width = max_length / below
+    index = np.maximum(np.ceil(lengths / width).astype(int) - 1, 0)  # bin i holds lengths in (i*w, (i+1)*w]
+    counts = np.bincount(index, minlength=math.ceil(top / width))
+    return [
+        {"tokens": round((i + 1) * width), "rows": int(c), "fits": "fits" if i < below else "truncated"}
+        for i, c in enumerate(counts)
+    ]
+
+
+PROMPT_TOKEN = "prompt (not trained on)"
+ANSWER_TOKEN = "answer (trained on)"
+CUT_TOKEN = "cut (past max length)"
+
+
+@dataclass
+class TokenView:
+    pieces: list[tuple[str, str]]  # (token text, PROMPT_TOKEN / ANSWER_TOKEN / CUT_TOKEN)
+    input_ids: list[int]  # after truncation: what the model is trained on
+    labels: list[int]  # -100 where no loss is computed
+    prompt_tokens: int
+    answer_tokens: int
+    cut_tokens: int
+
+
+def token_view(tokenizer, template: Template, row: dict, max_length: int | None = None) -> TokenView:
+    """A row's tokens, each marked as prompt (masked from the loss), answer (trained on) or cut by truncation."""
+    full = encode_row(tokenizer, template, row)
+    kept = encode_row(tokenizer, template, row, max_length)
+    n_kept, n_prompt = len(kept["input_ids"]), full["prompt_length"]
+    pieces = [
+        (tokenizer.decode([t]), CUT_TOKEN if i >= n_kept else PROMPT_TOKEN if i < n_prompt else ANSWER_TOKEN)
+        for i, t in enumerate(full["input_ids"])
+    ]
+    return TokenView(
+        pieces=pieces,
+        input_ids=kept["input_ids"],
+        labels=kept["labels"],
+        prompt_tokens=kept["prompt_length"],
+        answer_tokens=n_kept - kept["prompt_length"],
+        cut_tokens=len(full["input_ids"]) - n_kept,
+    )
+
+
+@dataclass
+class Page:
+    rows: list[dict]  # each with "row": its index in the data set
+    matches: int  # rows matching the search
+    page: int  # 1-based, clamped to 1..pages
+    pages: int
+
+
+def page_rows(ds: Dataset, page: int = 1, page_size: int = 20, query: str = "") -> Page:
+    """One page of rows, optionally only those with `query` in a text column (case-insensitive)."""
+    if query.strip():
+        table = ds.with_format("arrow")[:]  # honours select()/max_rows, unlike ds.data
+        mask = pa.array(np.zeros(len(ds), dtype=bool))
+        for name in table.column_names:
+            column = table[name]
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                hit = pc.fill_null(pc.match_substring(column, query.strip(), ignore_case=True), False)
+                mask = pc.or_(mask, hit)
+        indices = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+        if indices.size == 0:
+            raise FinetuneError(f"No rows match {query.strip()!r}: search for another word or clear the search.")
+    else:
+        indices = np.arange(len(ds))
+    pages = max(1, math.ceil(indices.size / page_size))
+    page = min(max(1, int(page)), pages)
+    chosen = indices[(page - 1) * page_size : page * page_size]
+    rows = [{"row": int(i), **ds[int(i)]} for i in chosen]
+    return Page(rows=rows, matches=int(indices.size), page=page, pages=pages)
+
+
+# --- export and hand-off to training --------------------------------------------------------------
+
+
+def exports_dir() -> Path:
+    """Where `export_splits` writes by default: `home()/exports`."""
+    return home() / "exports"
+
+
+def _digest(cfg: DataConfig) -> str:
+    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def export_splits(cfg: DataConfig, tokenizer=None, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write each split as JSONL (the rendered training `text` plus the original fields); returns split -> path.
+
+    The default folder is `exports_dir()/<source>-<config hash>/`, so exporting the same config twice overwrites.
+    The chat template needs the model's tokenizer.
+    """
+    splits = load_splits(cfg)
+    template = get_template(cfg.template)
+    originals = [c for c in load_dataset_source(cfg.source).column_names if c != "text"]
+    stem = re.sub(r"[^\w.-]+", "_", Path(cfg.source).stem)
+    out = Path(out_dir) if out_dir else exports_dir() / f"{stem}-{_digest(cfg)}"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, ds in splits.items():
+        if len(ds) == 0:
+            continue
+        path = out / f"{name}.jsonl"
+        with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as f:
+            for row in ds:
+                record = {"text": "".join(render(template, row, tokenizer)), **{c: row[c] for c in originals}}
+                f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        os.replace(path.with_suffix(".tmp"), path)
+        paths[name] = path
+    return paths
+
+
+def persist_source(source: str) -> str:
+    """A source that outlives the upload: local files outside the app's data dir are copied into
+    `home()/datasets/` (named by content hash), since gradio deletes its temp files; others are returned as is."""
+    path = Path(source)
+    if source in BUNDLED or not path.is_file() or path.resolve().is_relative_to(home().resolve()):
+        return source
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    dest = home() / "datasets" / f"{digest.hexdigest()[:12]}-{path.name}"
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+    return str(dest)
+
+
+def prepare_for_training(cfg: DataConfig, tokenizer=None) -> tuple[DataConfig, DatasetDict]:
+    """The config the Train tab gets: a lasting source, the mapping made explicit; checked by splitting and,
+    with a tokenizer, by rendering the first row (the chat template needs one)."""
+    mapping = cfg.mapping or detect_mapping(load_dataset_source(cfg.source).column_names)
+    prepared = replace(cfg, source=persist_source(cfg.source), mapping=mapping)
+    splits = load_splits(prepared)
+    if tokenizer is not None:
+        render(get_template(prepared.template), splits["train"][0], tokenizer)
+    return prepared, splits
