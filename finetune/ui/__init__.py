@@ -7,6 +7,7 @@ import gradio as gr
 from finetune.config import AppSettings
 from finetune.models import ModelPool
 from finetune.ui.arena_tab import build_arena_tab
+from finetune.ui.data_tab import build_data_tab
 
 TITLE = "Fine-tuning Workbench"
 
@@ -18,7 +19,7 @@ def build_app(settings: AppSettings | None = None, pool: ModelPool | None = None
         gr.Markdown(f"# {TITLE}\nPrepare data, train a LoRA adapter, evaluate it, and compare models side by side.")
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
-                gr.Markdown("Coming next: load a data set, apply a prompt template, inspect tokens and export splits.")
+                build_data_tab(settings, pool)
             with gr.Tab("Train", id="train"):
                 gr.Markdown("Coming next: QLoRA training with a live loss curve, stop and resume.")
             with gr.Tab("Evaluate", id="evaluate"):

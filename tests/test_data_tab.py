@@ -1,0 +1,69 @@
+import gradio as gr
+import pytest
+
+from finetune.config import AppSettings
+from finetune.models import ModelPool
+from finetune.ui import build_app
+from finetune.ui.data_tab import DataTabOutputs, build_data_tab
+
+
+@pytest.fixture
+def tiny_settings(tiny_llama):
+    return AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+
+
+def test_build_app_includes_the_data_tab(tiny_settings):
+    app = build_app(tiny_settings)
+    names = {d.api_name for d in app.fns.values() if d.api_visibility == "public"}
+    assert {"dataset_preview", "dataset_stats", "dataset_export", "dataset_prepare"} <= names
+
+
+@pytest.fixture
+def client(tiny_settings, free_port):
+    from gradio_client import Client
+
+    with gr.Blocks() as app:
+        outputs = build_data_tab(tiny_settings, ModelPool())
+    assert isinstance(outputs, DataTabOutputs) and isinstance(outputs.prepared, gr.State)
+    app.queue().launch(server_name="127.0.0.1", server_port=free_port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{free_port}/", verbose=False)
+    finally:
+        app.close()
+
+
+def test_endpoints(client, tiny_llama):
+    prompt, answer, tokens, info = client.predict(
+        row=0, tokenizer_model=tiny_llama, max_length=32, source="lamini_docs", api_name="/dataset_preview"
+    )
+    assert prompt.startswith("### Question:\n") and prompt.endswith("### Answer:\n") and answer
+    kinds = {piece["class_or_confidence"] for piece in tokens}
+    assert {"prompt (not trained on)", "answer (trained on)"} <= kinds
+    assert "tokens** go into training" in info
+
+    stats = client.predict(
+        tokenizer_model=tiny_llama, max_length=64, source="alpaca_sample", template="alpaca", api_name="/dataset_stats"
+    )
+    assert (stats["rows"], stats["duplicate_rows"], stats["rows_measured"]) == (999, 14, 999)
+    assert 0 < stats["truncated_rows"] < 999
+
+    # The gr.State output (what the Train tab reads) is not part of the API result; its JSON twin is.
+    config, note = client.predict(tokenizer_model=tiny_llama, source="lamini_docs", api_name="/dataset_prepare")
+    assert config["source"] == "lamini_docs" and config["mapping"] == {"instruction": "question", "output": "answer"}
+    assert "1,260 train / 140 test rows" in note
+
+
+def test_errors_are_one_sentence_for_the_user(client, tiny_llama):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=r"Template placeholder\(s\) \{nope\} are not columns"):
+        client.predict(
+            tokenizer_model=tiny_llama,
+            source="lamini_docs",
+            template="custom",
+            custom_template="Q: {nope}",
+            api_name="/dataset_stats",
+        )
+    # A web user cannot make the app read an arbitrary file on the server.
+    with pytest.raises(AppError, match="Choose a bundled data set or a Hub id, or upload a file"):
+        client.predict(tokenizer_model=tiny_llama, source="/etc/hosts.csv", api_name="/dataset_stats")
