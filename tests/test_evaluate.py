@@ -4,6 +4,7 @@ import sys
 import threading
 import types
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,3 +317,47 @@ def test_cli_eval_prints_base_vs_tuned_and_writes_eval_json(tmp_path, tiny_llama
     assert json.loads((run / EVAL_FILE).read_text())["questions"] == 2
     assert main(["eval", "--run", str(tmp_path / "missing")]) == 2
     assert "No training run" in capsys.readouterr().err
+
+
+# --- the tab ------------------------------------------------------------------------------------------
+
+
+def test_tab_frames_put_wins_and_losses_first(runs, pool):
+    from finetune.ui.eval_tab import question_frame, score_bars, summary_frame
+
+    _, run = runs
+    result = evaluate_run(run, pool=pool, params=GenerationParams(max_new_tokens=4), embedding_model=None)
+    for i, delta in enumerate([0.5, -0.25, 0.0, 1.0]):  # hand-set changes, to check the order
+        result["rows"][i]["delta_f1"] = delta
+    assert list(question_frame(result)["Δ F1"]) == [1.0, 0.5, 0.0, -0.25]
+    assert list(question_frame(result, "biggest losses")["Δ F1"]) == [-0.25, 0.0, 0.5, 1.0]
+    assert list(question_frame(result, "test order")["Δ F1"]) == [0.5, -0.25, 0.0, 1.0]
+    assert "base sim." not in question_frame(result)  # no similarity computed: no empty columns
+    summary = summary_frame(result).set_index("metric")
+    assert summary.loc["perplexity", "tuned"] == pytest.approx(result["summary"]["tuned"]["perplexity"], rel=1e-3)
+    bars = score_bars(result)
+    assert set(bars["model"]) == {"base", "tuned"} and len(bars) == 6  # EM, F1, ROUGE-L; no similarity
+
+
+def test_evaluate_endpoint_runs_from_the_app(tmp_path, tiny_llama, free_port, monkeypatch):
+    from gradio_client import Client
+
+    from finetune.config import AppSettings
+    from finetune.ui import build_app
+
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
+    make_run(tmp_path, tiny_llama, "tiny-run")
+    app = build_app(AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)).queue()
+    app.launch(server_name="127.0.0.1", server_port=free_port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{free_port}/", verbose=False)
+        status, summary, bars, curve, table, files = client.predict(
+            "tiny-run", 2, 16, False, "biggest wins", api_name="/evaluate"
+        )
+    finally:
+        app.close()
+    assert "2 held-out questions" in status
+    assert summary["headers"] == ["metric", "base", "tuned", "change"] and len(summary["data"]) == 6
+    assert len(table["data"]) == 2 and "tuned answer" in table["headers"]
+    assert sorted(Path(f).name for f in files) == ["eval_questions.csv", "eval_questions.jsonl"]
+    assert (tmp_path / "runs" / "tiny-run" / EVAL_FILE).is_file()

@@ -8,6 +8,7 @@ from finetune.config import AppSettings
 from finetune.models import ModelPool
 from finetune.ui.arena_tab import build_arena_tab
 from finetune.ui.data_tab import build_data_tab
+from finetune.ui.eval_tab import build_eval_tab
 
 TITLE = "Fine-tuning Workbench"
 
@@ -23,7 +24,7 @@ def build_app(settings: AppSettings | None = None, pool: ModelPool | None = None
             with gr.Tab("Train", id="train"):
                 gr.Markdown("Coming next: QLoRA training with a live loss curve, stop and resume.")
             with gr.Tab("Evaluate", id="evaluate"):
-                gr.Markdown("Coming next: held-out loss and answer scores, base vs fine-tuned.")
+                build_eval_tab(settings, pool)
             with gr.Tab("Arena", id="arena"):
                 build_arena_tab(settings, pool)
     return app

@@ -1,0 +1,217 @@
+"""Evaluate tab: pick a training run, score base vs tuned on its held-out questions, see where the adapter helps.
+
+The work is `finetune.evaluate.evaluate_run`; this module only turns its result (eval.json) into tables and charts.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from finetune import FinetuneError
+from finetune.config import AppSettings, GenerationParams
+from finetune.evaluate import (
+    COLUMNS,
+    CSV_FILE,
+    JSONL_FILE,
+    METRIC_LABELS,
+    EvalCancelled,
+    evaluate_run,
+    list_runs,
+    load_last_eval,
+    loss_curve,
+)
+from finetune.models import ModelPool
+
+ORDERS = ("biggest wins", "biggest losses", "test order")
+SCORE_LABELS = {"exact_match": "EM", "f1": "F1", "rouge_l": "ROUGE-L", "similarity": "similarity"}  # short: bar labels
+TABLE_COLUMNS = {
+    "delta_f1": "Δ F1",
+    "question": "question",
+    "reference": "reference",
+    "base_answer": "base answer",
+    "tuned_answer": "tuned answer",
+    "base_f1": "base F1",
+    "tuned_f1": "tuned F1",
+    "base_rouge_l": "base ROUGE-L",
+    "tuned_rouge_l": "tuned ROUGE-L",
+    "base_similarity": "base sim.",
+    "tuned_similarity": "tuned sim.",
+    "base_loss": "base loss",
+    "tuned_loss": "tuned loss",
+}
+
+
+def summary_frame(result: dict) -> pd.DataFrame:
+    """One row per metric, base and tuned side by side, and the change."""
+    rows = []
+    for key, label in METRIC_LABELS.items():
+        base, tuned = (result["summary"][c][key] for c in COLUMNS)
+        change = tuned - base if base is not None and tuned is not None else None
+        rows.append({"metric": label, "base": base, "tuned": tuned, "change": change})
+    return pd.DataFrame(rows).round(4)
+
+
+def score_bars(result: dict) -> pd.DataFrame:
+    """Long rows (bar, model, value) for the 0-1 scores; loss and perplexity have their own scale (table)."""
+    rows = [
+        {"bar": f"{label} · {c}", "model": c, "value": result["summary"][c][key]}
+        for key, label in SCORE_LABELS.items()
+        for c in COLUMNS
+        if result["summary"][c][key] is not None
+    ]
+    return pd.DataFrame(rows, columns=["bar", "model", "value"])
+
+
+def question_frame(result: dict, order: str = ORDERS[0]) -> pd.DataFrame:
+    """The per-question table with the change in F1 first: sorted by it, wins and losses are at the top."""
+    df = pd.DataFrame(result["rows"])
+    columns = [c for c in TABLE_COLUMNS if c in df and df[c].notna().any()]
+    df = df[columns]
+    if order != "test order":
+        df = df.sort_values("delta_f1", ascending=order == "biggest losses", kind="stable")
+    return df.rename(columns=TABLE_COLUMNS).round(3)
+
+
+def curve_frame(run_id: str) -> pd.DataFrame:
+    return pd.DataFrame(loss_curve(run_id), columns=["step", "loss", "series"])
+
+
+def describe(result: dict) -> str:
+    s = {c: result["summary"][c] for c in COLUMNS}
+    text = (
+        f"**{result['run_id']}** · {result['questions']} held-out questions · evaluated {result.get('created', '')}"
+        f" in {result.get('elapsed_s', '?')} s. Perplexity {s['base']['perplexity']:.2f} → "
+        f"{s['tuned']['perplexity']:.2f}, token F1 {s['base']['f1']:.3f} → {s['tuned']['f1']:.3f}."
+    )
+    return text + "".join(f"\n\n*{note}*" for note in result.get("notes", []))
+
+
+def build_eval_tab(settings: AppSettings, pool: ModelPool) -> None:
+    cancels: dict[str, threading.Event] = {}  # session -> the cancel switch of its running evaluation
+
+    gr.Markdown(
+        "Run the held-out questions of a training run through the **base** model and the **tuned** model "
+        "(base + the run's adapter) and compare: loss and perplexity on the reference answers, and scores of "
+        "the generated answers (exact match, token F1, ROUGE-L, embedding similarity)."
+    )
+    with gr.Row():
+        run = gr.Dropdown(label="Training run", choices=list_runs(), scale=3)
+        refresh = gr.Button("Refresh", scale=0, min_width=100)
+        limit = gr.Number(20, label="Questions (0 = the whole test split)", precision=0, minimum=0, scale=1)
+        max_new_tokens = gr.Slider(
+            16, settings.max_new_tokens, value=min(128, settings.max_new_tokens), step=16, label="Max new tokens"
+        )
+    with gr.Row():
+        arc = gr.Checkbox(False, label="Also ARC-Easy (needs lm-eval and the ai2_arc data set)")
+        start = gr.Button("Run evaluation", variant="primary")
+        stop = gr.Button("Cancel", variant="stop")
+    status = gr.Markdown()
+    with gr.Row():
+        summary = gr.Dataframe(label="Summary: base vs tuned", interactive=False, scale=1)
+        bars = gr.BarPlot(
+            x="bar",
+            y="value",
+            color="model",
+            sort=[f"{label} · {c}" for label in SCORE_LABELS.values() for c in COLUMNS],
+            y_lim=[0, 1],
+            x_label_angle=-30,
+            x_title=" ",
+            y_title="score",
+            label="Scores (0-1, higher is better)",
+            scale=1,
+        )
+    curve = gr.LinePlot(x="step", y="loss", color="series", label="This run's training loss")
+    order = gr.Radio(list(ORDERS), value=ORDERS[0], label="Order questions by change in F1 (tuned - base)")
+    table = gr.Dataframe(label="Per question", interactive=False, wrap=True, max_height=600)
+    files = gr.File(label="Per-question table (CSV, JSONL)", file_count="multiple", interactive=False)
+    outputs = [status, summary, bars, curve, table, files]
+
+    def show(run_id: str | None, how: str, note: str = ""):
+        if not run_id:
+            empty = pd.DataFrame()
+            return "No trained run yet: train an adapter in the Train tab.", empty, empty, empty, empty, None
+        try:
+            result = load_last_eval(run_id)
+            curve_df = curve_frame(run_id)
+        except FinetuneError as e:
+            raise gr.Error(str(e)) from e
+        if result is None:
+            empty = pd.DataFrame()
+            return (
+                note or "No evaluation of this run yet: press **Run evaluation**.",
+                empty,
+                empty,
+                curve_df,
+                empty,
+                None,
+            )
+        run_dir = Path(result["run_dir"])
+        downloads = [str(run_dir / name) for name in (CSV_FILE, JSONL_FILE) if (run_dir / name).is_file()]
+        return (
+            (note + "\n\n" if note else "") + describe(result),
+            summary_frame(result),
+            score_bars(result),
+            curve_df,
+            question_frame(result, how),
+            downloads or None,
+        )
+
+    def run_eval(
+        run_id: str | None,
+        n: float | None,
+        max_tokens: float,
+        with_arc: bool,
+        how: str,
+        request: gr.Request,
+        progress=gr.Progress(),
+    ):
+        if not run_id:
+            raise gr.Error("Pick a training run first (train one in the Train tab).")
+        cancel = cancels[request.session_hash] = threading.Event()
+        progress(0, desc="Loading the model and the test split...")
+        try:
+            evaluate_run(
+                run_id,
+                limit=int(n) if n else None,
+                pool=pool,
+                progress=lambda done, total, text: progress((done, total), desc=text),
+                cancel=cancel,
+                params=GenerationParams(max_new_tokens=min(int(max_tokens), settings.max_new_tokens)),
+                benchmarks=with_arc,
+            )
+        except EvalCancelled as e:
+            return show(run_id, how, f"{e} The last finished evaluation (if any) is shown.")
+        except FinetuneError as e:
+            raise gr.Error(str(e)) from e
+        finally:
+            cancels.pop(request.session_hash, None)
+        return show(run_id, how)
+
+    def cancel_eval(request: gr.Request) -> str:
+        event = cancels.get(request.session_hash)
+        if event is None:
+            return "Nothing is running."
+        event.set()
+        return "Cancelling after the current batch of questions..."
+
+    def refresh_runs(current: str | None = None):
+        choices = list_runs()
+        return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
+
+    # On page load (runs trained since the app started) and on Refresh: update the list, then show the choice.
+    gr.on(None, lambda: refresh_runs(), None, run).then(show, [run, order], outputs)
+    refresh.click(refresh_runs, run, run).then(show, [run, order], outputs)
+    gr.on([run.input, order.change], show, [run, order], outputs)
+    start.click(
+        run_eval,
+        [run, limit, max_new_tokens, arc, order],
+        outputs,
+        api_name="evaluate",
+        concurrency_limit=1,
+        concurrency_id="evaluate",
+    )
+    stop.click(cancel_eval, None, status, api_name=False)
