@@ -244,15 +244,23 @@ def _load_hub(source: str) -> Dataset:
 
 @functools.lru_cache(maxsize=4)
 def _read_cached(path: str, size: int, mtime_ns: int) -> Dataset:
-    return read_file(path)  # size and mtime are in the key so an edited file is read again
+    return read_file(path)
+
+
+def _source_key(source: str) -> tuple:
+    """What identifies a source's content in caches: a file's path, size and mtime (so an edit is seen)."""
+    path = BUNDLED.get(source) or Path(source)
+    if path.is_file():
+        stat = path.stat()
+        return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return (source,)
 
 
 def load_dataset_source(source: str) -> Dataset:
     """The raw rows of a bundled name, a local file or a Hub id (cached: repeated calls are free)."""
-    path = BUNDLED.get(source) or Path(source)
-    if path.is_file():
-        stat = path.stat()
-        return _read_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = _source_key(source)
+    if len(key) == 3:
+        return _read_cached(*key)
     if is_hub_id(source):
         return _load_hub(source)
     raise FinetuneError(
@@ -462,14 +470,6 @@ def load_rows(cfg: DataConfig) -> Dataset:
     return _load_rows(_source_key(cfg.source), json.dumps(asdict(cfg), sort_keys=True))
 
 
-def _source_key(source: str) -> tuple:
-    path = BUNDLED.get(source) or Path(source)
-    if path.is_file():
-        stat = path.stat()
-        return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    return (source,)
-
-
 @functools.lru_cache(maxsize=8)
 def _load_rows(source_key: tuple, cfg_json: str) -> Dataset:
     # Cached on the file's identity and the whole config: the UI asks for the same rows on every click.
@@ -547,8 +547,18 @@ def row_stats(ds: Dataset) -> dict:
     }
 
 
+def check_chat_rows(row: dict, tokenizer) -> None:
+    """Chat rows render only with a chat template, whatever template is chosen: say which tokenizer to pick."""
+    if row.get("messages") and not getattr(tokenizer, "chat_template", None):
+        raise FinetuneError(
+            "Chat rows (messages) need a model with a chat template and this one has none: choose an instruct "
+            "model, e.g. smollm2-135m-instruct."
+        )
+
+
 def token_lengths(ds: Dataset, tokenizer, template: Template, limit: int | None = 5000) -> np.ndarray:
     """Tokens per row (prompt + answer + EOS, before truncation) of the first `limit` rows."""
+    check_chat_rows(ds[0], tokenizer)
     rows = ds.select(range(min(limit, len(ds)))) if limit else ds
     return np.array([len(encode_row(tokenizer, template, row)["input_ids"]) for row in rows], dtype=np.int64)
 
@@ -596,6 +606,7 @@ class TokenView:
 
 def token_view(tokenizer, template: Template, row: dict, max_length: int | None = None) -> TokenView:
     """A row's tokens, each marked as prompt (masked from the loss), answer (trained on) or cut by truncation."""
+    check_chat_rows(row, tokenizer)
     full = encode_row(tokenizer, template, row)
     kept = encode_row(tokenizer, template, row, max_length)
     n_kept, n_prompt = len(kept["input_ids"]), full["prompt_length"]
@@ -707,5 +718,6 @@ def prepare_for_training(cfg: DataConfig, tokenizer=None) -> tuple[DataConfig, D
     prepared = replace(cfg, source=persist_source(cfg.source), mapping=mapping)
     splits = load_splits(prepared)
     if tokenizer is not None:
+        check_chat_rows(splits["train"][0], tokenizer)
         render(get_template(prepared.template), splits["train"][0], tokenizer)
     return prepared, splits

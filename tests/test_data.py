@@ -100,6 +100,13 @@ def test_hub_id_offline_says_so():
         stream_hub_texts("allenai/c4:en")
 
 
+def test_an_edited_file_is_read_again(tmp_path):
+    path = write(tmp_path, "qa.jsonl", jsonl(QA[:1]))
+    assert len(load_dataset_source(str(path))) == 1
+    path.write_text(jsonl(QA))
+    assert len(load_dataset_source(str(path))) == 2
+
+
 def test_unknown_source_and_type(tmp_path):
     with pytest.raises(FinetuneError, match="No data set"):
         load_dataset_source(str(tmp_path / "missing.csv"))
@@ -201,6 +208,15 @@ def test_chat_rows_train_on_the_last_assistant_turn(tmp_path, smol_tokenizer):
     enc = encode_row(smol_tokenizer, TEMPLATES["chat"], ds[0])
     trained = [t for t, label in zip(enc["input_ids"], enc["labels"]) if label != IGNORE_INDEX]
     assert smol_tokenizer.decode(trained) == "An LLM engine.<|im_end|>\n"
+
+
+def test_chat_rows_need_a_tokenizer_with_a_chat_template():
+    class NoChatTemplate:
+        chat_template = None
+
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    with pytest.raises(FinetuneError, match="need a model with a chat template.*smollm2-135m-instruct"):
+        token_view(NoChatTemplate(), TEMPLATES["qa"], row)
 
 
 # --- templates and the loss mask on loaded rows --------------------------------------------------

@@ -193,10 +193,10 @@ def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
         y="rows",
         color="fits",
         color_map={"fits": "#22c55e", "truncated": "#ef4444"},
-        x_title="tokens per row (bar = upper edge)",
+        x_title="tokens per row",
         y_title="rows",
-        sort="x",
-        height=260,
+        x_label_angle=-45,
+        height=280,
         label="Sequence lengths",
     )
     lengths = gr.State(None)
@@ -296,14 +296,19 @@ def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
 
     # --- rows, preview, tokens, stats ---
     def rows_view(search: str, page: int, **values):
-        ds = data.load_rows(make_config(values))
+        cfg = make_config(values)
+        ds = data.load_rows(cfg)
         try:
             shown = data.page_rows(ds, page or 1, PAGE_SIZE, search or "")
         except FinetuneError as e:  # an empty search result is a hint, not a failure
             gr.Warning(str(e))
             return pd.DataFrame(), "0 matching rows", gr.update(maximum=len(ds) - 1)
+        # The file's own columns; the canonical fields it was mapped to show in the template preview.
+        columns = ["row", *data.load_dataset_source(cfg.source).column_names]
         info = f"{shown.matches:,} rows · page {shown.page} of {shown.pages}"
-        return _frame(shown.rows), info, gr.update(maximum=len(ds) - 1)
+        frame = _frame([{c: r[c] for c in columns} for r in shown.rows])
+        widths = ["6%"] + [f"{94 // (len(columns) - 1)}%"] * (len(columns) - 1)  # text columns share the width
+        return gr.Dataframe(frame, column_widths=widths), info, gr.update(maximum=len(ds) - 1)
 
     def preview(row: int, tokenizer_model: str, max_length: int, **values):
         """The row rendered with the template (prompt, answer) and its tokens marked prompt/answer/cut."""
@@ -328,8 +333,11 @@ def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
     def stats_view(lengths, max_length: int, **values):
         stats = data.row_stats(data.load_rows(make_config(values)))
         summary = data.length_summary(lengths, int(max_length)) if lengths is not None else None
-        bars = pd.DataFrame(data.length_histogram(lengths, int(max_length)) if lengths is not None else [])
-        return _stats_markdown(stats, summary), {**stats, **(summary or {})}, bars
+        bins = data.length_histogram(lengths, int(max_length)) if lengths is not None else []
+        # Labels as categories give wide bars in order; numbers would give hairlines on a long axis.
+        bars = pd.DataFrame([{**b, "tokens": f"≤{b['tokens']}"} for b in bins], columns=["tokens", "rows", "fits"])
+        plot = gr.BarPlot(bars, sort=list(bars["tokens"]), title=f"max length {int(max_length)}: red bars are cut")
+        return _stats_markdown(stats, summary), {**stats, **(summary or {})}, plot
 
     def dataset_stats(tokenizer_model: str, max_length: int, **values):
         """Rows, empty and duplicate rows, length percentiles (characters and tokens), rows truncated."""
