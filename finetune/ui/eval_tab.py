@@ -81,11 +81,13 @@ def curve_frame(run_id: str) -> pd.DataFrame:
 
 
 def describe(result: dict) -> str:
-    s = {c: result["summary"][c] for c in COLUMNS}
+    def change(key: str, digits: int) -> str:
+        base, tuned = (result["summary"][c][key] for c in COLUMNS)
+        return "n/a" if base is None or tuned is None else f"{base:.{digits}f} → {tuned:.{digits}f}"
+
     text = (
         f"**{result['run_id']}** · {result['questions']} held-out questions · evaluated {result.get('created', '')}"
-        f" in {result.get('elapsed_s', '?')} s. Perplexity {s['base']['perplexity']:.2f} → "
-        f"{s['tuned']['perplexity']:.2f}, token F1 {s['base']['f1']:.3f} → {s['tuned']['f1']:.3f}."
+        f" in {result.get('elapsed_s', '?')} s. Perplexity {change('perplexity', 2)}, token F1 {change('f1', 3)}."
     )
     return text + "".join(f"\n\n*{note}*" for note in result.get("notes", []))
 
