@@ -316,8 +316,8 @@ def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
         ds = data.load_rows(cfg)
         example = ds[min(max(int(row or 0), 0), len(ds) - 1)]
         template, tokenizer = get_template(cfg.template), tokenizer_for(tokenizer_model)
-        prompt, answer = render(template, example, tokenizer)
         view = data.token_view(tokenizer, template, example, int(max_length))
+        prompt, answer = render(template, example, tokenizer)
         info = (
             f"**{len(view.input_ids)} tokens** go into training: {view.prompt_tokens} prompt tokens (label "
             f"{IGNORE_INDEX}: no loss) and {view.answer_tokens} answer tokens (trained on)"
@@ -334,9 +334,12 @@ def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
         stats = data.row_stats(data.load_rows(make_config(values)))
         summary = data.length_summary(lengths, int(max_length)) if lengths is not None else None
         bins = data.length_histogram(lengths, int(max_length)) if lengths is not None else []
-        # Labels as categories give wide bars in order; numbers would give hairlines on a long axis.
-        bars = pd.DataFrame([{**b, "tokens": f"≤{b['tokens']}"} for b in bins], columns=["tokens", "rows", "fits"])
-        plot = gr.BarPlot(bars, sort=list(bars["tokens"]), title=f"max length {int(max_length)}: red bars are cut")
+        # Category labels give wide bars (numbers give hairlines on a long axis); padded with spaces, which sort
+        # before digits, so the plot's alphabetical order is numeric order (changing `sort` in an update is ignored).
+        digits = len(str(bins[-1]["tokens"])) if bins else 0
+        labelled = [{**b, "tokens": f"≤{b['tokens']:>{digits}}"} for b in bins]
+        bars = pd.DataFrame(labelled, columns=["tokens", "rows", "fits"])
+        plot = gr.BarPlot(bars, title=f"max length {int(max_length)}: red bars are cut")
         return _stats_markdown(stats, summary), {**stats, **(summary or {})}, plot
 
     def dataset_stats(tokenizer_model: str, max_length: int, **values):
@@ -362,8 +365,15 @@ def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
         ):
             shown = wire(shown, fn, args, outputs)
 
-    gr.on([load.click, dataset.change], lambda name: (name or "").strip(), dataset, source, api_visibility="private")
-    upload.upload(lambda path: path, upload, source, api_visibility="private")
+    def use_source(name: str) -> str:
+        """Read the set before switching to it, so a bad file is reported and the current set stays."""
+        name = (name or "").strip()
+        _check_servable(name)
+        data.load_dataset_source(name)
+        return name
+
+    for trigger, component in ((load.click, dataset), (dataset.change, dataset), (upload.upload, upload)):
+        trigger(_user_errors(use_source), component, source, api_visibility="private")
     detect = gr.on(None, _user_errors(on_source), source, [detected, *mapping, template], api_visibility="private")
     show_rows(detect)  # `detect` also runs when the page opens
     template.change(lambda t: gr.update(visible=t == "custom"), template, custom, api_visibility="private")
