@@ -148,10 +148,11 @@ def example_questions(n: int = 4) -> tuple[str, ...]:
     from finetune.data import load_splits
 
     try:
-        test = load_splits(DataConfig("lamini_docs"))["test"]["instruction"][:n]
+        test = load_splits(DataConfig("lamini_docs"))["test"]["instruction"]
     except FinetuneError:
         test = []
-    return COURSE_QUESTIONS + tuple(test)
+    questions = [q for q in test if len(q.split()) >= 4]  # the data set also holds a few junk rows like "???"
+    return COURSE_QUESTIONS + tuple(questions[:n])
 
 
 # --- columns -----------------------------------------------------------------------------------------

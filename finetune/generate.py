@@ -429,7 +429,7 @@ def _local_batch(backends: list[LocalBackend], conversations: list[list[dict]], 
                 template = get_template(backend.template)
                 job.prompts[i] = conversation_prompt(template, messages, entry.tokenizer)
                 job.stops[i] = tuple(dict.fromkeys(template.stop + params.stop)) if not template.chat else ()
-            except FinetuneError as e:
+            except Exception as e:  # noqa: BLE001 (whatever breaks one row's adapter must not fail the others)
                 job.errors[i] = e
         return job
 

@@ -99,12 +99,19 @@ def test_stream_all_batches_local_columns_and_counts_tokens(pooled, adapter_dir)
     assert backends["tuned"].label.endswith("+ " + adapter_dir.name)
 
 
-def test_broken_adapter_fails_its_own_column_only(pooled, tmp_path):
+def test_broken_adapters_fail_their_own_column_only(pooled, tmp_path):
     pool, spec, _, _ = pooled
-    backends = {"base": LocalBackend(pool, spec, "qa"), "tuned": LocalBackend(pool, spec, "qa", tmp_path)}
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text('{"peft_type": "LORA"}')  # no weights: PEFT itself fails
+    backends = {
+        "base": LocalBackend(pool, spec, "qa"),
+        "missing": LocalBackend(pool, spec, "qa", tmp_path / "nothing"),
+        "corrupt": LocalBackend(pool, spec, "qa", corrupt),
+    }
     question = [{"role": "user", "content": "Hi"}]
     final = list(merge_streams(stream_all(backends, dict.fromkeys(backends, question), GREEDY)))[-1]
-    assert "No LoRA adapter" in final["tuned"].error
+    assert "No LoRA adapter" in final["missing"].error and final["corrupt"].error
     assert final["base"].error is None and final["base"].text
 
 
