@@ -100,7 +100,7 @@ def _decode(data: bytes, name: str) -> str:
 
 def _parse_jsonl(text: str, name: str) -> list[dict]:
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON text may hold U+2028
         if not line.strip():
             continue
         try:
@@ -287,7 +287,10 @@ def stream_hub_texts(source: str = "allenai/c4:en", n: int = 5) -> list[str]:
     _require_hub(source)
     name, config = _hub_args(source)
     try:
-        rows = list(datasets.load_dataset(name, config, split="train", streaming=True).take(n))
+        stream = datasets.load_dataset(
+            name, config, split="train", streaming=True, cache_dir=str(home() / "hub-datasets")
+        )
+        rows = list(stream.take(n))
     except Exception as e:  # see _load_hub
         raise FinetuneError(f"Could not stream {source!r} from the Hub ({type(e).__name__}); check the id.") from e
     texts = [row.get("text") or next((v for v in row.values() if isinstance(v, str)), "") for row in rows]
@@ -399,6 +402,8 @@ def _as_text(value) -> str:
 
 def normalize_messages(value, row_number: int = 1) -> list[dict]:
     """A chat list as `[{"role", "content"}]`, from OpenAI (role/content) or ShareGPT (from/value) style."""
+    if value is None:  # a row without a chat: nothing to train on, counted as an empty row
+        return []
     if isinstance(value, str):  # CSV and some Parquet files store the list as JSON text
         with contextlib.suppress(json.JSONDecodeError):
             value = json.loads(value)
@@ -692,9 +697,14 @@ def export_splits(cfg: DataConfig, tokenizer=None, out_dir: str | Path | None = 
     return paths
 
 
+def kept_dir() -> Path:
+    """Where `persist_source` keeps uploads handed to training: `home()/datasets`."""
+    return home() / "datasets"
+
+
 def persist_source(source: str) -> str:
-    """A source that outlives the upload: local files outside the app's data dir are copied into
-    `home()/datasets/` (named by content hash), since gradio deletes its temp files; others are returned as is."""
+    """A source that outlives the upload: local files outside the app's data dir are copied into `kept_dir()`
+    (named by content hash), since gradio deletes its temp files; others are returned as is."""
     path = Path(source)
     if source in BUNDLED or not path.is_file() or path.resolve().is_relative_to(home().resolve()):
         return source
@@ -702,7 +712,7 @@ def persist_source(source: str) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(2**20), b""):
             digest.update(block)
-    dest = home() / "datasets" / f"{digest.hexdigest()[:12]}-{path.name}"
+    dest = kept_dir() / f"{digest.hexdigest()[:12]}-{path.name}"
     if not dest.is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".tmp")

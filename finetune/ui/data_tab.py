@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 from gradio.utils import get_upload_folder
 
-from finetune import FinetuneError, data, home
+from finetune import FinetuneError, data
 from finetune.config import AppSettings, DataConfig, ModelSpec
 from finetune.models import ModelPool, load_tokenizer
 from finetune.templates import IGNORE_INDEX, get_template, render
@@ -60,11 +60,11 @@ def _user_errors(fn):
 
 
 def _check_servable(source: str) -> None:
-    """Web users may read bundled sets, Hub ids, their uploads and the app's own files, not any server path."""
+    """Web users may read bundled sets, Hub ids, uploads and uploads kept for training, not any server path."""
     if source in data.BUNDLED or (data.is_hub_id(source) and not Path(source).exists()):
         return
     path = Path(source).resolve()
-    if not any(path.is_relative_to(Path(root).resolve()) for root in (get_upload_folder(), home())):
+    if not any(path.is_relative_to(Path(root).resolve()) for root in (get_upload_folder(), data.kept_dir())):
         raise FinetuneError("Choose a bundled data set or a Hub id, or upload a file.")
 
 
