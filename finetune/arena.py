@@ -142,6 +142,23 @@ def install_adapter(files: list[str | Path], name: str) -> AdapterInfo:
     return adapter_info(target, safe, "upload")
 
 
+def resolve_adapter(source: str | Path) -> AdapterInfo:
+    """An adapter folder, or a Hub id like 'user/my-lora' downloaded once into the uploads dir."""
+    path = Path(source).expanduser()
+    if path.is_dir() or str(source).startswith(("/", ".", "~")) or str(source).count("/") != 1:
+        return adapter_info(path)
+    target = uploads_dir() / str(source).replace("/", "--")
+    if not (target / "adapter_config.json").is_file():
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(str(source), local_dir=target, allow_patterns=list(ADAPTER_FILES))
+        except Exception as e:  # noqa: BLE001 (offline, unknown repo, no access: all mean the same to the user)
+            shutil.rmtree(target, ignore_errors=True)
+            raise FinetuneError(f"Could not download adapter {source!r} from the Hub: {str(e).splitlines()[0]}") from e
+    return adapter_info(target, target.name, "upload")
+
+
 @lru_cache(maxsize=1)
 def example_questions(n: int = 4) -> tuple[str, ...]:
     """The course's question plus the first held-out lamini_docs questions (never seen in training)."""
@@ -163,7 +180,7 @@ class ArenaSetup:
     """Which model answers in each column."""
 
     base_model: str = "gemma-3-270m"
-    adapter: str | Path | None = None  # adapter folder for the tuned column
+    adapter: str | Path | None = None  # adapter folder (or Hub id) for the tuned column
     template: str | None = None  # prompt template of base and tuned; None: the adapter's own
     reference_model: str = "smollm2-135m-instruct"  # used when no endpoint is given
     endpoint_url: str = ""  # an OpenAI-compatible server instead of the local reference model
@@ -192,7 +209,7 @@ class Unavailable(Backend):
 def make_backends(pool: ModelPool, setup: ArenaSetup) -> dict[str, Backend]:
     """The three columns. Base and tuned use the adapter's training template; the reference its chat template."""
     dtype = inference_dtype()
-    info = adapter_info(setup.adapter) if setup.adapter else None
+    info = resolve_adapter(setup.adapter) if setup.adapter else None
     template = setup.template or (info.template if info else "qa")
     backends: dict[str, Backend] = {"base": LocalBackend(pool, ModelSpec(setup.base_model, dtype=dtype), template)}
     if info is None:

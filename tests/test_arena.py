@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune import FinetuneError
 from finetune.arena import (
     LABELS,
     ArenaSession,
@@ -111,6 +112,8 @@ def test_make_backends_shares_the_base_model_and_uses_each_columns_format(home, 
     assert isinstance(tuned, LocalBackend) and tuned.spec.key == base.spec.key  # one model, one batched pass
     assert base.template == tuned.template == "alpaca" and reference.template == "chat"
     assert tuned.label == f"{tiny_llama} + run-1"
+    with pytest.raises(FinetuneError, match="Could not download adapter 'someone/no-such-lora'"):
+        make_backends(pool, ArenaSetup(adapter="someone/no-such-lora"))  # the tests run with HF_HUB_OFFLINE=1
     endpoint = ArenaSetup(adapter=None, endpoint_url="http://127.0.0.1:9/v1", endpoint_model="m", api_key="k")
     backends = make_backends(pool, endpoint)
     assert isinstance(backends["reference"], OpenAIBackend) and isinstance(backends["tuned"], Unavailable)

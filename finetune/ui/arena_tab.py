@@ -116,7 +116,7 @@ def build_arena_tab(settings: AppSettings, pool: ModelPool, store: VoteStore | N
                 adapters,
                 value=adapters[0][1] if adapters else "",
                 allow_custom_value=True,
-                label="Tuned: LoRA adapter (from training runs and uploads, or a folder)",
+                label="Tuned: LoRA adapter (training runs, uploads, a folder or a Hub id)",
             )
             template = gr.Dropdown(
                 [AUTO_TEMPLATE, *(t for t in TEMPLATES if t != "chat")],
