@@ -60,6 +60,12 @@ def test_jsonl(tmp_path):
     assert ds.cache_files == []  # parsed in memory: nothing written to the datasets cache
 
 
+def test_jsonl_text_may_hold_line_separator_characters(tmp_path):
+    rows = [{"question": "a\u2028b", "answer": "c\x1cd"}]  # json.dumps(ensure_ascii=False) leaves these raw
+    path = write(tmp_path, "qa.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert read_file(path).to_list() == rows
+
+
 def test_json_array_and_json_lines_saved_as_json(tmp_path):
     assert read_file(write(tmp_path, "qa.json", json.dumps(QA, indent=2))).to_list() == QA
     assert read_file(write(tmp_path, "lines.json", jsonl(QA))).to_list() == QA
@@ -193,6 +199,7 @@ def test_openai_messages_are_normalized():
         {"role": "assistant", "content": "An LLM engine."},
     ]
     assert normalize_messages('[{"role": "user", "content": "Hi"}]') == [{"role": "user", "content": "Hi"}]  # CSV
+    assert normalize_messages(None) == []  # no chat in this row: counted as an empty row
     with pytest.raises(FinetuneError, match="Row 7: unknown chat role 'robot'"):
         normalize_messages([{"role": "robot", "content": "Hi"}], 7)
 
