@@ -1,19 +1,44 @@
-"""Start the Fine-tuning Workbench: `python app.py [--host 127.0.0.1] [--port 7860]`."""
+"""Start the Fine-tuning Workbench: `python app.py [--host 127.0.0.1] [--port 7860]`.
+
+On a Space the same file is the entry point (README front matter: `app_file: app.py`). `FINETUNE_AUTH` turns on
+login (see README, "Deploy to Spaces"); limits come from `FINETUNE_MAX_*` env vars (`finetune.security.Limits`).
+"""
 
 import argparse
 import os
 
-from finetune.ui import build_app
+from finetune import home
+from finetune.security import Limits, parse_auth
+from finetune.spaces import ensure_nodeps_requirements
+
+
+def launch_kwargs(share: bool = False) -> dict:
+    """Arguments of `launch()` that keep a shared box safe; tests start the app with the same ones."""
+    runs, exports = home() / "runs", home() / "exports"
+    for path in (runs, exports):
+        path.mkdir(parents=True, exist_ok=True)
+    users = parse_auth()
+    return {
+        "share": share,
+        "auth": users or None,
+        "auth_message": "Log in with the name and password the workshop host gave you." if users else None,
+        # Only run outputs (adapters, eval tables) and exported splits may be served; not the model cache or votes.
+        "allowed_paths": [str(runs), str(exports)],
+        "max_file_size": f"{Limits.from_env().max_upload_mb:g}mb",
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="Open a public gradio.live link (off by default).")
     args = parser.parse_args()
+    ensure_nodeps_requirements()  # before the UI imports the embedded models' packages
+    from finetune.ui import build_app
+
     build_app().queue(default_concurrency_limit=4).launch(
-        server_name=args.host, server_port=args.port, share=args.share
+        server_name=args.host, server_port=args.port, **launch_kwargs(args.share)
     )
 
 

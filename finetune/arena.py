@@ -25,7 +25,6 @@ import random
 import shutil
 import sqlite3
 import time
-import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from finetune.generate import (
     token_counters,
 )
 from finetune.models import EMBEDDED, ModelPool, inference_dtype, model_cache
+from finetune.security import check_upload_size, extract_zip, safe_name
 
 ROLES = ("base", "tuned", "reference")
 LABELS = ("A", "B", "C")  # blind names, by display position
@@ -113,7 +113,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def install_adapter(files: list[str | Path], name: str) -> AdapterInfo:
     """Copy an uploaded adapter (a .zip, or its adapter_config.json + adapter_model.safetensors) to the uploads dir."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.strip()).strip(".-")
+    safe = safe_name(name, fallback="")
     if not safe:
         raise FinetuneError("Give the uploaded adapter a name (letters, digits, - or _).")
     target = uploads_dir() / safe
@@ -124,11 +124,14 @@ def install_adapter(files: list[str | Path], name: str) -> AdapterInfo:
     tmp.mkdir(parents=True)
     try:
         for f in map(Path, files):
+            check_upload_size(f)
             if f.suffix == ".zip":
-                with zipfile.ZipFile(f) as z:
-                    for member in z.namelist():
-                        if Path(member).name in ADAPTER_FILES:  # flattened: never writes outside tmp
-                            (tmp / Path(member).name).write_bytes(z.read(member))
+                # Member paths, links, file count and unpacked size are checked before anything is written.
+                unpacked = extract_zip(f, tmp / "unpacked")
+                for a in ADAPTER_FILES:
+                    found = sorted(unpacked.rglob(a))
+                    if found:
+                        found[0].replace(tmp / a)
             elif f.name in ADAPTER_FILES or f.name.endswith(ADAPTER_FILES):
                 shutil.copyfile(f, tmp / next(a for a in ADAPTER_FILES if f.name.endswith(a)))
         missing = [a for a in ADAPTER_FILES if not (tmp / a).is_file()]
@@ -136,6 +139,7 @@ def install_adapter(files: list[str | Path], name: str) -> AdapterInfo:
             raise FinetuneError(
                 f"The upload lacks {', '.join(missing)}: upload both files of a PEFT adapter or a .zip."
             )
+        shutil.rmtree(tmp / "unpacked", ignore_errors=True)
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
