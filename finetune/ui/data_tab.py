@@ -127,6 +127,7 @@ def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
             finetuning = gr.Dataframe(
                 _frame(data.finetuning_sample()),
                 label="Fine-tuning: lamini_docs question/answer pairs",
+                column_widths=["40%", "60%"],
                 wrap=True,
                 interactive=False,
                 max_height=420,
