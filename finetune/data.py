@@ -39,6 +39,7 @@ from datasets import Dataset, DatasetDict
 
 from finetune import FinetuneError, home
 from finetune.config import DataConfig
+from finetune.security import Limits, safe_name
 from finetune.templates import Template, encode_row, get_template, render, validate
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -49,15 +50,14 @@ BUNDLED: dict[str, Path] = {
 PRETRAINING_SAMPLE = ASSETS / "c4_demo.jsonl"
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 CANONICAL = ("instruction", "input", "output", "messages", "text")
-DEFAULT_MAX_UPLOAD_MB = 100.0
 
 
 # --- reading files -------------------------------------------------------------------------------
 
 
 def max_upload_mb() -> float:
-    """Largest file accepted, in MB: `FINETUNE_MAX_UPLOAD_MB`, default 100."""
-    return float(os.environ.get("FINETUNE_MAX_UPLOAD_MB") or DEFAULT_MAX_UPLOAD_MB)
+    """Largest file accepted, in MB: `FINETUNE_MAX_UPLOAD_MB`, default 100 (the app's upload limit too)."""
+    return Limits.from_env().max_upload_mb
 
 
 def read_file(path: str | Path) -> Dataset:
@@ -680,8 +680,7 @@ def export_splits(cfg: DataConfig, tokenizer=None, out_dir: str | Path | None = 
     splits = load_splits(cfg)
     template = get_template(cfg.template)
     originals = [c for c in load_dataset_source(cfg.source).column_names if c != "text"]
-    stem = re.sub(r"[^\w.-]+", "_", Path(cfg.source).stem)
-    out = Path(out_dir) if out_dir else exports_dir() / f"{stem}-{_digest(cfg)}"
+    out = Path(out_dir) if out_dir else exports_dir() / f"{safe_name(Path(cfg.source).stem)}-{_digest(cfg)}"
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, ds in splits.items():
@@ -712,7 +711,7 @@ def persist_source(source: str) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(2**20), b""):
             digest.update(block)
-    dest = kept_dir() / f"{digest.hexdigest()[:12]}-{path.name}"
+    dest = kept_dir() / f"{digest.hexdigest()[:12]}-{safe_name(path.stem)}{path.suffix.lower()}"
     if not dest.is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".tmp")

@@ -390,6 +390,8 @@ def test_prepare_copies_an_upload_into_the_data_dir(tmp_path):
     upload.unlink()  # gradio deletes its temp files; training still finds the data
     assert len(load_splits(ready)["train"]) == 9
     assert persist_source(ready.source) == ready.source and persist_source("lamini_docs") == "lamini_docs"
+    odd = write(tmp_path, "my data (1).CSV", "question,answer\nq,a\n")
+    assert Path(persist_source(str(odd))).name.endswith("-my-data-1.csv")
 
 
 def test_canonicalize_keeps_original_columns():
