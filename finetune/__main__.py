@@ -1,0 +1,132 @@
+"""Command line: `python -m finetune <command> --help`.
+
+    python -m finetune train --config recipes/lamini_docs_qlora.yaml [--set key=value ...]
+    python -m finetune train --run-dir RUN_DIR --resume
+    python -m finetune export RUN_DIR OUT_DIR            # adapter merged into its base, as safetensors
+    python -m finetune eval --run runs/<id> [--limit N]  # base vs tuned on held-out questions -> eval.json
+
+Each command is an `add_<name>(subparsers)` function that registers its parser and sets `func`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from finetune import FinetuneError
+
+
+def _same_file(stream, path: Path) -> bool:
+    try:
+        return path.exists() and os.path.samestat(os.fstat(stream.fileno()), path.stat())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from finetune.config import load_train_config
+    from finetune.train import CONFIG_FILE, LOG_FILE, new_run_id, runs_dir, train
+
+    if args.run_dir is None and args.config is None and not args.set:
+        raise FinetuneError("Give --config recipes/<name>.yaml (or --run-dir of an existing run).")
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.config is None and run_dir is not None and (run_dir / CONFIG_FILE).is_file():
+        cfg = load_train_config(run_dir / CONFIG_FILE, args.set)
+    else:
+        cfg = load_train_config(args.config, args.set)
+    if run_dir is None:
+        run_dir = runs_dir() / new_run_id(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # The runner sends our output to train.log; run by hand, we also write it there for the UI's log tail.
+    log_file = run_dir / LOG_FILE
+    if int(os.environ.get("RANK", 0)) == 0 and not _same_file(sys.stderr, log_file):
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logging.getLogger("finetune").addHandler(handler)
+    print(f"run folder: {run_dir}", flush=True)
+    adapter = train(cfg, run_dir, resume=args.resume)
+    print(f"adapter: {adapter}", flush=True)
+    return 0
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="Train a LoRA/QLoRA adapter (one run).")
+    p.add_argument("--config", help="YAML recipe, e.g. recipes/lamini_docs_qlora.yaml.")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="Override, e.g. model.quantization=4bit"
+    )
+    p.add_argument("--run-dir", help="Run folder (default: a new one under $FINETUNE_HOME/runs).")
+    p.add_argument("--resume", action="store_true", help="Continue from the run folder's latest checkpoint.")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from finetune.train import export_merged
+
+    print(f"merged model: {export_merged(args.run, args.out, base=args.base)}")
+    return 0
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="Merge a run's adapter into its base model and save it (safetensors).")
+    p.add_argument("run", help="Run folder or adapter folder.")
+    p.add_argument("out", help="Output folder for the merged model.")
+    p.add_argument("--base", help="Base model (default: the one in the run's config.yaml).")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from finetune.config import GenerationParams
+    from finetune.evaluate import EVAL_FILE, evaluate_run, format_summary
+
+    def progress(done: int, total: int, text: str) -> None:
+        print(f"[{done}/{total}] {text}", file=sys.stderr, flush=True)
+
+    result = evaluate_run(
+        args.run,
+        limit=args.limit,
+        progress=progress,
+        params=GenerationParams(max_new_tokens=args.max_new_tokens),
+        batch_size=args.batch_size,
+        embedding_model=args.embedding_model or ("auto" if not args.no_similarity else None),
+        benchmarks=args.arc_easy,
+    )
+    print(format_summary(result))
+    print(f"written: {Path(result['run_dir']) / EVAL_FILE}")
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="Base vs tuned on the run's held-out questions: loss, perplexity, scores.")
+    p.add_argument("--run", required=True, help="Run folder (runs/<id>) or run id.")
+    p.add_argument("--limit", type=int, help="Only the first N test questions (default: all).")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="Upper bound on each generated answer.")
+    p.add_argument("--batch-size", type=int, default=8, help="Questions per batched generate (x2: base + tuned).")
+    p.add_argument("--embedding-model", help="Sentence-embedding model (folder or Hub id) for the similarity score.")
+    p.add_argument("--no-similarity", action="store_true", help="Skip the embedding similarity score.")
+    p.add_argument("--arc-easy", action="store_true", help="Also run ARC-Easy (needs lm-eval and the data set).")
+    p.set_defaults(func=_cmd_eval)
+
+
+COMMANDS = [add_train, add_export, add_eval]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune", description="Fine-tuning workbench for small LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except FinetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,592 @@
+"""One training run: LoRA / QLoRA fine-tuning with the Hugging Face `Trainer` + PEFT, driven by a `TrainConfig`.
+
+    python -m finetune train --config recipes/lamini_docs_qlora.yaml               # one process: CPU or one GPU
+    python -m finetune train --config recipes/cpu_quick.yaml --set max_steps=40    # any key can be overridden
+    python -m finetune train --run-dir RUN_DIR --resume                            # continue after a stop or a crash
+    accelerate launch --num_processes 2 -m finetune train --config ...             # DDP (add --cpu on a CPU)
+
+From Python: `train(cfg, run_dir)`. A run lives in `runs/<run-id>/` (see `finetune.runner`, which starts each run
+in its own process): config.yaml, status.json (atomic), metrics.jsonl (append-only), train.log, checkpoints/
+(Trainer checkpoints, for resume) and adapter/ (the final LoRA adapter, `PeftModel.from_pretrained` loads it).
+
+Speed: the loss is computed only on answer tokens (prompt labels are -100), so the vocabulary projection (262k
+columns for Gemma-3, most of the compute of a small model) runs only at those positions, in chunks, instead of
+at every position as `model(**batch, labels=...)` does; the loss value is the same. Rows are grouped by length
+and padded per batch, and matmuls run in bfloat16 where the CPU or GPU computes it natively.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from finetune import FinetuneError, home
+from finetune.config import TrainConfig, dump_train_config, load_train_config
+from finetune.templates import IGNORE_INDEX, encode_row, get_template, validate
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, STATUS_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "status.json", "metrics.jsonl", "train.log"
+STOP_FILE, ADAPTER_DIR, CHECKPOINTS_DIR = "STOP", "adapter", "checkpoints"
+ACTIVE_STATES = ("queued", "running", "stopping")
+LOGITS_CHUNK = 256  # answer positions per vocabulary projection: bounds the logits memory (chunk x vocab floats)
+
+
+# --- run folder --------------------------------------------------------------------------------
+
+
+def runs_dir() -> Path:
+    path = home() / "runs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_run_id(cfg: TrainConfig) -> str:
+    """Sortable and readable: 20260101-120000-gemma-3-270m-lamini_docs-1a2b."""
+    model = Path(cfg.model.source.rstrip("/")).name
+    data = Path(cfg.data.source).stem
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{cfg.name or model + '-' + data}")[:60]
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{os.urandom(2).hex()}"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Temp file + `os.replace`: readers (the UI, the runner) never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def update_status(run_dir: Path, **fields) -> dict:
+    """Merge `fields` into status.json (keys other writers set, like `owner`, are kept)."""
+    status = read_status(run_dir)
+    status.update(fields, updated=time.time())
+    write_json_atomic(Path(run_dir) / STATUS_FILE, status)
+    return status
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Rows of metrics.jsonl; a line cut by a crash is skipped."""
+    rows = []
+    try:
+        lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (the Trainer writes trainer_state.json last, so a kill -9 leaves none)."""
+    found = [p for p in (Path(run_dir) / CHECKPOINTS_DIR).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedData:
+    train: object  # datasets.Dataset with input_ids, attention_mask, labels, length
+    test: object
+    skipped: int  # rows whose prompt fills max_length: nothing left to learn from them
+
+
+def encode_splits(cfg: TrainConfig, tokenizer) -> EncodedData:
+    """Load the data set, render it with the template and tokenize it with the answer-only label mask."""
+    from finetune.data import load_splits
+
+    splits = load_splits(cfg.data)
+    template = get_template(cfg.data.template)
+    validate(template, splits["train"].column_names)
+
+    def encode(row: dict) -> dict:
+        enc = encode_row(tokenizer, template, row, cfg.max_length)
+        return {**{k: enc[k] for k in ("input_ids", "attention_mask", "labels")}, "length": len(enc["input_ids"])}
+
+    out = {}
+    skipped = 0
+    for name, ds in splits.items():
+        encoded = ds.map(encode, remove_columns=ds.column_names)
+        useful = encoded.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]))
+        skipped += len(encoded) - len(useful) if name == "train" else 0
+        out[name] = useful
+    if len(out["train"]) == 0:
+        raise FinetuneError(
+            f"No training row has an answer token within max_length={cfg.max_length}: raise max_length above "
+            "the prompt length, or choose a data set with answers."
+        )
+    return EncodedData(out["train"], out["test"], skipped)
+
+
+def check_config(cfg: TrainConfig) -> str:
+    """Fail fast, with a sentence saying what to fix, on configs that cannot train; returns a one-line summary.
+
+    The runner calls this before it starts a training process. It loads the tokenizer and the data, not the model.
+    """
+    from finetune.models import load_tokenizer, quantization_config
+
+    numbers = {"max_length": cfg.max_length, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
+    numbers.update(lora_r=cfg.lora_r)
+    for key, value in numbers.items():
+        if value < 1:
+            raise FinetuneError(f"{key} must be at least 1 (got {value}).")
+    if cfg.learning_rate <= 0:
+        raise FinetuneError(f"learning_rate must be positive (got {cfg.learning_rate}).")
+    if cfg.max_steps <= 0 and cfg.num_epochs <= 0:
+        raise FinetuneError("Set max_steps or num_epochs above 0.")
+    if cfg.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+        raise FinetuneError(f"mixed_precision must be auto, bf16, fp16 or no (got {cfg.mixed_precision!r}).")
+    quantization_config(cfg.model.quantization)  # raises on an unknown kind or a missing bitsandbytes
+    tokenizer = load_tokenizer(cfg.model)  # raises on an unknown model
+    from finetune.data import load_rows
+
+    rows = load_rows(cfg.data)  # raises on a missing file or zero rows
+    if len(rows) < 2 and cfg.data.test_size > 0:
+        raise FinetuneError("The data set needs at least 2 rows (one to train on, one held out).")
+    template = get_template(cfg.data.template)
+    validate(template, rows.column_names)
+    sample = rows.select(range(min(64, len(rows))))
+    prompts = sorted(encode_row(tokenizer, template, row)["prompt_length"] for row in sample)
+    typical = prompts[len(prompts) // 2]
+    if typical >= cfg.max_length:
+        raise FinetuneError(
+            f"max_length={cfg.max_length} is not above the prompt length (typically {typical} tokens here), so "
+            f"most rows would have no answer to learn: raise max_length to at least {typical + 64}."
+        )
+    return f"{cfg.model.source} on {cfg.data.source}: {len(rows)} rows, prompts ~{typical} tokens"
+
+
+def pad_batch(features: list[dict], pad_id: int) -> dict:
+    """Dynamic padding: pad to the longest row of this batch (right side), labels with -100."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {
+        "input_ids": torch.full((len(features), width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(features), width), dtype=torch.long),
+        "labels": torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long),
+    }
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(f["input_ids"])
+        batch["attention_mask"][i, :n] = 1
+        batch["labels"][i, :n] = torch.tensor(f["labels"])
+    return batch
+
+
+# --- the loss ----------------------------------------------------------------------------------
+
+
+def _causal_lm(model):
+    """The transformers model inside DDP / PEFT wrappers (its modules carry the LoRA layers)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def answer_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy over answer positions, number of those positions).
+
+    Runs the model through its normal forward (so DDP hooks and PEFT adapters apply) with `logits_to_keep=1`,
+    captures the final hidden states, and projects only the positions whose next token has a label.
+    `sum / count` equals `model(**batch, labels=labels).loss`.
+    """
+    lm = _causal_lm(model)
+    captured = {}
+
+    def keep_hidden(_module, _inputs, output) -> None:  # returns None: the output itself is left unchanged
+        captured["h"] = output[0]
+
+    hook = lm.get_decoder().register_forward_hook(keep_hidden)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    hidden = captured["h"][:, :-1][keep]
+    targets = labels[keep]
+    head = lm.get_output_embeddings()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits.float(), t, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), LOGITS_CHUNK):
+        h, t = hidden[start : start + LOGITS_CHUNK], targets[start : start + LOGITS_CHUNK]
+        # Recompute each chunk's logits in backward instead of keeping chunk x vocab floats per chunk alive.
+        total = total + (
+            checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(h, t)
+        )
+    return total, len(targets)
+
+
+class AnswerOnlyTrainer(Trainer):
+    """`Trainer` whose loss projects to the vocabulary only at answer positions (see `answer_loss_sum`)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        total, count = answer_loss_sum(model, inputs)
+        if num_items_in_batch is not None:
+            # Same normalisation as the Trainer's built-in path: by the answer tokens of the whole accumulated
+            # batch (all processes), times the process count because DDP averages gradients.
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size
+        else:
+            loss = total / max(count, 1)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+
+# --- progress, metrics, stop -------------------------------------------------------------------
+
+
+class RunCallback(TrainerCallback):
+    """Writes metrics.jsonl and status.json (process 0), logs a line per logging step, and stops on request."""
+
+    def __init__(self, run_dir: Path, elapsed_before: float, stop_signal: threading.Event):
+        self.run_dir = run_dir
+        self.elapsed_before = elapsed_before  # seconds trained before a resume
+        self.stop_signal = stop_signal  # set by SIGTERM
+        self.stopped = False
+        self.t0 = time.time()
+        self.last_status = 0.0
+        self.start_step = 0
+        self.last_tokens = (self.t0, 0)
+        self.tokens_per_s: float | None = None
+        self.last_loss: float | None = None
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t0
+
+    def _stop_agreed(self, args) -> bool:
+        wanted = self.stop_signal.is_set() or (self.run_dir / STOP_FILE).exists()
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            # Every process must stop at the same step, or the others wait forever in the next all-reduce.
+            flag = torch.tensor([1.0 if wanted else 0.0], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            wanted = bool(flag.item())
+        return wanted
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_step = state.global_step
+        self.last_tokens = (time.time(), state.num_input_tokens_seen)
+        if state.is_world_process_zero:
+            update_status(self.run_dir, state="running", step=state.global_step, total=state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._stop_agreed(args):
+            self.stopped = True
+            control.should_training_stop = True
+            control.should_save = True  # a checkpoint at this step, so Resume continues from here
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            control.should_log = True  # the chart and the log end at the last step, not the last multiple
+        if state.is_world_process_zero and (time.time() - self.last_status > 1.0 or control.should_training_stop):
+            self.last_status = time.time()
+            done = state.global_step - self.start_step
+            eta = (time.time() - self.t0) / done * (state.max_steps - state.global_step) if done else None
+            update_status(
+                self.run_dir,
+                state="stopping" if self.stopped or (self.run_dir / STOP_FILE).exists() else "running",
+                step=state.global_step,
+                total=state.max_steps,
+                eta_s=eta,
+                tokens_per_s=self.tokens_per_s,
+                loss=self.last_loss,
+                elapsed=self.elapsed(),
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "elapsed": round(self.elapsed(), 2)}
+        if "loss" in logs:
+            now, tokens = time.time(), state.num_input_tokens_seen
+            if now > self.last_tokens[0] and tokens > self.last_tokens[1]:
+                self.tokens_per_s = (tokens - self.last_tokens[1]) / (now - self.last_tokens[0])
+            self.last_tokens = (now, tokens)
+            self.last_loss = logs["loss"]
+            row.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), tokens_per_s=self.tokens_per_s)
+        if "eval_loss" in logs:
+            row["eval_loss"] = logs["eval_loss"]
+        if len(row) == 2:
+            return  # the final summary (train_runtime, ...) is in train.log already
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts += [f"{k} {row[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate") if row.get(k) is not None]
+        if row.get("tokens_per_s"):
+            parts.append(f"{row['tokens_per_s']:.0f} tokens/s")
+        log.info(" · ".join(parts))
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> float:
+    """Drop metric rows past `step` (written after the checkpoint we resume from); returns elapsed at `step`."""
+    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    tmp = run_dir / f".{METRICS_FILE}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, run_dir / METRICS_FILE)
+    return max((r.get("elapsed", 0.0) for r in rows), default=0.0)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    from finetune.models import cpu_has_bf16, has_cuda
+
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    if has_cuda():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "no"
+
+
+def _device() -> str:
+    from finetune.models import has_cuda
+
+    if not has_cuda():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
+def build_model(cfg: TrainConfig):
+    """(PEFT model ready to train, tokenizer, summary line with trainable parameters and memory)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from finetune.models import load_model
+
+    model, tokenizer = load_model(cfg.model, device=_device())
+    footprint = model.get_memory_footprint()
+    if cfg.model.quantization in ("4bit", "8bit"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    trainable, total = model.get_nb_trainable_parameters()
+    summary = (
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) · "
+        f"model memory: {footprint / 2**20:,.0f} MB ({cfg.model.quantization or 'no quantization'}, "
+        f"{next(model.parameters()).dtype})"
+    )
+    return model, tokenizer, summary
+
+
+def training_arguments(cfg: TrainConfig, run_dir: Path, has_eval: bool) -> TrainingArguments:
+    precision = _mixed_precision(cfg)
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS_DIR),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        eval_strategy="steps" if has_eval and cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps or None,
+        eval_on_start=has_eval,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        seed=cfg.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        train_sampling_strategy="group_by_length",
+        include_num_input_tokens_seen="non_padding",
+        prediction_loss_only=True,
+        label_names=["labels"],
+        remove_unused_columns=False,  # keep `length` for length grouping; the collator picks what the model needs
+        ddp_find_unused_parameters=False,
+        report_to="none",
+        disable_tqdm=True,  # train.log gets one readable line per logging step instead of progress bars
+        dataloader_num_workers=0,
+    )
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
+    """Train one run into `run_dir`; returns the adapter folder. `resume`: continue from the latest checkpoint."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    stop_signal = threading.Event()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop_signal.set()) if on_main_thread else None
+    if rank0:
+        dump_train_config(cfg, run_dir / CONFIG_FILE)
+        if read_status(run_dir).get("state") != "stopping":  # a stop asked while we started up still counts
+            (run_dir / STOP_FILE).unlink(missing_ok=True)
+        update_status(run_dir, state="running", pid=os.getpid(), host=socket.gethostname(), message="Loading model")
+    try:
+        return _train(cfg, run_dir, resume, rank0, stop_signal)
+    except BaseException as e:
+        if rank0:
+            reason = "Interrupted." if isinstance(e, KeyboardInterrupt) else _failure_message(e)
+            update_status(run_dir, state="failed", message=reason, eta_s=None)
+        raise
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _failure_message(e: BaseException) -> str:
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return "Out of memory: lower batch_size or max_length, or use 4bit quantization."
+    text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return text if isinstance(e, FinetuneError) else f"{type(e).__name__}: {text}"
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_signal: threading.Event) -> Path:
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    model, tokenizer, summary = build_model(cfg)
+    log.info("%s", summary)
+    data = encode_splits(cfg, tokenizer)
+    test = data.test
+    if cfg.eval_rows is not None and len(test) > cfg.eval_rows:
+        test = test.select(range(cfg.eval_rows))
+    has_eval = len(test) > 0 and cfg.eval_rows != 0
+    checkpoint_dir = latest_checkpoint(run_dir) if resume else None
+    elapsed_before = 0.0
+    if rank0:
+        if checkpoint_dir is not None:
+            elapsed_before = _truncate_metrics(run_dir, int(checkpoint_dir.name.rsplit("-", 1)[1]))
+        elif not resume:
+            (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        skipped = f", {data.skipped} skipped (prompt longer than max_length)" if data.skipped else ""
+        log.info("rows: %d train%s, %d held out for the loss", len(data.train), skipped, len(test))
+        update_status(run_dir, message=f"{'Resuming' if checkpoint_dir else 'Starting'}: {summary}", summary=summary)
+    callback = RunCallback(run_dir, elapsed_before, stop_signal)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer_cls = AnswerOnlyTrainer if cfg.answer_only_logits else Trainer
+    trainer = trainer_cls(
+        model=model,
+        args=training_arguments(cfg, run_dir, has_eval),
+        data_collator=lambda features: pad_batch(features, pad_id),
+        train_dataset=data.train,
+        eval_dataset=test if has_eval else None,
+        callbacks=[callback],
+    )
+    trainer.remove_callback(PrinterCallback)  # RunCallback logs one readable line per logging step instead
+    trainer.train(resume_from_checkpoint=str(checkpoint_dir) if checkpoint_dir else None)
+    if has_eval and not callback.stopped and cfg.eval_steps <= 0:
+        trainer.evaluate()  # the held-out loss after training, next to the one at step 0
+    adapter = run_dir / ADAPTER_DIR
+    _save_adapter(trainer, adapter)
+    step, total = trainer.state.global_step, trainer.state.max_steps
+    del trainer, model
+    gc.collect()
+    if not rank0:
+        return adapter
+    if callback.stopped:
+        update_status(
+            run_dir, state="stopped", step=step, eta_s=None, message=f"Stopped at step {step}; adapter saved."
+        )
+        return adapter
+    if cfg.eval_at_end and importlib.util.find_spec("finetune.evaluate") is not None:
+        update_status(run_dir, message="Evaluating the adapter on held-out data")
+        from finetune.evaluate import evaluate_run
+
+        evaluate_run(run_dir)
+    if cfg.push_to_hub:
+        update_status(run_dir, message=f"Pushing the adapter to {cfg.push_to_hub}")
+        push_adapter(run_dir, cfg.push_to_hub)
+    final = next((r["eval_loss"] for r in reversed(read_metrics(run_dir)) if "eval_loss" in r), None)
+    note = f", held-out loss {final:.3f}" if final is not None else ""
+    update_status(run_dir, state="finished", step=step, total=total, eta_s=0, message=f"Finished {step} steps{note}.")
+    return adapter
+
+
+def _save_adapter(trainer: Trainer, adapter: Path) -> None:
+    """Save the LoRA adapter next to the old one, then swap, so a crash never leaves half an adapter."""
+    tmp = adapter.with_name(f".{adapter.name}-tmp")
+    trainer.save_model(str(tmp))  # only process 0 writes; PEFT models save just the adapter
+    if trainer.is_world_process_zero():
+        shutil.rmtree(adapter, ignore_errors=True)
+        os.replace(tmp, adapter)
+
+
+# --- after training ----------------------------------------------------------------------------
+
+
+def _adapter_and_config(path: str | Path) -> tuple[Path, TrainConfig]:
+    path = Path(path)
+    if (path / ADAPTER_DIR).is_dir():
+        path = path / ADAPTER_DIR
+    if not (path / "adapter_config.json").is_file():
+        raise FinetuneError(f"No LoRA adapter in {path}: give a run folder or an adapter folder.")
+    cfg_file = path.parent / CONFIG_FILE
+    return path, load_train_config(cfg_file if cfg_file.is_file() else None)
+
+
+def export_merged(path: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
+    """Merge a run's adapter into its (unquantized) base model and save model + tokenizer as safetensors."""
+    from peft import PeftModel
+
+    from finetune.config import ModelSpec
+    from finetune.models import load_model
+
+    adapter, cfg = _adapter_and_config(path)
+    spec = ModelSpec(base or cfg.model.source, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = load_model(spec, device="cpu")
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def push_adapter(path: str | Path, repo_id: str, private: bool = True) -> str:
+    """Upload a run's adapter to the Hub with the token in HF_TOKEN (never printed); returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    adapter, _ = _adapter_and_config(path)
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise FinetuneError("Set the HF_TOKEN environment variable to push to the Hub.")
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(adapter), commit_message="Upload LoRA adapter")
+    except Exception as e:  # network and permission errors: say which, without the token
+        raise FinetuneError(f"Could not push to {repo_id}: {type(e).__name__}. Check the repo id and token.") from None
+    return str(url)

@@ -1,0 +1,291 @@
+"""Training: the answer-only loss, a real few-step LoRA run on a tiny model, stop, kill -9 + resume, CLI, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune import FinetuneError
+from finetune.config import DataConfig, ModelSpec, TrainConfig, load_train_config
+from finetune.templates import IGNORE_INDEX
+from finetune.train import (
+    ADAPTER_DIR,
+    STOP_FILE,
+    AnswerOnlyTrainer,
+    RunCallback,
+    answer_loss_sum,
+    build_model,
+    check_config,
+    encode_splits,
+    latest_checkpoint,
+    pad_batch,
+    read_metrics,
+    read_status,
+    train,
+    training_arguments,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def qa_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    rows = [
+        {
+            "question": f"What is item number {i} of the list?",
+            "answer": f"Item {i} is a small blue {'box ' * (i % 4)}.",
+        }
+        for i in range(24)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def tiny_config(model: str, data: str, **overrides) -> TrainConfig:
+    values = dict(
+        max_length=64,
+        max_steps=4,
+        batch_size=4,
+        learning_rate=1e-2,
+        save_steps=2,
+        logging_steps=1,
+        eval_rows=4,
+        mixed_precision="no",
+        lora_dropout=0.0,
+    )
+    values.update(overrides)
+    return TrainConfig(model=ModelSpec(model), data=DataConfig(data, test_size=0.25), **values)
+
+
+def test_label_mask_excludes_prompt(tiny_llama, qa_file, smol_tokenizer):
+    data = encode_splits(tiny_config(tiny_llama, qa_file), smol_tokenizer)
+    row = data.train[0]
+    prompt_len = next(i for i, t in enumerate(row["labels"]) if t != IGNORE_INDEX)
+    prompt = smol_tokenizer.decode(row["input_ids"][:prompt_len])
+    assert "### Question:" in prompt and prompt.rstrip().endswith("### Answer:")
+    assert row["labels"][prompt_len:] == row["input_ids"][prompt_len:]
+    assert row["labels"][-1] == smol_tokenizer.eos_token_id
+    assert row["length"] == len(row["input_ids"])
+
+
+def test_pad_batch_pads_to_longest_row():
+    batch = pad_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def _batch(tokenizer, cfg):
+    data = encode_splits(cfg, tokenizer)
+    return pad_batch([data.train[i] for i in range(3)], tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_answer_only_loss_equals_reference_loss(tiny_llama, qa_file, smol_tokenizer, softcap, monkeypatch):
+    """Projecting only answer positions (in chunks) gives the loss and gradients of the full causal-LM loss."""
+    monkeypatch.setattr("finetune.train.LOGITS_CHUNK", 7)  # several chunks, one of them partial
+    cfg = tiny_config(tiny_llama, qa_file)
+    model, tokenizer, _ = build_model(cfg)
+    model.get_base_model().config.final_logit_softcapping = softcap  # Gemma's cap (Llama's forward ignores it)
+    for p in model.parameters():  # LoRA B starts at zero; make the adapters matter
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batch = _batch(tokenizer, cfg)
+    total, count = answer_loss_sum(model, batch)
+    ours = total / count
+    grads = torch.autograd.grad(ours, trainable)
+
+    out = model(**batch)
+    logits = torch.tanh(out.logits / softcap) * softcap if softcap else out.logits
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+    if softcap is None:
+        torch.testing.assert_close(reference, out.loss)
+    ref_grads = torch.autograd.grad(reference, trainable)
+    assert count == (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_few_steps_train_lora_only_and_adapter_reloads(tiny_llama, qa_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(tiny_llama, qa_file, max_steps=3)
+    model, tokenizer, summary = build_model(cfg)
+    assert "trainable parameters" in summary and "MB" in summary
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = encode_splits(cfg, tokenizer)
+    trainer = AnswerOnlyTrainer(
+        model=model,
+        args=training_arguments(cfg, tmp_path, has_eval=False),
+        data_collator=lambda f: pad_batch(f, tokenizer.pad_token_id),
+        train_dataset=data.train,
+    )
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[name])
+        assert changed == ("lora_" in name), name  # every LoRA weight moved, no base weight did
+    model.save_pretrained(tmp_path / "adapter")
+    model.eval()
+    batch = pad_batch([data.test[0]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected)
+
+
+def test_train_writes_run_folder(tiny_llama, qa_file, tmp_path):
+    run_dir = tmp_path / "run"
+    adapter = train(tiny_config(tiny_llama, qa_file), run_dir)
+    assert adapter == run_dir / ADAPTER_DIR and (adapter / "adapter_model.safetensors").is_file()
+    status = read_status(run_dir)
+    assert status["state"] == "finished" and status["step"] == status["total"] == 4
+    assert "trainable parameters" in status["summary"]
+    metrics = read_metrics(run_dir)
+    losses = [r["loss"] for r in metrics if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    evals = [r for r in metrics if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 4]  # before and after training
+    assert all(r["tokens_per_s"] > 0 for r in metrics if "loss" in r and r["step"] > 1)
+    assert load_train_config(run_dir / "config.yaml") == tiny_config(tiny_llama, qa_file)
+    assert latest_checkpoint(run_dir).name == "checkpoint-4"
+
+
+def test_stop_file_saves_adapter_at_current_step(tiny_llama, qa_file, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    begin = RunCallback.on_train_begin
+
+    def begin_then_ask_to_stop(self, args, state, control, **kwargs):
+        begin(self, args, state, control, **kwargs)
+        (self.run_dir / STOP_FILE).touch()  # what the runner's Stop does
+
+    monkeypatch.setattr(RunCallback, "on_train_begin", begin_then_ask_to_stop)
+    train(tiny_config(tiny_llama, qa_file, max_steps=50), run_dir)
+    status = read_status(run_dir)
+    assert status["state"] == "stopped" and status["step"] == 1
+    assert (run_dir / ADAPTER_DIR / "adapter_config.json").is_file()
+    assert latest_checkpoint(run_dir).name == "checkpoint-1"  # so Resume continues from step 1
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "finetune", *args]
+
+
+def test_kill9_then_resume_continues_from_checkpoint(tiny_llama, qa_file, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [f"model.source={tiny_llama}", f"data.source={qa_file}", "data.test_size=0.25", "max_length=64"]
+    overrides += ["max_steps=100000", "save_steps=3", "logging_steps=1", "eval_rows=0", "mixed_precision=no"]
+    sets = [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.Popen(_cli("train", "--run-dir", str(run_dir), *sets), cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(run_dir) is None or latest_checkpoint(run_dir).name == "checkpoint-3":
+            assert proc.poll() is None and time.monotonic() < deadline, "the trainer should still be running"
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert read_status(run_dir)["state"] == "running"  # killed: nobody wrote a final state
+    step = int(latest_checkpoint(run_dir).name.split("-")[1])
+    cfg = load_train_config(run_dir / "config.yaml", [f"max_steps={step + 2}"])
+    train(cfg, run_dir, resume=True)
+    status = read_status(run_dir)
+    assert status["state"] == "finished" and status["step"] == step + 2
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    # Rows written after the checkpoint by the killed process were dropped; training went on from `step`.
+    assert steps == sorted(set(steps)) and steps[-3:] == [step, step + 1, step + 2]
+
+
+def test_check_config_rejects_bad_configs_with_a_sentence(tiny_llama, qa_file, tmp_path):
+    check_config(tiny_config(tiny_llama, qa_file))
+    with pytest.raises(FinetuneError, match="neither an embedded model"):
+        check_config(tiny_config("/no/such/model", qa_file))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("question,answer\n")
+    with pytest.raises(FinetuneError, match="no rows"):
+        check_config(tiny_config(tiny_llama, str(empty)))
+    with pytest.raises(FinetuneError, match="max_length=8 is not above the prompt length"):
+        check_config(tiny_config(tiny_llama, qa_file, max_length=8))
+    with pytest.raises(FinetuneError, match="batch_size"):
+        check_config(tiny_config(tiny_llama, qa_file, batch_size=0))
+
+
+def test_cli_train_and_bad_override(tiny_llama, qa_file, tmp_path):
+    env = {**os.environ, "FINETUNE_HOME": str(tmp_path)}
+    bad = subprocess.run(_cli("train", "--set", "no_such_key=1"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Unknown setting no_such_key" in bad.stderr
+    sets = [f"model.source={tiny_llama}", f"data.source={qa_file}", "max_length=64", "max_steps=2", "eval_rows=0"]
+    args = ["train", "--config", str(ROOT / "recipes" / "cpu_quick.yaml")] + [a for s in sets for a in ("--set", s)]
+    ok = subprocess.run(_cli(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    run_dir = Path(ok.stdout.split("run folder: ")[1].splitlines()[0])
+    assert run_dir.parent == tmp_path / "runs"
+    assert read_status(run_dir)["state"] == "finished"
+    assert "step 2/2" in (run_dir / "train.log").read_text()
+
+
+def test_export_merges_adapter_into_base(tiny_llama, qa_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.train import export_merged
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(tiny_llama, qa_file, max_steps=2, eval_rows=0), run_dir)
+    out = export_merged(run_dir, tmp_path / "merged")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert not torch.equal(
+        merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight
+    )
+
+
+def test_accelerate_launch_two_cpu_processes(tiny_llama, qa_file, tmp_path):
+    """The same command under DDP: two processes train together and one writes the run folder."""
+    run_dir = tmp_path / "ddp"
+    sets = [f"model.source={tiny_llama}", f"data.source={qa_file}", "data.test_size=0.25", "max_length=64"]
+    sets += ["max_steps=3", "batch_size=2", "eval_rows=4", "mixed_precision=no", "save_steps=2", "logging_steps=1"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", "train", "--run-dir", str(run_dir)]
+    cmd += [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
+    status = read_status(run_dir)
+    assert status["state"] == "finished" and status["step"] == 3
+    assert (run_dir / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    assert sum(1 for r in read_metrics(run_dir) if "loss" in r) == 3  # one writer, not two
+
+
+@pytest.mark.integration
+def test_embedded_gemma_trains_with_4bit_on_cpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    cfg = TrainConfig(
+        model=ModelSpec("gemma-3-270m", quantization="4bit"),
+        data=DataConfig("lamini_docs", max_rows=12),
+        max_length=48,
+        max_steps=2,
+        batch_size=2,
+        eval_rows=0,
+        save_steps=10,
+    )
+    train(cfg, tmp_path / "run")
+    status = read_status(tmp_path / "run")
+    assert status["state"] == "finished" and status["step"] == 2
+    assert "4bit" in status["summary"]
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run") if "loss" in r)
