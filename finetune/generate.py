@@ -86,8 +86,10 @@ def generate_batch(
     inputs = prompt_inputs(tokenizer, prompts, model.device)
     if params.seed is not None:
         torch.manual_seed(params.seed)
+    # Stop strings end each row in generate itself, so a batch stops once every row reached one.
+    stops = {"stop_strings": list(params.stop), "tokenizer": tokenizer} if params.stop else {}
     with torch.inference_mode():
-        out = model.generate(**inputs, **generate_kwargs(tokenizer, params, model, adapter_names))
+        out = model.generate(**inputs, **generate_kwargs(tokenizer, params, model, adapter_names), **stops)
     texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return [cut_at_stop(t, params.stop) for t in texts]
 

@@ -286,16 +286,19 @@ class ModelPool:
         from peft import PeftModel
 
         entry = self.get(spec)
-        key = str(Path(adapter_dir).resolve())
+        folder = Path(adapter_dir).resolve()
+        if not (folder / "adapter_config.json").is_file():
+            raise FinetuneError(f"No LoRA adapter in {adapter_dir} (adapter_config.json is missing).")
+        # Keyed by the weights' mtime too: an adapter rewritten on disk (stop, resume) is loaded afresh.
+        weights = [p.stat().st_mtime_ns for p in folder.glob("adapter_model.*")]
+        key = f"{folder}@{max(weights, default=0)}"
         with entry.lock:
             if key not in entry.adapters:
-                if not (Path(key) / "adapter_config.json").is_file():
-                    raise FinetuneError(f"No LoRA adapter in {adapter_dir} (adapter_config.json is missing).")
                 name = f"adapter{len(entry.adapters)}"
                 if isinstance(entry.model, PeftModel):
-                    entry.model.load_adapter(key, adapter_name=name)
+                    entry.model.load_adapter(str(folder), adapter_name=name)
                 else:
-                    entry.model = PeftModel.from_pretrained(entry.model, key, adapter_name=name)
+                    entry.model = PeftModel.from_pretrained(entry.model, str(folder), adapter_name=name)
                 entry.model.eval()
                 entry.adapters[key] = name
         return entry, entry.adapters[key]

@@ -106,3 +106,22 @@ def test_cache_round_trip_gives_the_same_logits(tmp_path, monkeypatch):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(cached(ids).logits, direct(ids).logits)
+
+
+def test_pool_reloads_an_adapter_rewritten_on_disk(tiny_llama, tmp_path):
+    import os
+
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.models import load_model as load
+
+    model, _ = load(ModelSpec(tiny_llama))
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    pool = ModelPool()
+    _, first = pool.get_with_adapter(ModelSpec(tiny_llama), tmp_path)
+    assert pool.get_with_adapter(ModelSpec(tiny_llama), tmp_path)[1] == first  # unchanged: attached once
+    weights = tmp_path / "adapter_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert pool.get_with_adapter(ModelSpec(tiny_llama), tmp_path)[1] != first
+    with pytest.raises(FinetuneError, match="adapter_config.json"):
+        pool.get_with_adapter(ModelSpec(tiny_llama), tmp_path / "missing")
