@@ -380,7 +380,7 @@ def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
     template.change(lambda t: gr.update(visible=t == "custom"), template, custom, api_visibility="private")
     show_rows(
         [m.input for m in mapping]
-        + [template.input, custom.blur, max_rows.submit, clean.input, tokenizer_model.change]
+        + [template.input, custom.blur, max_rows.submit, max_rows.blur, clean.input, tokenizer_model.change]
     )
     wire([search.submit, page.submit], rows_view, table_args, [table, page_info, row])
     wire([row.submit, max_length.release], preview, preview_args, preview_outputs, api_name="dataset_preview")
@@ -394,8 +394,7 @@ def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
     def dataset_export(tokenizer_model: str, **values):
         """Split, then write train.jsonl and test.jsonl (a `text` field plus the original fields)."""
         cfg = make_config(values)
-        chat = get_template(cfg.template).chat
-        paths = data.export_splits(cfg, tokenizer_for(tokenizer_model) if chat else None)
+        paths = data.export_splits(cfg, tokenizer_for(tokenizer_model))  # chat rows render with its chat template
         splits = data.load_splits(cfg)
         info = " · ".join(f"{name}: {len(splits[name]):,} rows" for name in paths)
         return [str(p) for p in paths.values()], f"Exported to `{next(iter(paths.values())).parent}`: {info}"
