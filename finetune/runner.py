@@ -1,0 +1,309 @@
+"""Job manager: each training run in its own process, one at a time per device, the others queued (FIFO).
+
+    from finetune.runner import Runner
+    runner = Runner()                      # finds the runs already on disk (past ones, queued ones, dead ones)
+    run_id = runner.submit(cfg)            # checks the config first: a bad one raises FinetuneError, starts nothing
+    runner.status(run_id)                  # status.json + queue position
+    runner.stop(run_id)                    # running: save the adapter at this step and stop; queued: cancel
+    runner.resume(run_id)                  # continue from the latest checkpoint (also after a crash or kill -9)
+
+The web server never trains in its own process: a run is `python -m finetune train --run-dir DIR`, whose output
+goes to DIR/train.log. The run keeps going when the app restarts; a new Runner finds it by its pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune import FinetuneError
+from finetune.config import TrainConfig, dump_train_config, load_train_config
+from finetune.train import (
+    ACTIVE_STATES,
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    LOG_FILE,
+    STOP_FILE,
+    check_config,
+    latest_checkpoint,
+    new_run_id,
+    read_status,
+    runs_dir,
+    update_status,
+)
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+# glibc hands big tensors back to the OS after each use, so every training step page-faults them in again;
+# keeping freed memory in the process makes CPU training steps noticeably faster.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**31), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    run_dir: Path
+    state: str
+    step: int = 0
+    total: int | None = None
+    eta_s: float | None = None
+    message: str = ""
+    owner: str | None = None
+    queue_position: int | None = None  # 1 = next to start
+    created: float = 0.0
+    name: str = ""
+    tokens_per_s: float | None = None
+    loss: float | None = None
+
+    @property
+    def adapter_dir(self) -> Path | None:
+        path = self.run_dir / ADAPTER_DIR
+        return path if (path / "adapter_config.json").is_file() else None
+
+
+def _pid_runs(pid: int | None, run_dir: Path) -> bool:
+    """True when `pid` is alive and is the trainer of `run_dir` (not a recycled pid)."""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        try:
+            os.kill(pid, 0)  # no /proc (macOS): trust a live pid
+        except OSError:
+            return False
+        return True
+    return run_dir.name in cmdline
+
+
+def _exit_reason(code: int, run_dir: Path) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        why = " (out of memory?)" if code == -signal.SIGKILL else ""
+        head = f"The training process was killed by {name}{why}"
+    else:
+        head = f"The training process exited with code {code}"
+    last = ""
+    try:
+        lines = [line for line in (run_dir / LOG_FILE).read_text(errors="replace").splitlines() if line.strip()]
+        last = next((line for line in reversed(lines) if "Error" in line or "error:" in line), "")
+    except OSError:
+        pass
+    return f"{head}{': ' + last.strip()[:200] if last else ''}. Press Resume to continue from the last checkpoint."
+
+
+class Runner:
+    """Queue and processes of training runs under `root` (default `$FINETUNE_HOME/runs`). Thread-safe."""
+
+    def __init__(self, root: str | Path | None = None, python: str = sys.executable, poll_interval: float = 1.0):
+        self.root = Path(root) if root else runs_dir()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.python = python
+        self.poll_interval = poll_interval
+        self._lock = threading.RLock()
+        self._queue: list[tuple[str, bool]] = []  # (run id, resume)
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._adopted: dict[str, int] = {}  # runs started by an earlier app process, still training: id -> pid
+        self._closed = threading.Event()
+        self._discover()
+        self._thread = threading.Thread(target=self._loop, name="finetune-runner", daemon=True)
+        self._thread.start()
+
+    # --- public API ---
+
+    def submit(self, cfg: TrainConfig, owner: str | None = None) -> str:
+        """Check the config, create the run folder and queue the run; returns its id."""
+        check_config(cfg)
+        run_id = new_run_id(cfg)
+        run_dir = self.root / run_id
+        run_dir.mkdir(parents=True)
+        dump_train_config(cfg, run_dir / CONFIG_FILE)
+        name = cfg.name or f"{Path(cfg.model.source).name} · {Path(cfg.data.source).stem}"
+        update_status(run_dir, state="queued", owner=owner, created=time.time(), name=name, message="Queued")
+        with self._lock:
+            self._queue.append((run_id, False))
+            self._schedule()
+        return run_id
+
+    def resume(self, run_id: str) -> None:
+        """Queue a stopped, failed or finished run again; it continues from its latest checkpoint."""
+        run_dir = self._run_dir(run_id)
+        with self._lock:
+            state = read_status(run_dir).get("state")
+            if state in ACTIVE_STATES:
+                raise FinetuneError(f"Run {run_id} is {state}: stop it before resuming.")
+            check_config(load_train_config(run_dir / CONFIG_FILE))
+            where = latest_checkpoint(run_dir)
+            message = f"Queued to resume from {where.name}" if where else "Queued (no checkpoint yet: starts over)"
+            update_status(run_dir, state="queued", message=message, resume=True)
+            self._queue.append((run_id, True))
+            self._schedule()
+
+    def stop(self, run_id: str) -> str:
+        """Stop a running run (it saves its adapter at the current step) or cancel a queued one; returns a message."""
+        run_dir = self._run_dir(run_id)
+        with self._lock:
+            queued = [item for item in self._queue if item[0] == run_id]
+            if queued:
+                self._queue = [item for item in self._queue if item[0] != run_id]
+                update_status(run_dir, state="stopped", message="Cancelled before it started.")
+                return "Cancelled."
+            pid = self._pid(run_id)
+            if pid is None:
+                return f"Run {run_id} is not running."
+            (run_dir / STOP_FILE).touch()  # the trainer checks this after each step, even if the signal is lost
+            with contextlib.suppress(OSError):  # already gone: the reaper will say how it ended
+                os.kill(pid, signal.SIGTERM)
+            update_status(run_dir, state="stopping", message="Stopping: saving the adapter at the current step")
+            return "Stopping after the current step."
+
+    def status(self, run_id: str) -> dict:
+        with self._lock:
+            self._schedule()
+            status = read_status(self._run_dir(run_id))
+            status["queue_position"] = self._position(run_id)
+        return status
+
+    def runs(self, owner: str | None = None) -> list[RunInfo]:
+        """All runs on disk, newest first (only `owner`'s when given)."""
+        with self._lock:
+            self._schedule()
+            infos = []
+            for run_dir in self.root.iterdir():
+                status = read_status(run_dir) if run_dir.is_dir() else {}
+                if not status or (owner is not None and status.get("owner") != owner):
+                    continue
+                infos.append(self._info(run_dir, status))
+        return sorted(infos, key=lambda r: (r.created, r.run_id), reverse=True)
+
+    def active(self) -> str | None:
+        """Id of the run holding the device, if any."""
+        with self._lock:
+            return next(iter(self._procs), None) or next(iter(self._adopted), None)
+
+    def wait(self, run_id: str, timeout: float = 600.0) -> dict:
+        """Block until the run is no longer queued/running/stopping (tests, scripts); returns its status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status(run_id)
+            if status.get("state") not in ACTIVE_STATES:
+                return status
+            time.sleep(0.1)
+        raise TimeoutError(f"Run {run_id} still {self.status(run_id).get('state')} after {timeout:.0f} s.")
+
+    def close(self) -> None:
+        """Stop the scheduling thread (runs already started keep training)."""
+        self._closed.set()
+        self._thread.join(timeout=5)
+
+    # --- internals ---
+
+    def _run_dir(self, run_id: str) -> Path:
+        run_dir = self.root / run_id
+        if "/" in run_id or run_id in ("", ".", "..") or not (run_dir / CONFIG_FILE).is_file():
+            raise FinetuneError(f"No run {run_id!r}: pick one from the list of runs.")
+        return run_dir
+
+    def _position(self, run_id: str) -> int | None:
+        ids = [rid for rid, _ in self._queue]
+        return ids.index(run_id) + 1 if run_id in ids else None
+
+    def _pid(self, run_id: str) -> int | None:
+        if run_id in self._procs:
+            return self._procs[run_id].pid
+        return self._adopted.get(run_id)
+
+    def _info(self, run_dir: Path, status: dict) -> RunInfo:
+        return RunInfo(
+            run_id=run_dir.name,
+            run_dir=run_dir,
+            state=status.get("state", "unknown"),
+            step=status.get("step") or 0,
+            total=status.get("total"),
+            eta_s=status.get("eta_s"),
+            message=status.get("message", ""),
+            owner=status.get("owner"),
+            queue_position=self._position(run_dir.name),
+            created=status.get("created") or run_dir.stat().st_mtime,
+            name=status.get("name") or run_dir.name,
+            tokens_per_s=status.get("tokens_per_s"),
+            loss=status.get("loss"),
+        )
+
+    def _discover(self) -> None:
+        """Adopt runs still training from an earlier app process, re-queue queued ones, fail the dead ones."""
+        queued = []
+        for run_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            status = read_status(run_dir)
+            state = status.get("state")
+            if state == "queued":
+                queued.append((status.get("created", 0.0), run_dir.name, status.get("resume", False)))
+            elif state in ("running", "stopping"):
+                if _pid_runs(status.get("pid"), run_dir):
+                    self._adopted[run_dir.name] = status["pid"]
+                else:
+                    update_status(
+                        run_dir,
+                        state="failed",
+                        eta_s=None,
+                        message="The training process is gone (the app or the machine restarted?). "
+                        "Press Resume to continue from the last checkpoint.",
+                    )
+        self._queue.extend((run_id, bool(resume)) for _, run_id, resume in sorted(queued))
+
+    def _reap(self) -> None:
+        for run_id, proc in list(self._procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self._procs[run_id]
+            run_dir = self.root / run_id
+            if read_status(run_dir).get("state") not in ACTIVE_STATES:
+                continue
+            if (run_dir / STOP_FILE).exists():  # stopped while starting up, before it could save anything
+                update_status(run_dir, state="stopped", eta_s=None, message="Stopped before the first step.")
+            else:  # it died without saying why
+                update_status(run_dir, state="failed", eta_s=None, message=_exit_reason(code, run_dir))
+        for run_id, pid in list(self._adopted.items()):
+            run_dir = self.root / run_id
+            if not _pid_runs(pid, run_dir):
+                del self._adopted[run_id]
+                if read_status(run_dir).get("state") in ACTIVE_STATES:
+                    update_status(run_dir, state="failed", eta_s=None, message=_exit_reason(-signal.SIGKILL, run_dir))
+
+    def _schedule(self) -> None:
+        with self._lock:
+            self._reap()
+            if self._procs or self._adopted or not self._queue:
+                return
+            run_id, resume = self._queue.pop(0)
+            self._start(run_id, resume)
+
+    def _start(self, run_id: str, resume: bool) -> None:
+        run_dir = self.root / run_id
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+        cmd = [self.python, "-m", "finetune", "train", "--run-dir", str(run_dir)] + (["--resume"] if resume else [])
+        env = {**MALLOC_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
+        with open(run_dir / LOG_FILE, "ab") as log_file:
+            # Own session: a Ctrl-C of the app does not reach the trainer; the run goes on without the UI.
+            proc = subprocess.Popen(
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=PACKAGE_ROOT, start_new_session=True
+            )
+        self._procs[run_id] = proc
+        update_status(run_dir, state="running", pid=proc.pid, message="Starting the training process")
+
+    def _loop(self) -> None:
+        while not self._closed.wait(self.poll_interval):
+            try:
+                self._schedule()
+            except Exception:  # keep scheduling whatever one run's folder looks like
+                import logging
+
+                logging.getLogger(__name__).exception("runner loop")

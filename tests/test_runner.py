@@ -1,0 +1,120 @@
+"""Runner: runs in subprocesses, one at a time with a FIFO queue, stop/cancel/resume, discovery of dead runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from finetune import FinetuneError
+from finetune.config import DataConfig, ModelSpec, TrainConfig
+from finetune.runner import Runner
+from finetune.train import ADAPTER_DIR, latest_checkpoint, read_metrics, read_status, update_status
+
+
+@pytest.fixture(scope="module")
+def qa_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    rows = [{"question": f"What is thing {i}?", "answer": f"Thing {i} is {'red ' * (i % 3)}."} for i in range(20)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def cfg_for(model: str, data: str, **overrides) -> TrainConfig:
+    values = dict(max_length=48, max_steps=3, batch_size=2, save_steps=2, logging_steps=1, eval_rows=0)
+    values.update(mixed_precision="no", **overrides)
+    return TrainConfig(model=ModelSpec(model), data=DataConfig(data, test_size=0.2), **values)
+
+
+@pytest.fixture
+def runner(tmp_path):
+    r = Runner(tmp_path / "runs", poll_interval=0.1)
+    yield r
+    for info in r.runs():
+        if info.state in ("queued", "running"):
+            r.stop(info.run_id)
+    r.close()
+
+
+def _wait_for(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_second_run_waits_in_queue_then_both_finish(runner, tiny_llama, qa_file):
+    first = runner.submit(cfg_for(tiny_llama, qa_file), owner="ada")
+    second = runner.submit(cfg_for(tiny_llama, qa_file, max_steps=2))
+    assert runner.status(first)["state"] == "running"
+    status = runner.status(second)
+    assert status["state"] == "queued" and status["queue_position"] == 1
+    assert runner.wait(first)["state"] == "finished"
+    assert runner.wait(second)["state"] == "finished"
+    infos = {i.run_id: i for i in runner.runs()}
+    assert infos[first].owner == "ada" and infos[second].owner is None
+    assert [i.run_id for i in runner.runs(owner="ada")] == [first]
+    assert infos[second].adapter_dir == runner.root / second / ADAPTER_DIR
+    assert "trainable parameters" in (runner.root / first / "train.log").read_text()
+
+
+def test_cancel_queued_and_stop_running(runner, tiny_llama, qa_file):
+    long = runner.submit(cfg_for(tiny_llama, qa_file, max_steps=100000, save_steps=1000))
+    queued = runner.submit(cfg_for(tiny_llama, qa_file))
+    assert runner.stop(queued) == "Cancelled."
+    assert runner.status(queued)["state"] == "stopped" and runner.status(queued)["queue_position"] is None
+    _wait_for(lambda: any("loss" in r for r in read_metrics(runner.root / long)))
+    runner.stop(long)
+    status = runner.wait(long)
+    assert status["state"] == "stopped", status
+    assert (runner.root / long / ADAPTER_DIR / "adapter_config.json").is_file()
+    stopped_at = status["step"]
+    assert latest_checkpoint(runner.root / long).name == f"checkpoint-{stopped_at}"
+
+
+def test_bad_configs_fail_before_any_process_starts(runner, tiny_llama, qa_file, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = [
+        (cfg_for("no-such-model/at/all", qa_file), "neither an embedded model"),
+        (cfg_for(tiny_llama, str(tmp_path / "missing.jsonl")), "No data set"),
+        (cfg_for(tiny_llama, qa_file, max_length=4), "not above the prompt length"),
+    ]
+    for cfg, message in bad:
+        with pytest.raises(FinetuneError, match=message):
+            runner.submit(cfg)
+    assert runner.runs() == [] and runner.active() is None
+
+
+def test_dead_process_is_marked_failed_on_discovery(tmp_path, tiny_llama, qa_file):
+    runs = tmp_path / "runs"
+    first = Runner(runs, poll_interval=0.1)
+    run_id = first.submit(cfg_for(tiny_llama, qa_file))
+    first.wait(run_id)
+    first.close()
+    # Pretend the app died while this run trained: its status says running, with a pid that is gone.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    update_status(runs / run_id, state="running", pid=gone.pid)
+    second = Runner(runs, poll_interval=0.1)
+    try:
+        status = second.status(run_id)
+        assert status["state"] == "failed" and "Resume" in status["message"]
+        second.resume(run_id)  # continues from its last checkpoint (here: nothing left to do)
+        assert second.wait(run_id)["state"] == "finished"
+    finally:
+        second.close()
+
+
+def test_killed_process_is_reported_with_the_reason(runner, tiny_llama, qa_file):
+    import os
+    import signal
+
+    run_id = runner.submit(cfg_for(tiny_llama, qa_file, max_steps=100000, save_steps=1000))
+    _wait_for(lambda: read_status(runner.root / run_id).get("step", 0) > 0)
+    os.kill(read_status(runner.root / run_id)["pid"], signal.SIGKILL)
+    status = runner.wait(run_id)
+    assert status["state"] == "failed" and "SIGKILL" in status["message"]
