@@ -28,6 +28,13 @@ def launch_kwargs(share: bool = False) -> dict:
     }
 
 
+def create_app(settings=None, pool=None):
+    """The app with its queue: events without their own limit run 4 at a time (the Arena has its own)."""
+    from finetune.ui import build_app  # imports gradio and torch: after the Space's install step
+
+    return build_app(settings, pool).queue(default_concurrency_limit=4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -35,11 +42,7 @@ def main() -> None:
     parser.add_argument("--share", action="store_true", help="Open a public gradio.live link (off by default).")
     args = parser.parse_args()
     ensure_nodeps_requirements()  # before the UI imports the embedded models' packages
-    from finetune.ui import build_app
-
-    build_app().queue(default_concurrency_limit=4).launch(
-        server_name=args.host, server_port=args.port, **launch_kwargs(args.share)
-    )
+    create_app().launch(server_name=args.host, server_port=args.port, **launch_kwargs(args.share))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from finetune.arena import (
 from finetune.config import AppSettings, GenerationParams
 from finetune.generate import Column
 from finetune.models import EMBEDDED, ModelPool
+from finetune.spaces import gpu
 from finetune.templates import TEMPLATES
 
 AUTO_TEMPLATE = "auto (the adapter's)"
@@ -205,7 +206,7 @@ def build_arena_tab(settings: AppSettings, pool: ModelPool, store: VoteStore | N
 
     gr.on(
         [send.click, question.submit],
-        run,
+        gpu(duration=60)(run),  # ZeroGPU: a GPU for the length of one answer; elsewhere `run` itself
         [question, max_new_tokens, temperature, top_p, greedy, blind, base_model, adapter, template, reference_model]
         + [endpoint_url, endpoint_model, key_env, api_key, session],
         [*chats, *stats, session, settings_line, question, vote_box, verdict],

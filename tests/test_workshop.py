@@ -1,0 +1,245 @@
+"""A workshop room on one box: deployable as a Space, safe launch settings, login, per-session state, no path tricks.
+
+The app is started in-process on 127.0.0.1 exactly as `app.py` starts it (`create_app`, `launch_kwargs`) and driven
+with `gradio_client`, one client per simulated browser.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import zipfile
+from pathlib import Path
+
+import gradio
+import httpx
+import pytest
+import yaml
+
+import app as app_module
+from finetune import FinetuneError
+from finetune.arena import install_adapter
+from finetune.config import AppSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
+    for name in ("FINETUNE_AUTH", "FINETUNE_ADMINS", "FINETUNE_MAX_UPLOAD_MB", "SPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def tiny_settings(tiny_llama) -> AppSettings:
+    return AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+
+
+@contextlib.contextmanager
+def running_app(settings: AppSettings, port: int, pool=None):
+    """The app as `python app.py` serves it (same queue and launch settings), on 127.0.0.1:port."""
+    blocks = app_module.create_app(settings, pool)
+    blocks.launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app_module.launch_kwargs()
+    )
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        blocks.close()
+
+
+def client(url: str, auth: tuple[str, str] | None = None):
+    from gradio_client import Client
+
+    return Client(url, auth=auth, verbose=False, analytics_enabled=False, download_files=False)
+
+
+def questions(chat: list[dict]) -> list[str]:
+    """The user turns of a Chatbot value (gradio 6 gives each message's content as a list of typed parts)."""
+    texts = []
+    for message in chat:
+        if message["role"] == "user":
+            content = message["content"]
+            texts.append(content if isinstance(content, str) else "".join(p.get("text", "") for p in content))
+    return texts
+
+
+# --- deployable ----------------------------------------------------------------------------------------
+
+
+def test_readme_front_matter_describes_a_gradio_space():
+    text = (ROOT / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__
+    assert (ROOT / meta["app_file"]).is_file() and meta["app_file"] == "app.py"
+    assert str(meta["python_version"]).startswith("3.")
+    assert 0 < len(meta["short_description"]) <= 60  # the Hub's limit
+    assert meta["suggested_hardware"] == "cpu-basic"
+    assert "\n## Deploy to Spaces\n" in text
+
+
+def test_launch_settings_are_safe_by_default(home, monkeypatch):
+    kwargs = app_module.launch_kwargs()
+    assert kwargs["share"] is False and kwargs["auth"] is None
+    allowed = [Path(p) for p in kwargs["allowed_paths"]]
+    assert allowed and all(p.is_relative_to(home) and p != home for p in allowed)  # not the model cache or votes
+    assert kwargs["max_file_size"] == "100mb"
+    monkeypatch.setenv("FINETUNE_AUTH", "ann:pw1, bob:pw2")
+    monkeypatch.setenv("FINETUNE_MAX_UPLOAD_MB", "5")
+    kwargs = app_module.launch_kwargs()
+    assert kwargs["auth"] == [("ann", "pw1"), ("bob", "pw2")] and kwargs["max_file_size"] == "5mb"
+
+
+def test_login_is_required_when_auth_is_set(home, tiny_settings, free_port, monkeypatch):
+    monkeypatch.setenv("FINETUNE_AUTH", "ann:pw1,bob:pw2")
+    with running_app(tiny_settings, free_port) as url:
+        with pytest.raises(Exception):  # noqa: B017 (gradio_client raises a bare ValueError/HTTP error here)
+            client(url).predict(api_name="/leaderboard")
+        with pytest.raises(Exception):  # noqa: B017
+            client(url, auth=("ann", "wrong")).predict(api_name="/leaderboard")
+        table, _csv = client(url, auth=("ann", "pw1")).predict(api_name="/leaderboard")
+    assert table["headers"][0] == "model"
+
+
+# --- one screen per browser ---------------------------------------------------------------------------
+
+
+def test_two_browsers_keep_their_own_arena_histories(home, tiny_settings, free_port):
+    with running_app(tiny_settings, free_port) as url:
+        ann, bob = client(url), client(url)
+        ann.predict("What is Lamini?", 16, api_name="/arena")
+        bob.predict("Who are you?", 16, api_name="/arena")
+        ann_chats = ann.predict("And what else?", 16, api_name="/arena")[:3]
+        bob.predict(api_name="/arena_clear")  # Bob's clear leaves Ann's history alone
+        bob_chats = bob.predict("Hello?", 16, api_name="/arena")[:3]
+    assert all(questions(chat) == ["What is Lamini?", "And what else?"] for chat in ann_chats)
+    assert all(questions(chat) == ["Hello?"] for chat in bob_chats)
+
+
+def test_a_vote_needs_this_browsers_own_blind_round(home, tiny_settings, free_port):
+    with running_app(tiny_settings, free_port) as url:
+        ann, bob = client(url), client(url)
+        ann.predict("What is Lamini?", 16, 0.7, 0.95, True, True, api_name="/arena")  # Ann: a blind round
+        with pytest.raises(Exception, match="blind mode"):
+            bob.predict("A", api_name="/vote")  # Bob has no round of his own: Ann's is not his to vote on
+        verdict = ann.predict("A", api_name="/vote")[-3]
+    assert "Thanks!" in verdict
+
+
+def _module_level_state(path: Path) -> list[str]:
+    """Module-level names bound to mutable values that are not CONSTANTS, and any `global` statement."""
+    tree = ast.parse(path.read_text())
+    found = [f"global {', '.join(n.names)}" for n in ast.walk(tree) if isinstance(n, ast.Global)]
+    for node in tree.body:
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        for target in targets:
+            for name in (n.id for n in ast.walk(target) if isinstance(n, ast.Name)):
+                if not name.isupper() and not name.startswith("__"):
+                    found.append(name)
+    return found
+
+
+def test_ui_modules_hold_no_per_user_state_in_module_globals():
+    modules = sorted((ROOT / "finetune" / "ui").glob("*.py"))
+    assert len(modules) >= 4
+    assert {m.name: _module_level_state(m) for m in modules} == {m.name: [] for m in modules}
+
+
+# --- path tricks and uploads ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter_files(tiny_llama, tmp_path_factory) -> Path:
+    from tests.test_generate_backends import make_tiny_adapter
+
+    return make_tiny_adapter(tiny_llama, tmp_path_factory.mktemp("adapter"))
+
+
+@pytest.mark.parametrize("name", ["../../evil", "/etc/passwd", "a\x00b/../../c", "x" * 500, "..\\..\\win", "ünï côde"])
+def test_uploaded_adapter_names_stay_inside_the_data_dir(home, adapter_files, name):
+    info = install_adapter(list(adapter_files.iterdir()), name)
+    assert info.path.parent == home / "adapters" and info.path.is_dir()
+    assert len(info.path.name) <= 64 and "/" not in info.name and "\x00" not in info.name
+
+
+@pytest.mark.parametrize("name", ["", "..", "/", "\x00", "../.."])
+def test_an_adapter_name_with_nothing_safe_left_is_refused(home, adapter_files, name):
+    with pytest.raises(FinetuneError, match="Give the uploaded adapter a name"):
+        install_adapter(list(adapter_files.iterdir()), name)
+
+
+def _zip(path: Path, members: dict[str, bytes], link: str | None = None) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in members.items():
+            z.writestr(name, content)
+        if link:
+            info = zipfile.ZipInfo(link)
+            info.external_attr = 0o120777 << 16  # a symlink entry
+            z.writestr(info, "/etc/passwd")
+    return path
+
+
+@pytest.mark.parametrize(
+    "members,link",
+    [
+        ({"../../escape/adapter_config.json": b"{}", "adapter_model.safetensors": b"x"}, None),
+        ({"/abs/adapter_config.json": b"{}", "adapter_model.safetensors": b"x"}, None),
+        ({"adapter_model.safetensors": b"x"}, "adapter_config.json"),
+    ],
+    ids=["dotdot", "absolute", "symlink"],
+)
+def test_unsafe_adapter_archives_are_refused_before_extraction(home, tmp_path, members, link):
+    archive = _zip(tmp_path / "evil.zip", members, link)
+    with pytest.raises(FinetuneError, match="unsafe path"):
+        install_adapter([archive], "evil")
+    assert not (home / "adapters" / "evil").exists() and not (tmp_path / "escape").exists()
+    assert not list((home / "adapters").glob("*/adapter_config.json"))
+
+
+def test_adapter_zip_in_a_subfolder_installs_and_oversized_uploads_are_refused(
+    home, tmp_path, adapter_files, monkeypatch
+):
+    archive = _zip(tmp_path / "ok.zip", {f"run/adapter/{f.name}": f.read_bytes() for f in adapter_files.iterdir()})
+    info = install_adapter([archive], "from-zip")
+    assert sorted(p.name for p in info.path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    monkeypatch.setenv("FINETUNE_MAX_UPLOAD_MB", "0.001")
+    with pytest.raises(FinetuneError, match="the limit is"):
+        install_adapter([archive], "too-big")
+    assert not (home / "adapters" / "too-big").exists()
+
+
+@pytest.mark.parametrize("source", ["/etc/passwd", "../../../../etc/passwd", "/etc/hosts.csv", "runs/../../x.jsonl"])
+def test_the_data_api_reads_no_server_files(home, tiny_settings, free_port, source):
+    with running_app(tiny_settings, free_port) as url, pytest.raises(Exception, match="bundled data set"):
+        client(url).predict(source=source, api_name="/dataset_stats")
+
+
+def test_the_server_serves_run_files_only(home, tiny_settings, free_port):
+    (home / "runs" / "r1").mkdir(parents=True)
+    (home / "runs" / "r1" / "eval.csv").write_text("a,b\n")
+    (home / "secret.txt").write_text("votes and models live here")
+    with running_app(tiny_settings, free_port) as url:
+        get = lambda path: httpx.get(f"{url}gradio_api/file={path}", timeout=10).status_code  # noqa: E731
+        assert get(home / "runs" / "r1" / "eval.csv") == 200
+        assert get(home / "secret.txt") != 200
+        assert get(home / "runs" / ".." / "secret.txt") != 200
+        assert get("/etc/passwd") != 200
+        assert get(os.path.abspath(app_module.__file__)) != 200  # the app's own code is not served either
+
+
+@pytest.mark.parametrize("run", ["OUTSIDE", "../outside", "../../../../etc"])
+def test_the_evaluate_api_takes_only_listed_runs(home, tmp_path, tiny_settings, free_port, run):
+    outside = tmp_path / "outside"  # looks like a run (config.yaml + adapter) but lies outside the data dir
+    (outside / "adapter").mkdir(parents=True)
+    (outside / "config.yaml").write_text("{}")
+    (outside / "adapter" / "adapter_config.json").write_text("{}")
+    run = str(outside) if run == "OUTSIDE" else run
+    with running_app(tiny_settings, free_port) as url, pytest.raises(Exception, match="not in the list of choices"):
+        client(url).predict(run, 2, 16, False, "test order", api_name="/evaluate")
+    assert sorted(p.name for p in outside.rglob("*")) == ["adapter", "adapter_config.json", "config.yaml"]
