@@ -6,10 +6,14 @@ or an absolute path can never reach outside `finetune.home()`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
+import sqlite3
 import unicodedata
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +66,30 @@ def extract_zip(archive: str | Path, dest: Path, max_bytes: int = 2 * 2**30, max
             safe_path(m.filename, root=dest)  # belt and braces: resolves inside dest
         zf.extractall(dest)
     return dest
+
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def saving(what: str) -> Iterator[None]:
+    """Turn "disk full" and "read-only" failures while writing `what` into one clear `FinetuneError`.
+
+    Whatever was saved before stays as it was: callers write to a temp name first, or in one SQLite transaction.
+    """
+    try:
+        yield
+    except (OSError, sqlite3.OperationalError) as e:  # SQLite says it in words, the OS with an errno
+        code, text = getattr(e, "errno", None), str(e)
+        full = code in _FULL or "disk is full" in text
+        read_only = code in _READ_ONLY or any(w in text for w in ("readonly database", "unable to open database"))
+        if not (full or read_only):
+            raise
+        raise FinetuneError(
+            f"Could not save {what}: the data folder {home()} {'is full' if full else 'is read-only'}. Free space "
+            "or make it writable (or set FINETUNE_HOME); what was saved before is unchanged."
+        ) from e
 
 
 @dataclass

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import errno
 import os
+import sqlite3
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -19,8 +22,9 @@ import yaml
 
 import app as app_module
 from finetune import FinetuneError
-from finetune.arena import install_adapter
+from finetune.arena import VoteStore, install_adapter
 from finetune.config import AppSettings
+from finetune.security import saving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -243,3 +247,68 @@ def test_the_evaluate_api_takes_only_listed_runs(home, tmp_path, tiny_settings, 
     with running_app(tiny_settings, free_port) as url, pytest.raises(Exception, match="not in the list of choices"):
         client(url).predict(run, 2, 16, False, "test order", api_name="/evaluate")
     assert sorted(p.name for p in outside.rglob("*")) == ["adapter", "adapter_config.json", "config.yaml"]
+
+
+# --- a full disk: the data dir turns read-only while the app serves ---------------------------------------
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """Make `path` read-only for this process: a read-only bind mount as root (root ignores file modes)."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    mount = ["mount", "--bind", str(path), str(path)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("running as root where bind mounts are not allowed: no way to make a read-only folder")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path), str(path)], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True, capture_output=True)
+
+
+def test_a_read_only_data_dir_gives_clear_messages_and_keeps_what_was_saved(
+    home, tiny_settings, free_port, adapter_files
+):
+    install_adapter(list(adapter_files.iterdir()), "saved-before")
+    with running_app(tiny_settings, free_port) as url:
+        ann = client(url)
+        ann.predict("What is Lamini?", 16, 0.7, 0.95, True, True, api_name="/arena")
+        ann.predict("A", api_name="/vote")  # saved
+        ann.predict("What is LoRA?", 16, 0.7, 0.95, True, True, api_name="/arena")
+        with read_only(home):
+            with pytest.raises(Exception, match="Could not save your vote: the data folder .* is read-only"):
+                ann.predict("B", api_name="/vote")
+            table, _csv = ann.predict(api_name="/leaderboard")  # reading still works
+            assert [row[0] for row in table["data"]]
+            with pytest.raises(FinetuneError, match="is read-only"), saving("the adapter"):
+                install_adapter(list(adapter_files.iterdir()), "after")
+        assert [v.prompt for v in VoteStore().votes()] == ["What is Lamini?"]
+        ann.predict("B", api_name="/vote")  # writable again: the same ballot goes through
+    assert [v.prompt for v in VoteStore().votes()] == ["What is Lamini?", "What is LoRA?"]
+    assert (home / "adapters" / "saved-before" / "adapter_config.json").is_file()
+    assert not (home / "adapters" / "after").exists()
+
+
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "is full"),
+        (OSError(errno.EROFS, "Read-only file system"), "is read-only"),
+        (sqlite3.OperationalError("database or disk is full"), "is full"),
+        (sqlite3.OperationalError("attempt to write a readonly database"), "is read-only"),
+    ],
+)
+def test_saving_names_the_cause_and_passes_other_errors_through(home, error, says):
+    with pytest.raises(FinetuneError, match=f"Could not save the run: the data folder .* {says}"), saving("the run"):
+        raise error
+    with pytest.raises(FileNotFoundError), saving("the run"):
+        raise FileNotFoundError(errno.ENOENT, "gone")

@@ -32,6 +32,7 @@ from finetune.arena import (
 from finetune.config import AppSettings, GenerationParams
 from finetune.generate import Column
 from finetune.models import EMBEDDED, ModelPool
+from finetune.security import saving
 from finetune.spaces import gpu
 from finetune.templates import TEMPLATES
 
@@ -175,30 +176,46 @@ def build_arena_tab(settings: AppSettings, pool: ModelPool, store: VoteStore | N
             refresh_board = gr.Button("Refresh", size="sm")
             csv_file = gr.DownloadButton("Export CSV", size="sm")
 
-    # Question and settings first, so an API caller can pass just those: client.predict("Hi", 64, api_name="/arena").
+    # The parameter names are the `/arena` API's; question and settings come first, so a caller can pass just
+    # those: client.predict("What is Lamini?", 64, api_name="/arena") or client.predict(question=..., greedy=False, ...).
     def run(
-        q, max_tokens, temp, p, greedy_, blind_, base, adapter_dir, template_name, ref, url, ep_model, env, key, state
+        question,
+        max_new_tokens,
+        temperature,
+        top_p,
+        greedy,
+        blind,
+        base_model,
+        adapter,
+        template,
+        reference_model,
+        endpoint_url,
+        endpoint_model,
+        api_key_env,
+        api_key,
+        state,
     ):
-        if state is None or state.blind != blind_:
-            state = ArenaSession.start(blind_)
+        if state is None or state.blind != blind:
+            state = ArenaSession.start(blind)
+        env_key = os.environ.get(api_key_env.strip(), "") if api_key_env and api_key_env.strip() else ""
         setup = ArenaSetup(
-            base_model=base,
-            adapter=adapter_dir or None,
-            template=None if template_name in (None, AUTO_TEMPLATE) else template_name,
-            reference_model=ref,
-            endpoint_url=url or "",
-            endpoint_model=ep_model or "",
-            api_key=key or (os.environ.get(env.strip(), "") if env and env.strip() else ""),
+            base_model=base_model,
+            adapter=adapter or None,
+            template=None if template in (None, AUTO_TEMPLATE) else template,
+            reference_model=reference_model,
+            endpoint_url=endpoint_url or "",
+            endpoint_model=endpoint_model or "",
+            api_key=api_key or env_key,
         )
         params = GenerationParams(
-            max_new_tokens=max(1, min(int(max_tokens), settings.max_new_tokens)),
-            temperature=0.0 if greedy_ else float(temp),
-            top_p=float(p),
+            max_new_tokens=max(1, min(int(max_new_tokens), settings.max_new_tokens)),
+            temperature=0.0 if greedy else float(temperature),
+            top_p=float(top_p),
             stop=(),  # each column stops at its own template's header (see generate.LocalBackend)
         )
         try:
             backends = make_backends(pool, setup)
-            for i, columns in enumerate(ask(backends, state, q or "", params)):
+            for i, columns in enumerate(ask(backends, state, question or "", params)):
                 chats_and_stats = _chats(state, columns, labels=i == 0)
                 yield *chats_and_stats, state, _settings_line(params), "", gr.Group(visible=state.blind), ""
         except FinetuneError as e:
@@ -228,8 +245,14 @@ def build_arena_tab(settings: AppSettings, pool: ModelPool, store: VoteStore | N
         if not choice_:
             raise gr.Error("Pick the best answer (or tie / all bad) first.")
         try:
-            store.add(state.vote(choice_))
+            ballot = state.vote(choice_)
         except FinetuneError as e:
+            raise gr.Error(str(e)) from e
+        try:
+            with saving("your vote"):
+                store.add(ballot)
+        except FinetuneError as e:
+            state.voted = False  # not saved: the same vote can be cast again once the disk is fixed
             raise gr.Error(str(e)) from e
         names = ", ".join(f"**{LABELS[i]}** = {r} ({state.models.get(r, '')})" for i, r in enumerate(state.order))
         thanks = f"Thanks! {names}. Ask a new question for the next round."
@@ -242,7 +265,8 @@ def build_arena_tab(settings: AppSettings, pool: ModelPool, store: VoteStore | N
         if not files:
             raise gr.Error("Choose the adapter files (or a .zip) to upload.")
         try:
-            info = install_adapter([getattr(f, "name", f) for f in files], name or "")
+            with saving("the adapter"):
+                info = install_adapter([getattr(f, "name", f) for f in files], name or "")
         except FinetuneError as e:
             raise gr.Error(str(e)) from e
         return gr.Dropdown(choices=_adapter_choices(), value=str(info.path)), None
