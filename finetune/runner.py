@@ -155,8 +155,9 @@ class Runner:
                 update_status(run_dir, state="stopped", message="Cancelled before it started.")
                 return "Cancelled."
             pid = self._pid(run_id)
-            if pid is None:
-                return f"Run {run_id} is not running."
+            state = read_status(run_dir).get("state")
+            if pid is None or state not in ACTIVE_STATES:
+                return f"Run {run_id} is not running ({state})."
             (run_dir / STOP_FILE).touch()  # the trainer checks this after each step, even if the signal is lost
             with contextlib.suppress(OSError):  # already gone: the reaper will say how it ended
                 os.kill(pid, signal.SIGTERM)

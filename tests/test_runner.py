@@ -118,3 +118,31 @@ def test_killed_process_is_reported_with_the_reason(runner, tiny_llama, qa_file)
     os.kill(read_status(runner.root / run_id)["pid"], signal.SIGKILL)
     status = runner.wait(run_id)
     assert status["state"] == "failed" and "SIGKILL" in status["message"]
+
+
+def test_train_tab_api_starts_a_run_and_reports_it(tmp_path, tiny_llama, qa_file, free_port):
+    from gradio_client import Client
+
+    from finetune.config import AppSettings
+    from finetune.ui import build_app
+
+    runner = Runner(tmp_path / "runs", poll_interval=0.1)
+    app = build_app(AppSettings(base_model=tiny_llama, reference_model=tiny_llama), runner=runner).queue()
+    app.launch(server_name="127.0.0.1", server_port=free_port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{free_port}/", verbose=False)
+        form = [tiny_llama, qa_file, "qa", "none", 3, 1e-3, 2, 48, 4]  # model, data, template, quant, steps, lr...
+        form += [8, 0.0, 1, 0, 0, 2, None, 1, "float32", "all-linear", False]  # the advanced ones
+        run_id, _ = client.predict(*form, api_name="/train_start")
+        assert run_id.startswith("20") and (runner.root / run_id / "config.yaml").is_file()
+        assert runner.wait(run_id)["state"] == "finished"
+        status = client.predict(run_id, api_name="/train_status")
+        assert status["state"] == "finished" and status["step"] == 3
+        runs = client.predict(api_name="/runs")
+        assert runs[0]["run_id"] == run_id and runs[0]["adapter"].endswith("adapter")
+        assert "not running" in client.predict(run_id, api_name="/train_stop")
+        with pytest.raises(Exception, match="max_length"):
+            client.predict(*form[:7], 9, *form[8:], api_name="/train_start")
+    finally:
+        app.close()
+        runner.close()
