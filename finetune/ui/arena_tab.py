@@ -177,7 +177,7 @@ def build_arena_tab(settings: AppSettings, pool: ModelPool, store: VoteStore | N
             csv_file = gr.DownloadButton("Export CSV", size="sm")
 
     # The parameter names are the `/arena` API's; question and settings come first, so a caller can pass just
-    # those: client.predict("What is Lamini?", 64, api_name="/arena") or client.predict(question=..., greedy=False, ...).
+    # those: client.predict("What is Lamini?", 64, api_name="/arena"), or by name: question=..., greedy=False.
     def run(
         question,
         max_new_tokens,
