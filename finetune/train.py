@@ -526,7 +526,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
         update_status(run_dir, message="Evaluating the adapter on held-out data")
         from finetune.evaluate import evaluate_run
 
-        evaluate_run(run_dir)
+        evaluate_run(
+            run_dir, progress=lambda done, total, what: update_status(run_dir, message=f"{what} ({done}/{total})")
+        )
     if cfg.push_to_hub:
         update_status(run_dir, message=f"Pushing the adapter to {cfg.push_to_hub}")
         push_adapter(run_dir, cfg.push_to_hub)
