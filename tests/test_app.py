@@ -15,7 +15,7 @@ def test_build_app_has_the_four_tabs(tiny_settings):
     assert {"Data", "Train", "Evaluate", "Arena"} <= labels
 
 
-def test_arena_endpoint_streams_both_columns(tiny_settings, free_port):
+def test_arena_endpoint_streams_every_column(tiny_settings, free_port):
     from gradio_client import Client
 
     app = build_app(tiny_settings).queue()
@@ -24,9 +24,18 @@ def test_arena_endpoint_streams_both_columns(tiny_settings, free_port):
         client = Client(f"http://127.0.0.1:{free_port}/", verbose=False)
         job = client.submit("What is Lamini?", 32, api_name="/arena")
         updates = list(job)
-        base, reference = job.result()
+        result = job.result()
     finally:
         app.close()
+    chats, stats = result[:3], result[3:6]
     assert len(updates) > 2  # streamed, not one final answer
-    assert base.strip() and reference.strip()
-    assert "tokens/s" in base and "tokens/s" in reference
+    assert all([m["role"] for m in chat] == ["user", "assistant"] for chat in chats)
+    assert all(_text(chat[0]) == "What is Lamini?" for chat in chats)
+    assert _text(chats[0][1]).strip()  # the base model answered
+    assert "No adapter chosen" in _text(chats[1][1])  # no run yet: the tuned column says what to do
+    assert "32 tokens" in stats[0] and "32 tokens" in stats[2] and "tokens/s" in stats[2]
+
+
+def _text(message: dict) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
