@@ -79,7 +79,8 @@ def _pid_runs(pid: int | None, run_dir: Path) -> bool:
         except OSError:
             return False
         return True
-    return run_dir.name in cmdline
+    # Started by a runner: the run folder is on the command line; by hand (`python -m finetune train --config`): not.
+    return run_dir.name in cmdline or ("finetune" in cmdline and "train" in cmdline)
 
 
 def _exit_reason(code: int, run_dir: Path) -> str:
