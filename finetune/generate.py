@@ -51,6 +51,17 @@ def prompt_inputs(tokenizer, prompts: str | list[str], device) -> dict:
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
 
+CPU_THREADS = torch.get_num_threads()  # intra-op threads at start: one per core unless the user set it
+
+
+def threads_per_generation(concurrent: int) -> int:
+    """Intra-op threads for each of `concurrent` generations running at once, so that together they fill the cores.
+
+    Decoding multiplies small matrices: a second thread gains little there, and threads outnumbering the cores
+    wait on each other at every operation (measured on 2 cores: 2 generations x 2 threads decode ~10x slower).
+    """
+    return max(1, CPU_THREADS // max(1, concurrent))
+
 
 def generate_kwargs(tokenizer, params: GenerationParams, model=None, adapter_names: list[str] | None = None) -> dict:
     """Keyword arguments for `model.generate`. On a PEFT model every row names its adapter (or the base)."""
@@ -69,6 +80,20 @@ def generate_kwargs(tokenizer, params: GenerationParams, model=None, adapter_nam
     return kwargs
 
 
+def contiguous_lm_head(model) -> None:
+    """Hand the output layer a contiguous input (once per model): batched prefill in bfloat16 is then ~60x faster.
+
+    `generate` feeds the output layer only each row's last position, a strided view of the hidden states; for
+    more than one row in bfloat16, torch's CPU matmul then copies the whole weight once per row (Gemma's
+    262k x 640 output layer: measured 4.5 s instead of 0.07 s).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_contiguous_input", False):
+        return
+    head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    head._contiguous_input = True
+
+
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
     cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return text[: min(cuts)] if cuts else text
@@ -84,6 +109,7 @@ def generate_batch(
     """Complete several prompts in one batched `generate`; on a PEFT model, row i uses `adapter_names[i]`."""
     params = params or GenerationParams()
     inputs = prompt_inputs(tokenizer, prompts, model.device)
+    contiguous_lm_head(model)
     if params.seed is not None:
         torch.manual_seed(params.seed)
     # Stop strings end each row in generate itself, so a batch stops once every row reached one.
@@ -278,6 +304,7 @@ def _run_batch(job: BatchJob, rows: list[RowText]) -> None:
         if hasattr(model, "peft_config"):
             names = [(job.adapter_names or [None] * len(rows))[i] or BASE_ADAPTER for i in live]
         inputs = prompt_inputs(tokenizer, [job.prompts[i] for i in live], model.device)
+        contiguous_lm_head(model)
         if job.params.seed is not None:
             torch.manual_seed(job.params.seed)
         with torch.inference_mode():
@@ -289,17 +316,19 @@ def _run_batch(job: BatchJob, rows: list[RowText]) -> None:
             )
 
 
-def stream_batch(prepare: Callable[[], BatchJob], n_rows: int) -> list[TextStream]:
+def stream_batch(prepare: Callable[[], BatchJob], n_rows: int, threads: int | None = None) -> list[TextStream]:
     """`n_rows` text streams fed by one batched `generate`, which starts when any stream is first read.
 
     `prepare` runs in the generation thread, so loading a model blocks no caller; an exception there or in
     `generate` ends every row's stream with that exception. Closing every stream stops generation.
+    `threads`: torch intra-op threads of this generation (default: all, `CPU_THREADS`).
     """
     rows = [RowText() for _ in range(n_rows)]
     state: dict = {}
     start = threading.Lock()
 
     def run() -> None:
+        torch.set_num_threads(threads or CPU_THREADS)  # counts per calling thread (OpenMP)
         try:
             _run_batch(prepare(), rows)
         except BaseException as e:  # raised again in each reader's thread
@@ -308,6 +337,7 @@ def stream_batch(prepare: Callable[[], BatchJob], n_rows: int) -> list[TextStrea
         finally:
             for row in rows:
                 row.finish()
+            torch.set_num_threads(CPU_THREADS)  # threads started later start with the last count set: restore it
 
     def read(i: int, out: TextStream) -> Iterator[str]:
         with start:
@@ -563,9 +593,10 @@ def stream_all(
             groups.setdefault((id(backend.pool), backend.spec.key), []).append(name)
         else:
             streams[name] = backend.stream(conversations[name], params)
+    threads = threads_per_generation(len(groups))  # local generations run at once: share the cores
     for names in groups.values():
         prepare = _local_batch([backends[n] for n in names], [conversations[n] for n in names], params)
-        streams.update(zip(names, stream_batch(prepare, len(names))))
+        streams.update(zip(names, stream_batch(prepare, len(names), threads)))
     return {name: streams[name] for name in backends}
 
 
