@@ -58,3 +58,87 @@ def run_python(code: str, env: dict | None = None, timeout: float = 900) -> str:
         check=True,
     )
     return out.stdout
+
+
+def p50(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values) if values else float("nan")
+
+
+def machine() -> str:
+    """One line naming the machine: CPU, cores, RAM, torch version, UTC date."""
+    import platform
+
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    ram = psutil.virtual_memory().total / 2**30
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, torch {torch.__version__}, {date}"
+
+
+def load_note() -> str:
+    """The load average: other work on the machine makes every absolute number here slower."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
+
+
+class RssSampler:
+    """Peak of the summed resident memory of some processes and all their children, sampled in a thread.
+
+    with RssSampler([os.getpid()]) as rss:
+        ...
+    rss.peak_gb
+    """
+
+    def __init__(self, pids: list[int] | None = None, interval_s: float = 0.05):
+        import threading
+
+        self.pids = pids or [os.getpid()]
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_bytes / 2**30
+
+    def sample(self) -> int:
+        import psutil
+
+        procs = {}
+        for pid in self.pids:
+            try:
+                root = psutil.Process(pid)
+                procs.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+            except psutil.NoSuchProcess:
+                continue
+        total = 0
+        for p in procs.values():
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        self.peak_bytes = max(self.peak_bytes, total)
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> RssSampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
