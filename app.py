@@ -28,11 +28,14 @@ def launch_kwargs(share: bool = False) -> dict:
     }
 
 
-def create_app(settings=None, pool=None):
-    """The app with its queue: events without their own limit run 4 at a time (the Arena has its own)."""
+def create_app(settings=None, **parts):
+    """The app with its queue: events without their own limit run 4 at a time (the Arena has its own).
+
+    `parts` go to `build_app` (tests pass their own `pool` or `runner`).
+    """
     from finetune.ui import build_app  # imports gradio and torch: after the Space's install step
 
-    return build_app(settings, pool).queue(default_concurrency_limit=4)
+    return build_app(settings, **parts).queue(default_concurrency_limit=4)
 
 
 def main() -> None:

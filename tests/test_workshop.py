@@ -43,9 +43,9 @@ def tiny_settings(tiny_llama) -> AppSettings:
 
 
 @contextlib.contextmanager
-def running_app(settings: AppSettings, port: int, pool=None):
+def running_app(settings: AppSettings, port: int, **parts):
     """The app as `python app.py` serves it (same queue and launch settings), on 127.0.0.1:port."""
-    blocks = app_module.create_app(settings, pool)
+    blocks = app_module.create_app(settings, **parts)
     blocks.launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app_module.launch_kwargs()
     )

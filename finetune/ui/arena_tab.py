@@ -272,8 +272,15 @@ def build_arena_tab(settings: AppSettings, pool: ModelPool, store: VoteStore | N
         return gr.Dropdown(choices=_adapter_choices(), value=str(info.path)), None
 
     add.click(add_adapter, [upload, upload_name], [adapter, upload], api_visibility="private")
-    refresh.click(lambda: gr.Dropdown(choices=_adapter_choices()), None, adapter, api_visibility="private")
+
+    def refresh_adapters(current: str | None):
+        """New choices; with none chosen yet, the newest adapter (a participant's first trained run)."""
+        choices = _adapter_choices()
+        return gr.Dropdown(choices=choices, value=current or (choices[0][1] if choices else ""))
+
+    refresh.click(refresh_adapters, adapter, adapter, api_visibility="private")
     tab = Context.block  # the enclosing Arena tab: opening it picks up adapters trained since the page loaded
     if isinstance(tab, gr.Tab):
-        tab.select(lambda: gr.Dropdown(choices=_adapter_choices()), None, adapter, api_visibility="private")
+        tab.select(refresh_adapters, adapter, adapter, api_visibility="private")
         tab.select(lambda: _leaderboard(store), None, [board, csv_file], api_visibility="private")
+    return {"question": question, "adapter": adapter}
