@@ -25,6 +25,7 @@ from pathlib import Path
 
 from finetune import FinetuneError
 from finetune.config import TrainConfig, dump_train_config, load_train_config
+from finetune.security import Limits, is_admin, saving
 from finetune.train import (
     ACTIVE_STATES,
     ADAPTER_DIR,
@@ -118,23 +119,31 @@ class Runner:
 
     # --- public API ---
 
-    def submit(self, cfg: TrainConfig, owner: str | None = None) -> str:
-        """Check the config, create the run folder and queue the run; returns its id."""
+    def submit(self, cfg: TrainConfig, owner: str | None = None, limits: Limits | None = None) -> str:
+        """Check the config, create the run folder and queue the run; returns its id.
+
+        `owner`: the logged-in user (None without login). `limits` (the UI passes `Limits.from_env()`): steps per
+        run, and runs queued or training per logged-in user.
+        """
         check_config(cfg)
+        if limits is not None:
+            self._check_limits(cfg, owner, limits)
         run_id = new_run_id(cfg)
         run_dir = self.root / run_id
-        run_dir.mkdir(parents=True)
-        dump_train_config(cfg, run_dir / CONFIG_FILE)
         name = cfg.name or f"{Path(cfg.model.source).name} · {Path(cfg.data.source).stem}"
-        update_status(run_dir, state="queued", owner=owner, created=time.time(), name=name, message="Queued")
+        with saving("the new run"):
+            run_dir.mkdir(parents=True)
+            dump_train_config(cfg, run_dir / CONFIG_FILE)
+            update_status(run_dir, state="queued", owner=owner, created=time.time(), name=name, message="Queued")
         with self._lock:
             self._queue.append((run_id, False))
             self._schedule()
         return run_id
 
-    def resume(self, run_id: str) -> None:
+    def resume(self, run_id: str, user: str | None = None) -> None:
         """Queue a stopped, failed or finished run again; it continues from its latest checkpoint."""
         run_dir = self._run_dir(run_id)
+        self._check_owner(run_dir, user, "resume")
         with self._lock:
             state = read_status(run_dir).get("state")
             if state in ACTIVE_STATES:
@@ -146,9 +155,13 @@ class Runner:
             self._queue.append((run_id, True))
             self._schedule()
 
-    def stop(self, run_id: str) -> str:
-        """Stop a running run (it saves its adapter at the current step) or cancel a queued one; returns a message."""
+    def stop(self, run_id: str, user: str | None = None) -> str:
+        """Stop a running run (it saves its adapter at the current step) or cancel a queued one; returns a message.
+
+        With login on, `user` (the logged-in name) must own the run or be an admin (`FINETUNE_ADMINS`).
+        """
         run_dir = self._run_dir(run_id)
+        self._check_owner(run_dir, user, "stop")
         with self._lock:
             queued = [item for item in self._queue if item[0] == run_id]
             if queued:
@@ -211,6 +224,26 @@ class Runner:
         if "/" in run_id or run_id in ("", ".", "..") or not (run_dir / CONFIG_FILE).is_file():
             raise FinetuneError(f"No run {run_id!r}: pick one from the list of runs.")
         return run_dir
+
+    def _check_limits(self, cfg: TrainConfig, owner: str | None, limits: Limits) -> None:
+        if cfg.max_steps > limits.max_train_steps:
+            raise FinetuneError(
+                f"{cfg.max_steps} steps is above this box's limit of {limits.max_train_steps} per run "
+                "(FINETUNE_MAX_TRAIN_STEPS): ask for fewer steps."
+            )
+        if owner is not None:
+            mine = [i for i in self.runs(owner=owner) if i.state in ACTIVE_STATES]
+            if len(mine) >= limits.max_queued_runs:
+                raise FinetuneError(
+                    f"You have {len(mine)} runs queued or training (the limit is {limits.max_queued_runs}): "
+                    "wait for one to finish, or stop one."
+                )
+
+    @staticmethod
+    def _check_owner(run_dir: Path, user: str | None, action: str) -> None:
+        owner = read_status(run_dir).get("owner")
+        if user is not None and owner not in (None, user) and not is_admin(user):
+            raise FinetuneError(f"Run {run_dir.name} belongs to {owner}: only its owner or an admin can {action} it.")
 
     def _position(self, run_id: str) -> int | None:
         ids = [rid for rid, _ in self._queue]

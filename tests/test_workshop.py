@@ -24,7 +24,7 @@ import app as app_module
 from finetune import FinetuneError
 from finetune.arena import VoteStore, install_adapter
 from finetune.config import AppSettings
-from finetune.security import saving
+from finetune.security import Limits, saving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -312,3 +312,138 @@ def test_saving_names_the_cause_and_passes_other_errors_through(home, error, say
         raise error
     with pytest.raises(FileNotFoundError), saving("the run"):
         raise FileNotFoundError(errno.ENOENT, "gone")
+
+
+# --- login: runs belong to their user -------------------------------------------------------------------
+
+
+@pytest.fixture
+def sleeper(tmp_path) -> str:
+    """Stands in for the trainer (`python -m finetune train ...`): sleeps until stopped, so no training is needed."""
+    script = tmp_path / "sleeper"
+    script.write_text("#!/bin/sh\nsleep 60\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_with_login_runs_belong_to_their_user(home, tiny_settings, free_port, monkeypatch, sleeper):
+    from finetune.runner import Runner
+
+    monkeypatch.setenv("FINETUNE_AUTH", "ann:pw1,bob:pw2,boss:pw3")
+    monkeypatch.setenv("FINETUNE_ADMINS", "boss")
+    monkeypatch.setenv("FINETUNE_MAX_QUEUED_RUNS", "2")
+    runner = Runner(home / "runs", python=sleeper, poll_interval=0.1)
+    try:
+        with running_app(tiny_settings, free_port, runner=runner) as url:
+            ann, bob, boss = client(url, ("ann", "pw1")), client(url, ("bob", "pw2")), client(url, ("boss", "pw3"))
+            # The Train form: model, data, template, quantization, steps, lr, batch, length, r, then the advanced ones.
+            form = [tiny_settings.base_model, "lamini_docs", "qa", "none", 3, 1e-3, 2, 48, 4]
+            form += [8, 0.0, 1, 0, 0, 2, 20, 1, "float32", "all-linear", False]
+            first, _ = ann.predict(*form, api_name="/train_start")
+            second, _ = ann.predict(*form, api_name="/train_start")
+            assert runner.status(first)["state"] == "running" and runner.status(second)["queue_position"] == 1
+            with pytest.raises(Exception, match="the limit is 2"):
+                ann.predict(*form, api_name="/train_start")
+            theirs, _ = bob.predict(*form, api_name="/train_start")  # Bob's own quota
+            with pytest.raises(Exception, match=f"Run {first} belongs to ann: only its owner or an admin"):
+                bob.predict(first, api_name="/train_stop")
+            with pytest.raises(Exception, match="belongs to ann"):
+                bob.predict(second, api_name="/train_stop")
+            assert boss.predict(second, api_name="/train_stop") == "Cancelled."  # an admin may stop any run
+            assert "Stopping" in ann.predict(first, api_name="/train_stop")
+            assert runner.wait(first, timeout=30)["state"] == "stopped"
+            assert "Stopping" in bob.predict(theirs, api_name="/train_stop")  # his, now running
+            assert runner.wait(theirs, timeout=30)["state"] == "stopped"
+    finally:
+        runner.close()
+    assert {i.run_id: i.owner for i in runner.runs()} == {first: "ann", second: "ann", theirs: "bob"}
+
+
+def test_a_run_over_the_step_limit_is_refused_before_it_starts(home, tiny_llama, monkeypatch, sleeper):
+    from finetune.config import DataConfig, ModelSpec, TrainConfig
+    from finetune.runner import Runner
+
+    monkeypatch.setenv("FINETUNE_MAX_TRAIN_STEPS", "50")
+    runner = Runner(home / "runs", python=sleeper)
+    try:
+        with pytest.raises(FinetuneError, match="60 steps is above this box's limit of 50"):
+            cfg = TrainConfig(model=ModelSpec(tiny_llama), data=DataConfig(max_rows=20), max_steps=60)
+            runner.submit(cfg, limits=Limits.from_env())  # the Train tab passes the box's limits
+        assert runner.runs() == []
+    finally:
+        runner.close()
+
+
+# --- faults: a killed trainer, an app restart mid-run, a full disk ------------------------------------------
+
+
+def test_restart_mid_run_then_a_killed_trainer_loses_nothing_saved(home, tiny_llama):
+    import signal
+    import time
+
+    from finetune.config import DataConfig, ModelSpec, TrainConfig
+    from finetune.runner import Runner
+    from finetune.train import latest_checkpoint, read_metrics, read_status
+
+    cfg = TrainConfig(
+        model=ModelSpec(tiny_llama),
+        data=DataConfig(max_rows=40),
+        max_length=48,
+        batch_size=2,
+        max_steps=400,
+        save_steps=2,
+        logging_steps=1,
+        eval_rows=0,
+        mixed_precision="no",
+    )
+    first = Runner(home / "runs", poll_interval=0.1)
+    run_id = first.submit(cfg, owner="ann")
+    run_dir = home / "runs" / run_id
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(run_dir) is None:  # trained far enough to have saved something
+        assert time.monotonic() < deadline and first.status(run_id)["state"] in ("queued", "running")
+        time.sleep(0.1)
+    first.close()  # the app goes away; the trainer does not
+
+    second = Runner(home / "runs", poll_interval=0.1)  # the app restarted: it finds the run still training
+    try:
+        status = second.status(run_id)
+        assert status["state"] == "running" and second.active() == run_id and status["owner"] == "ann"
+        pid = status["pid"]
+        assert read_status(run_dir)["step"] < cfg.max_steps
+        saved = latest_checkpoint(run_dir)
+        metrics_before = read_metrics(run_dir)
+        os.kill(pid, signal.SIGKILL)  # out of memory, or a careless kill -9
+        status = second.wait(run_id, timeout=60)
+        assert status["state"] == "failed" and "SIGKILL" in status["message"] and "Resume" in status["message"]
+        assert saved.is_dir() and read_metrics(run_dir)[: len(metrics_before)] == metrics_before
+        assert second.active() is None  # the device is free for the next run
+
+        second.resume(run_id)  # continues from the last checkpoint, not from step 0
+        deadline = time.monotonic() + 120
+        while read_status(run_dir).get("step", 0) <= int(saved.name.split("-")[1]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "Resuming" in (run_dir / "train.log").read_text() or "resum" in str(read_status(run_dir)).lower()
+        second.stop(run_id)
+        assert second.wait(run_id, timeout=60)["state"] == "stopped"
+        assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    finally:
+        second.close()
+
+
+def test_a_read_only_data_dir_refuses_new_runs_clearly(home, tiny_llama, sleeper):
+    from finetune.config import DataConfig, ModelSpec, TrainConfig
+    from finetune.runner import Runner
+
+    runner = Runner(home / "runs", python=sleeper, poll_interval=0.1)
+    cfg = TrainConfig(model=ModelSpec(tiny_llama), data=DataConfig(max_rows=20), max_steps=5)
+    try:
+        kept = runner.submit(cfg)
+        runner.stop(kept)
+        runner.wait(kept, timeout=30)
+        with read_only(home), pytest.raises(FinetuneError, match="Could not save the new run: .* is read-only"):
+            runner.submit(cfg)
+        assert [i.run_id for i in runner.runs()] == [kept]
+    finally:
+        runner.close()

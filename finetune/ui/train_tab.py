@@ -19,6 +19,7 @@ from finetune.config import AppSettings, DataConfig, TrainConfig, load_train_con
 from finetune.data import BUNDLED
 from finetune.models import EMBEDDED, ModelPool, has_cuda
 from finetune.runner import RunInfo, Runner
+from finetune.security import Limits
 from finetune.templates import TEMPLATES
 from finetune.train import ADAPTER_DIR, LOG_FILE, read_metrics
 
@@ -194,7 +195,7 @@ def build_train_tab(
     form += [target_modules, eval_at_end]
     prepared = [data_state] if data_state is not None else []
 
-    def start(*values, request: gr.Request | None = None):
+    def start(request: gr.Request, *values):  # first: gradio finds a Request only among positional parameters
         values, data_dict = (values[:-1], values[-1]) if prepared else (values, None)
         names = ["model", "data", "template", "quantization", "max_steps", "learning_rate", "batch_size"]
         names += ["max_length", "lora_r", "lora_alpha", "lora_dropout", "grad_accum", "eval_rows", "eval_steps"]
@@ -216,26 +217,25 @@ def build_train_tab(
         cfg.eval_rows = int(v["eval_rows"] or 0)
         cfg.learning_rate, cfg.lora_dropout = float(v["learning_rate"] or 0), float(v["lora_dropout"] or 0)
         cfg.eval_at_end = bool(v["eval_at_end"])
-        owner = getattr(request, "username", None) if request is not None else None
         try:
-            run_id = runner.submit(cfg, owner=owner)
+            run_id = runner.submit(cfg, owner=_user(request), limits=Limits.from_env())
         except FinetuneError as e:
             raise gr.Error(str(e)) from e
         return run_id, ""
 
-    def stop(run_id: str | None) -> str:
+    def stop(run_id: str | None, request: gr.Request | None = None) -> str:
         if not run_id:
             raise gr.Error("Pick a run first.")
         try:
-            return runner.stop(run_id)
+            return runner.stop(run_id, user=_user(request))
         except FinetuneError as e:
             raise gr.Error(str(e)) from e
 
-    def resume(run_id: str | None) -> str:
+    def resume(run_id: str | None, request: gr.Request | None = None) -> str:
         if not run_id:
             raise gr.Error("Pick a run first.")
         try:
-            runner.resume(run_id)
+            runner.resume(run_id, user=_user(request))
         except FinetuneError as e:
             raise gr.Error(str(e)) from e
         return "Queued to resume."
@@ -289,6 +289,11 @@ def build_train_tab(
             return gr.update(value=data.get("source")), gr.update(value=data.get("template"))
 
         data_state.change(use_prepared, data_state, [data_source, template], api_visibility="private")
+
+
+def _user(request: gr.Request | None) -> str | None:
+    """The logged-in name (FINETUNE_AUTH), None without login: it owns the runs it starts."""
+    return getattr(request, "username", None) if request is not None else None
 
 
 def _run_choices(runner: Runner) -> list[tuple[str, str]]:
