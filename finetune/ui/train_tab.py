@@ -72,7 +72,8 @@ def loss_frame(run_dir: Path | None) -> pd.DataFrame:
             rows.append({"step": r["step"], "loss": r["loss"], "series": "train"})
         if r.get("eval_loss") is not None:
             rows.append({"step": r["step"], "loss": r["eval_loss"], "series": "held-out"})
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    # Typed even when empty: the chart keeps the axis types of its first value (object columns = categories).
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
 
 
 def log_tail(run_dir: Path | None, lines: int = LOG_LINES) -> str:
