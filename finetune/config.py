@@ -117,6 +117,9 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     num_epochs: float = field(default=1.0, metadata={"help": "Passes over the training rows (when max_steps <= 0)."})
     max_steps: int = field(default=120, metadata={"help": "Optimizer steps; overrides num_epochs when > 0."})
+    max_minutes: float = field(
+        default=0.0, metadata={"help": "Stop cleanly (adapter saved) after this many minutes of training (0: none)."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Rows per device per forward pass."})
     grad_accum: int = field(default=1, metadata={"help": "Forward passes per optimizer step."})
     eval_steps: int = field(default=0, metadata={"help": "Held-out loss every N steps (0: only at the end)."})

@@ -270,8 +270,9 @@ class AnswerOnlyTrainer(Trainer):
 class RunCallback(TrainerCallback):
     """Writes metrics.jsonl and status.json (process 0), logs a line per logging step, and stops on request."""
 
-    def __init__(self, run_dir: Path, elapsed_before: float, stop_signal: threading.Event):
+    def __init__(self, run_dir: Path, elapsed_before: float, stop_signal: threading.Event, time_limit_s: float = 0):
         self.run_dir = run_dir
+        self.time_limit_s = time_limit_s  # TrainConfig.max_minutes: end like a finished run, not a stopped one
         self.elapsed_before = elapsed_before  # seconds trained before a resume
         self.stop_signal = stop_signal  # set by SIGTERM
         self.stopped = False
@@ -305,6 +306,9 @@ class RunCallback(TrainerCallback):
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True  # a checkpoint at this step, so Resume continues from here
+        if self.time_limit_s and self.elapsed() >= self.time_limit_s and not control.should_training_stop:
+            log.info("time budget of %.1f min reached at step %d", self.time_limit_s / 60, state.global_step)
+            control.should_training_stop = True
         if control.should_training_stop or state.global_step >= state.max_steps:
             control.should_log = True  # the chart and the log end at the last step, not the last multiple
         if state.is_world_process_zero and (time.time() - self.last_status > 1.0 or control.should_training_stop):
@@ -495,7 +499,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
         skipped = f", {data.skipped} skipped (prompt longer than max_length)" if data.skipped else ""
         log.info("rows: %d train%s, %d held out for the loss", len(data.train), skipped, len(test))
         update_status(run_dir, message=f"{'Resuming' if checkpoint_dir else 'Starting'}: {summary}", summary=summary)
-    callback = RunCallback(run_dir, elapsed_before, stop_signal)
+    callback = RunCallback(run_dir, elapsed_before, stop_signal, cfg.max_minutes * 60)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer_cls = AnswerOnlyTrainer if cfg.answer_only_logits else Trainer
     trainer = trainer_cls(
