@@ -1,0 +1,236 @@
+"""The guided path, "Fine-tune in 5 minutes": one click from a fresh start to a tuned model in the Arena.
+
+    from finetune.guided import run_guided
+    for step in run_guided(runner, pool):          # prepare -> train -> evaluate -> arena
+        print(step.step, step.message)
+    step.result  # {"loss_before": ..., "loss_after": ..., "reduction": ..., "adapter": ..., "question": ...}
+
+or `python bench/quickstart.py`, which times it. Every step uses the manual path's own parts: `check_config` and
+`load_splits` (Data tab), `Runner.submit` (the Train tab's train_start), the pooled base model with the adapter
+attached and `finetune.evaluate.answer_losses` (Evaluate tab), and the adapter folder the Arena lists.
+
+Everything needed to resume is on disk: the run's status.json tells the step, and the measured losses are kept in
+the run folder (guided.json), so `follow(runner, pool, run_id)` picks a guided run up again after a page reload
+or an app restart, with the training still running in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune import FinetuneError
+from finetune.config import TrainConfig, load_train_config
+from finetune.models import ModelPool, has_cuda
+from finetune.runner import Runner
+from finetune.security import Limits
+from finetune.train import ACTIVE_STATES, write_json_atomic
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE = RECIPES / "quickstart_cpu.yaml"
+STEPS = ("prepare", "train", "evaluate", "arena")
+STEP_TITLES = {
+    "prepare": "Prepare the data",
+    "train": "Train a LoRA adapter",
+    "evaluate": "Measure held-out loss",
+    "arena": "Compare in the Arena",
+}
+HELDOUT_QUESTIONS = 40  # a fixed subset (the first 40) of the 140 held-out lamini_docs questions
+RESULT_FILE = "guided.json"
+
+
+@dataclass
+class GuidedStep:
+    """Where a guided run is: `step` is one of STEPS; `done` once the Arena is ready, `error` when it failed."""
+
+    step: str
+    message: str
+    run_id: str | None = None
+    status: dict = field(default_factory=dict)  # the training run's status.json
+    result: dict | None = None  # held-out losses and the adapter, from the evaluate step on
+    done: bool = False
+    error: bool = False
+
+    @property
+    def index(self) -> int:
+        return STEPS.index(self.step)
+
+
+def guided_config(**overrides) -> TrainConfig:
+    """The quickstart recipe; `overrides` replace top-level fields (tests: model, max_steps)."""
+    cfg = load_train_config(RECIPE)
+    if has_cuda():
+        cfg.model.dtype = "auto"
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    cfg.name = cfg.name or "quickstart"
+    return cfg
+
+
+def prepare(cfg: TrainConfig) -> str:
+    """Load lamini_docs with the Q/A template and split it, as the Data tab does; a sentence for the user."""
+    from finetune.data import load_splits
+    from finetune.train import check_config
+
+    check_config(cfg)  # the same checks as the Train button: a bad setup fails here, before any process starts
+    splits = load_splits(cfg.data)
+    return (
+        f"{cfg.data.source} with the {cfg.data.template} template: {len(splits['train'])} training pairs, "
+        f"{len(splits['test'])} held out; rows cut at {cfg.max_length} tokens."
+    )
+
+
+def start(runner: Runner, cfg: TrainConfig, owner: str | None = None, limits: Limits | None = None) -> str:
+    """Queue the training run exactly as the Train tab does (owner, per-user limits); returns the run id."""
+    return runner.submit(cfg, owner=owner, limits=limits)
+
+
+def heldout_losses(run_dir: str | Path, pool: ModelPool, limit: int = HELDOUT_QUESTIONS) -> dict:
+    """Answer-token loss of the base model and of base + the run's adapter on the first `limit` held-out rows.
+
+    Both come from the same batched forward passes on the pooled base model the Arena serves (so this also
+    loads the Arena's model). Written to the run folder as guided.json, and read from there next time.
+    """
+    from finetune.data import load_splits
+    from finetune.evaluate import answer_losses, eval_spec, load_run, mean_loss
+    from finetune.generate import BASE_ADAPTER
+    from finetune.templates import encode_row, get_template
+
+    run = load_run(run_dir)
+    cached = read_result(run.run_dir)
+    if cached and cached.get("adapter_mtime") == _mtime(run.adapter_dir):
+        return cached
+    test = load_splits(run.data)["test"]
+    rows = list(test.select(range(min(limit, len(test)))))
+    if not rows:
+        raise FinetuneError("The test split is empty: raise test_size in the data settings.")
+    template = get_template(run.data.template)
+    entry, adapter = pool.get_with_adapter(eval_spec(run.spec), run.adapter_dir)
+    encoded = [encode_row(entry.tokenizer, template, r, run.max_length) for r in rows]
+    # Rows of similar length in one batch: little padding, and logits from nearly the first answer token only.
+    order = sorted(range(len(rows)), key=lambda i: (encoded[i]["prompt_length"], len(encoded[i]["input_ids"])))
+    batch = [encoded[i] for i in order]
+    with entry.lock:  # one user of the pooled model at a time (the Arena shares it)
+        names = [BASE_ADAPTER] * len(rows) + [adapter] * len(rows)
+        losses = answer_losses(entry.model, entry.tokenizer, batch + batch, names, batch_size=4)
+    before, after = mean_loss(losses[: len(rows)]), mean_loss(losses[len(rows) :])
+    result = {
+        "run_id": run.run_id,
+        "adapter": str(run.adapter_dir),
+        "adapter_mtime": _mtime(run.adapter_dir),
+        "questions": len(rows),
+        "answer_tokens": sum(n for _, n in losses[: len(rows)]),
+        "loss_before": before,
+        "loss_after": after,
+        "reduction": 1 - after / before if before else None,
+        # The Arena opens with a held-out question (the data set has a few junk rows like "???").
+        "question": next((r["instruction"] for r in rows if len(str(r.get("instruction", "")).split()) >= 4), ""),
+    }
+    write_json_atomic(run.run_dir / RESULT_FILE, result)
+    return result
+
+
+def _mtime(path: Path) -> int:
+    return max((p.stat().st_mtime_ns for p in Path(path).glob("adapter_model.*")), default=0)
+
+
+def read_result(run_dir: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def current_step(runner: Runner, run_id: str) -> GuidedStep:
+    """The step a guided run is at, from its files on disk alone (what a reloaded page shows)."""
+    status = runner.status(run_id)
+    state = status.get("state")
+    if state in ACTIVE_STATES:
+        return GuidedStep("train", _train_message(status), run_id, status)
+    if state == "failed" or not (runner.root / run_id / "adapter" / "adapter_config.json").is_file():
+        why = status.get("message") or f"The training run ended ({state}) without an adapter."
+        return GuidedStep("train", why, run_id, status, error=True)
+    result = read_result(runner.root / run_id)
+    if result is None:
+        return GuidedStep("evaluate", "Measuring the held-out loss before and after training", run_id, status)
+    return GuidedStep("arena", arena_message(result), run_id, status, result, done=True)
+
+
+def _train_message(status: dict) -> str:
+    step, total = status.get("step") or 0, status.get("total")
+    parts = [status.get("message") or status.get("state", "")]
+    if total:
+        parts.insert(0, f"step {step}/{total}")
+    if status.get("loss") is not None:
+        parts.append(f"training loss {status['loss']:.3f}")
+    return " · ".join(p for p in parts if p)
+
+
+def arena_message(result: dict) -> str:
+    return (
+        f"Held-out loss on {result['questions']} test questions: {result['loss_before']:.3f} (base) -> "
+        f"{result['loss_after']:.3f} (tuned), {100 * result['reduction']:.0f}% lower. "
+        "The Arena now has your adapter: ask a held-out question."
+    )
+
+
+class Guide:
+    """Runs the guided path for the app; one evaluation per run at a time, however many pages follow it."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        pool: ModelPool,
+        config: Callable[[], TrainConfig] = guided_config,
+        poll_interval: float = 1.0,
+    ):
+        self.runner, self.pool, self.config, self.poll_interval = runner, pool, config, poll_interval
+        self._lock = threading.Lock()
+
+    def run(
+        self, cfg: TrainConfig | None = None, owner: str | None = None, limits: Limits | None = None
+    ) -> Iterator[GuidedStep]:
+        """Prepare, start and follow a new guided run."""
+        cfg = cfg or self.config()
+        yield GuidedStep("prepare", f"Loading {cfg.data.source} and splitting it into training and test rows")
+        summary = prepare(cfg)
+        run_id = start(self.runner, cfg, owner, limits)
+        yield GuidedStep("train", f"{summary} Training started.", run_id, self.runner.status(run_id))
+        yield from self.follow(run_id)
+
+    def follow(self, run_id: str) -> Iterator[GuidedStep]:
+        """Yield the run's step until the Arena is ready (or it failed); measures the loss when training ends."""
+        while True:
+            step = current_step(self.runner, run_id)
+            yield step
+            if step.done or step.error:
+                return
+            if step.step == "evaluate":
+                try:
+                    with self._lock:
+                        heldout_losses(self.runner.root / run_id, self.pool)
+                except FinetuneError as e:
+                    yield GuidedStep("evaluate", str(e), run_id, step.status, error=True)
+                    return
+                continue
+            time.sleep(self.poll_interval)
+
+
+def run_guided(runner: Runner, pool: ModelPool, cfg: TrainConfig | None = None, owner: str | None = None):
+    """`Guide(runner, pool).run(cfg, owner)`: the steps of one guided run, for scripts and tests."""
+    return Guide(runner, pool, poll_interval=0.2).run(cfg, owner)
+
+
+def app_guide(runner: Runner, pool: ModelPool, base_model: str) -> Guide:
+    """The app's guide: the quickstart recipe on the app's base model."""
+
+    def config() -> TrainConfig:
+        cfg = guided_config()
+        cfg.model.source = base_model
+        return cfg
+
+    return Guide(runner, pool, config)

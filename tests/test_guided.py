@@ -1,0 +1,135 @@
+"""Guided path: prepare -> train -> evaluate -> arena with a tiny model, resumable from the files on disk."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from finetune.arena import list_adapters
+from finetune.config import ModelSpec
+from finetune.guided import STEPS, Guide, current_step, guided_config, read_result
+from finetune.models import ModelPool
+from finetune.runner import Runner
+
+
+def tiny_cfg(model: str, **overrides):
+    values = dict(max_steps=2, batch_size=2, max_length=64, save_steps=1, logging_steps=1, mixed_precision="no")
+    cfg = guided_config(model=ModelSpec(model), **{**values, **overrides})
+    cfg.data.max_rows = 60  # 54 training rows, 6 held out: the same lamini_docs and template, in seconds
+    return cfg
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))  # list_adapters (the Arena's) looks under home()/runs
+    r = Runner(poll_interval=0.1)
+    yield r
+    r.close()
+
+
+def test_the_quickstart_recipe_is_the_course_setup():
+    cfg = guided_config()
+    assert (cfg.model.source, cfg.data.source, cfg.data.template) == ("gemma-3-270m", "lamini_docs", "qa")
+    assert cfg.target_modules == "all-linear" and cfg.max_minutes > 0 and cfg.data.test_size == 0.1
+
+
+def test_guided_run_goes_through_every_step(runner, tiny_llama):
+    guide = Guide(runner, ModelPool(), guided_config, poll_interval=0.1)
+    steps = list(guide.run(tiny_cfg(tiny_llama)))
+    seen = list(dict.fromkeys(s.step for s in steps))
+    assert seen == list(STEPS)
+    assert not any(s.error for s in steps)
+    last = steps[-1]
+    assert last.done and last.status["state"] == "finished" and last.status["step"] == 2
+    result = last.result
+    assert result["questions"] == 6 and result["answer_tokens"] > 0
+    assert result["loss_before"] > 0 and result["loss_after"] > 0
+    assert result["reduction"] == pytest.approx(1 - result["loss_after"] / result["loss_before"])
+    assert result["question"]  # the held-out question the Arena opens with
+    assert result["adapter"] in [str(a.path) for a in list_adapters()]  # the Arena lists the new adapter
+    # A reloaded page finds the same place from the files alone; the measurement is not repeated.
+    again = current_step(runner, last.run_id)
+    assert again.step == "arena" and again.done and again.result == read_result(runner.root / last.run_id)
+
+
+def test_a_reloaded_page_lands_on_the_training_step(runner, tiny_llama):
+    guide = Guide(runner, ModelPool(), guided_config, poll_interval=0.1)
+    steps = guide.run(tiny_cfg(tiny_llama, max_steps=200, save_steps=100))
+    assert next(steps).step == "prepare"
+    training = next(steps)
+    assert training.step == "train" and training.run_id
+    steps.close()  # the page goes away; the training process does not
+    assert current_step(runner, training.run_id).step == "train"
+    deadline = time.monotonic() + 120
+    while (runner.status(training.run_id).get("step") or 0) < 1:
+        assert time.monotonic() < deadline, "no training step"
+        time.sleep(0.05)
+    runner.stop(training.run_id)  # stopping saves an adapter: the guided path goes on from there
+    last = list(guide.follow(training.run_id))[-1]
+    assert last.done and last.result["questions"] == 6
+
+
+def test_a_failed_run_ends_the_guided_path_with_its_reason(runner, tiny_llama):
+    guide = Guide(runner, ModelPool(), guided_config, poll_interval=0.1)
+    cfg = tiny_cfg(tiny_llama)
+    run_id = runner.submit(cfg)
+    runner.wait(run_id)
+    (runner.root / run_id / "adapter" / "adapter_config.json").unlink()
+    last = list(guide.follow(run_id))[-1]
+    assert last.error and last.step == "train"
+
+
+# --- the app: lesson notes on every tab, the guided start as an API endpoint -----------------------------------
+
+
+@pytest.fixture
+def tiny_app(runner, tiny_llama):
+    from finetune.config import AppSettings
+    from finetune.ui import build_app
+
+    settings = AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+    pool = ModelPool()
+    guide = Guide(runner, pool, lambda: tiny_cfg(tiny_llama), poll_interval=0.1)
+    return build_app(settings, pool, runner, guide)
+
+
+def test_every_tab_opens_with_its_lesson_note_and_a_try_button(tiny_app):
+    from finetune.lessons import load_lesson
+
+    tabs = {b.id: b for b in tiny_app.blocks.values() if type(b).__name__ == "Tab"}
+    assert list(tabs) == ["start", "data", "train", "evaluate", "arena"]  # the guided start is the first tab
+    for name, tab in tabs.items():
+        note = tab.children[0]
+        lesson = load_lesson(name)
+        assert type(note).__name__ == "Accordion" and note.label == f"Lesson: {lesson.title}", name
+        markdown, button = note.children
+        assert markdown.value == lesson.body and button.value == f"Try this: {lesson.try_label}"
+        wired = [d for d in tiny_app.fns.values() if (button._id, "click") in [(t[0], t[1]) for t in d.targets]]
+        assert wired, f"{name}: the try button does something"
+        if name != "start":  # start's button starts the guided run; the others fill every control they name
+            filled = {o._id for d in wired for o in d.outputs}
+            assert len(filled) == len(lesson.try_values), name
+
+
+def test_guided_start_endpoint_streams_the_steps_and_the_manual_endpoints_see_the_run(tiny_app, free_port):
+    from gradio_client import Client
+
+    app = tiny_app.queue()
+    app.launch(server_name="127.0.0.1", server_port=free_port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{free_port}/", verbose=False)
+        job = client.submit(None, api_name="/guided_start")
+        updates = list(job)
+        run_id, steps, message, adapter, question = job.result()[:5]  # (the button's update is not an output value)
+        status = client.predict(run_id, api_name="/train_status")  # the Train tab's endpoints
+        runs = client.predict(api_name="/runs")
+    finally:
+        app.close()
+    marker = 'data-state="current"'
+    shown = [next(v for v in u if str(v).startswith("<ol")) for u in updates]  # the step indicator of each update
+    current = [html.split(marker)[0].count("data-step") for html in shown if marker in html]  # 1-based step
+    assert current == sorted(current) and len(set(current)) >= 3  # the indicator advanced step by step
+    assert steps.count('data-state="done"') == len(STEPS)
+    assert "lower" in message and question and adapter.endswith("adapter")
+    assert status["state"] == "finished" and [(r["run_id"], r["adapter"]) for r in runs] == [(run_id, adapter)]
