@@ -5,31 +5,49 @@ from __future__ import annotations
 import gradio as gr
 
 from finetune.config import AppSettings
+from finetune.guided import Guide, app_guide
 from finetune.models import ModelPool
 from finetune.runner import Runner
 from finetune.ui.arena_tab import build_arena_tab
 from finetune.ui.data_tab import build_data_tab
 from finetune.ui.eval_tab import build_eval_tab
+from finetune.ui.guided import build_guided_panel
+from finetune.ui.lessons import lesson_note
 from finetune.ui.train_tab import build_train_tab
 
 TITLE = "Fine-tuning Workbench"
 
 
 def build_app(
-    settings: AppSettings | None = None, pool: ModelPool | None = None, runner: Runner | None = None
+    settings: AppSettings | None = None,
+    pool: ModelPool | None = None,
+    runner: Runner | None = None,
+    guide: Guide | None = None,
 ) -> gr.Blocks:
     settings = settings or AppSettings.from_env()
     pool = pool or ModelPool()
     runner = runner or Runner()
+    guide = guide or app_guide(runner, pool, settings.base_model)
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(f"# {TITLE}\nPrepare data, train a LoRA adapter, evaluate it, and compare models side by side.")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
+            # Each tab opens with the course's lesson note; its "try this" fills the tab's controls.
+            with gr.Tab("Start", id="start"):
+                start_note = lesson_note("start")
+                guided = build_guided_panel(guide, extra_starts=[start_note.button])
             with gr.Tab("Data", id="data"):
+                note = lesson_note("data")
                 data_tab = build_data_tab(settings, pool)
+                note.fill(vars(data_tab))
             with gr.Tab("Train", id="train"):
-                build_train_tab(settings, pool, runner, data_state=data_tab.prepared)
+                note = lesson_note("train")
+                note.fill(build_train_tab(settings, pool, runner, data_state=data_tab.prepared))
             with gr.Tab("Evaluate", id="evaluate"):
-                build_eval_tab(settings, pool)
+                note = lesson_note("evaluate")
+                note.fill(build_eval_tab(settings, pool))
             with gr.Tab("Arena", id="arena"):
-                build_arena_tab(settings, pool)
+                note = lesson_note("arena")
+                arena = build_arena_tab(settings, pool)
+                note.fill(arena)
+        guided.opens_arena(tabs, "arena", arena["adapter"], arena["question"])
     return app

@@ -98,7 +98,10 @@ def _leaderboard(store: VoteStore):
     return pd.DataFrame(rows, columns=list(LEADERBOARD_COLUMNS)), path
 
 
-def build_arena_tab(settings: AppSettings, pool: ModelPool, store: VoteStore | None = None) -> None:
+def build_arena_tab(
+    settings: AppSettings, pool: ModelPool, store: VoteStore | None = None
+) -> dict[str, gr.components.Component]:
+    """Builds the tab; returns the controls the lesson note and the guided path fill, by name."""
     store = store or VoteStore()
     adapters = _adapter_choices()
     gr.Markdown(

@@ -92,7 +92,8 @@ def describe(result: dict) -> str:
     return text + "".join(f"\n\n*{note}*" for note in result.get("notes", []))
 
 
-def build_eval_tab(settings: AppSettings, pool: ModelPool) -> None:
+def build_eval_tab(settings: AppSettings, pool: ModelPool) -> dict[str, gr.components.Component]:
+    """Builds the tab; returns the controls the lesson note's "try this" can fill, by name."""
     cancels: dict[str, threading.Event] = {}  # session -> the cancel switch of its running evaluation
 
     gr.Markdown(
@@ -217,3 +218,4 @@ def build_eval_tab(settings: AppSettings, pool: ModelPool) -> None:
         concurrency_id="evaluate",
     )
     stop.click(cancel_eval, None, status, api_name=False)
+    return {"limit": limit, "run": run}

@@ -120,7 +120,8 @@ def adapter_zip(run_dir: Path) -> str | None:
 
 def build_train_tab(
     settings: AppSettings, pool: ModelPool, runner: Runner, data_state: gr.State | None = None
-) -> None:
+) -> dict[str, gr.components.Component]:
+    """Builds the tab; returns the controls the lesson note's "try this" can fill, by name."""
     defaults = default_config()
     gr.Markdown(
         "Train a **LoRA adapter** on top of a base model: only the small adapter matrices learn, on the answer "
@@ -290,6 +291,7 @@ def build_train_tab(
             return gr.update(value=data.get("source")), gr.update(value=data.get("template"))
 
         data_state.change(use_prepared, data_state, [data_source, template], api_visibility="private")
+    return {"dataset": data_source, "template": template, "quantization": quantization, "max_steps": max_steps}
 
 
 def _user(request: gr.Request | None) -> str | None:

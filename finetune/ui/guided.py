@@ -1,0 +1,131 @@
+"""The Start tab's "Fine-tune in 5 minutes" panel: one button runs `finetune.guided` with a step indicator.
+
+The guided run's id is kept in the browser (`gr.BrowserState`, per browser, never global); on page load the panel
+reads the run's state from disk (`guided.current_step`) and follows it again, so a reload lands on the same step
+with the training still running in its own process. When the adapter is ready the Arena tab opens with it
+selected and a held-out question filled in. Named API endpoint: `guided_start` (streams the steps).
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import gradio as gr
+from gradio.context import Context
+
+from finetune import FinetuneError
+from finetune.guided import STEP_TITLES, STEPS, Guide, GuidedStep, current_step
+from finetune.security import Limits
+from finetune.ui.arena_tab import _adapter_choices as adapter_choices
+
+STORAGE_KEY = "finetune-guided-run"
+_COLORS = {"done": "#15803d", "current": "#1d4ed8", "error": "#b91c1c", "todo": "#6b7280"}
+_MARKS = {"done": "✓", "current": "▶", "error": "✗"}
+IDLE = (
+    "Press the button: the app prepares lamini_docs with the Q/A template, trains a LoRA adapter on the base "
+    "model, measures the held-out loss before and after, and opens the Arena. Read the lessons while it trains."
+)
+
+
+def steps_html(step: GuidedStep | None) -> str:
+    """The step indicator: each step done, current, failed or still to do (`data-state`, for tests and CSS)."""
+    items = []
+    for i, name in enumerate(STEPS):
+        if step is None or i > step.index:
+            state = "todo"
+        elif step.done or i < step.index:
+            state = "done"
+        else:
+            state = "error" if step.error else "current"
+        weight = "700" if state == "current" else "400"
+        items.append(
+            f'<li data-step="{name}" data-state="{state}" style="color:{_COLORS[state]};font-weight:{weight}">'
+            f"{_MARKS.get(state, str(i + 1))} {html.escape(STEP_TITLES[name])}</li>"
+        )
+    return f'<ol class="guided-steps" style="display:flex;gap:1.5em;list-style:none;padding:0">{"".join(items)}</ol>'
+
+
+@dataclass
+class GuidedPanel:
+    start: gr.Button
+    run_id: gr.BrowserState
+    steps: gr.HTML
+    message: gr.Markdown
+    adapter: gr.Textbox  # hidden: the tuned adapter folder once the Arena is ready
+    question: gr.Textbox  # hidden: a held-out question for the Arena
+    open_arena: gr.Button
+    finished: list  # events that end when the guided path has reached the Arena (or failed)
+
+    def opens_arena(self, tabs: gr.Tabs, arena_id: str, adapter: gr.Dropdown, question: gr.Textbox) -> None:
+        """Once ready (and on "Open the Arena"): select the Arena tab with the new adapter and a held-out question."""
+
+        def to_arena(adapter_dir: str, text: str):
+            if not adapter_dir:
+                return gr.update(), gr.update(), gr.update()
+            return gr.Tabs(selected=arena_id), gr.Dropdown(choices=adapter_choices(), value=adapter_dir), text
+
+        args = (to_arena, [self.adapter, self.question], [tabs, adapter, question])
+        for event in self.finished:
+            event.then(*args, api_visibility="private")
+        self.open_arena.click(*args, api_visibility="private")
+
+
+def build_guided_panel(guide: Guide, extra_starts: list | None = None) -> GuidedPanel:
+    """The panel; `extra_starts`: more buttons that start the guided run (the Start lesson's "try this")."""
+    with gr.Group():
+        gr.Markdown("## Fine-tune in 5 minutes\n" + IDLE)
+        steps = gr.HTML(steps_html(None), elem_id="guided-steps")
+        message = gr.Markdown(elem_id="guided-message")
+        with gr.Row():
+            start = gr.Button("Fine-tune in 5 minutes", variant="primary", elem_id="guided-start")
+            open_arena = gr.Button("Open the Arena", visible=False, elem_id="guided-open-arena")
+    run_id = gr.BrowserState(None, storage_key=STORAGE_KEY)
+    adapter = gr.Textbox(visible=False)
+    question = gr.Textbox(visible=False)
+
+    def view(step: GuidedStep):
+        result = step.result or {}
+        text = f"**{STEP_TITLES[step.step]}**: {step.message}"
+        return (
+            step.run_id,
+            steps_html(step),
+            text,
+            result.get("adapter", "") if step.done else "",
+            result.get("question", ""),
+            gr.Button(visible=step.done),
+        )
+
+    def start_guided(previous: str | None, request: gr.Request | None = None):
+        try:
+            if previous and _exists(guide, previous) and not _ended(guide, previous):
+                steps_ = guide.follow(previous)  # a second click while one runs: follow it, start nothing new
+            else:
+                owner = getattr(request, "username", None) if request is not None else None
+                steps_ = guide.run(owner=owner, limits=Limits.from_env())
+            for step in steps_:
+                yield view(step)
+        except FinetuneError as e:
+            raise gr.Error(str(e)) from e
+
+    def resume(previous: str | None):
+        if not previous or not _exists(guide, previous):
+            yield None, steps_html(None), "", "", "", gr.Button(visible=False)
+            return
+        for step in guide.follow(previous):
+            yield view(step)
+
+    outputs = [run_id, steps, message, adapter, question, open_arena]
+    triggers = [start.click, *(b.click for b in extra_starts or [])]
+    started = gr.on(triggers, start_guided, run_id, outputs, api_name="guided_start", concurrency_limit=None)
+    resumed = Context.root_block.load(resume, run_id, outputs, api_visibility="private", concurrency_limit=None)
+    return GuidedPanel(start, run_id, steps, message, adapter, question, open_arena, [started, resumed])
+
+
+def _exists(guide: Guide, run_id: str) -> bool:
+    return "/" not in run_id and (guide.runner.root / run_id / "config.yaml").is_file()
+
+
+def _ended(guide: Guide, run_id: str) -> bool:
+    step = current_step(guide.runner, run_id)
+    return step.done or step.error

@@ -1,0 +1,54 @@
+"""The guided start in a real browser: one click, the steps advance, a reload lands on the same run, the Arena opens.
+
+Uses the browser fixtures of tests/test_browser.py (Debian's Chromium through Playwright) and a tiny model.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune.config import AppSettings, ModelSpec
+from finetune.guided import Guide, guided_config
+from finetune.models import ModelPool
+from finetune.runner import Runner
+from tests.test_browser import ARTIFACTS, TRAIN_TIMEOUT_MS, browser, home, open_page  # noqa: F401 (fixtures)
+from tests.test_workshop import running_app
+
+pytestmark = pytest.mark.browser
+
+STATE = "#guided-steps li[data-step='{}'][data-state='{}']"
+
+
+def test_guided_start_advances_survives_a_reload_and_opens_the_arena(browser, home, tiny_llama, free_port):  # noqa: F811
+    def config():
+        # Enough steps that the page can be reloaded while the run trains; a tiny model does them in seconds.
+        cfg = guided_config(model=ModelSpec(tiny_llama), max_steps=30, batch_size=2, max_length=64, save_steps=10)
+        cfg.mixed_precision, cfg.logging_steps, cfg.data.max_rows = "no", 1, 60
+        return cfg
+
+    settings = AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+    runner, pool = Runner(home / "runs", poll_interval=0.2), ModelPool()
+    guide = Guide(runner, pool, config, poll_interval=0.2)
+    with running_app(settings, free_port, runner=runner, pool=pool, guide=guide) as url:
+        page = open_page(browser, url)
+        assert page.get_by_role("tab", selected=True).inner_text() == "Start"  # the first tab a user sees
+        page.get_by_text("Lesson: Why fine-tune instead of prompting?").wait_for()
+        page.locator(STATE.format("prepare", "todo")).wait_for()
+
+        page.locator("#guided-start").click()
+        page.locator(STATE.format("prepare", "done")).wait_for()
+        page.locator(STATE.format("train", "current")).wait_for()
+        page.screenshot(path=ARTIFACTS / "browser-guided-training.png")
+
+        page.reload()  # mid-way: the run id is in this browser's storage, the training goes on in its process
+        page.get_by_role("heading", name="Fine-tuning Workbench").wait_for()
+        page.locator(f"{STATE.format('prepare', 'done')}").wait_for()
+
+        # Ready: the Arena tab opens (so the Start tab's indicator is attached but hidden).
+        page.locator(STATE.format("arena", "done")).wait_for(state="attached", timeout=TRAIN_TIMEOUT_MS)
+        page.get_by_role("tab", name="Arena", selected=True).wait_for()
+        assert "lower" in page.locator("#guided-message").text_content()  # the held-out loss before and after
+        assert "/adapter" in page.get_by_label("Tuned: LoRA adapter").input_value()
+        assert page.get_by_role("textbox", name="Question").input_value()  # a held-out question is filled in
+        page.screenshot(path=ARTIFACTS / "browser-guided-arena.png")
+    assert len(runner.runs()) == 1  # the reload started nothing new
