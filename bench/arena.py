@@ -24,22 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import load_note, machine, memory_bandwidth_gbs, p50, table
-
-
-def random_adapter(model, out_dir: Path, r: int = 16, seed: int = 0) -> Path:
-    """A LoRA adapter on all linear layers with random, small, non-zero B (so it changes the answers)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 1e-3)  # large enough to change greedy answers, small enough to keep them readable
-    peft_model.save_pretrained(out_dir)
-    return out_dir
+from common import load_note, machine, memory_bandwidth_gbs, p50, random_adapter, table
 
 
 def pick_adapter(base_model: str, base, tmp: str, path: str | None):

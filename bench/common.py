@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import resource
 import subprocess
@@ -74,10 +76,8 @@ def machine() -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     ram = psutil.virtual_memory().total / 2**30
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, torch {torch.__version__}, {date}"
@@ -100,7 +100,7 @@ class RssSampler:
     def __init__(self, pids: list[int] | None = None, interval_s: float = 0.05):
         import threading
 
-        self.pids = pids or [os.getpid()]
+        self.pids = [os.getpid()] if pids is None else pids  # may be set later, while sampling
         self.interval_s = interval_s
         self.peak_bytes = 0
         self._stop = threading.Event()
@@ -122,10 +122,8 @@ class RssSampler:
                 continue
         total = 0
         for p in procs.values():
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
         self.peak_bytes = max(self.peak_bytes, total)
         return total
 
@@ -142,3 +140,18 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+def random_adapter(model, out_dir: Path, r: int = 16, seed: int = 0) -> Path:
+    """A LoRA adapter on all linear layers with random, small, non-zero B (so it changes the answers)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 1e-3)  # large enough to change greedy answers, small enough to keep them readable
+    peft_model.save_pretrained(out_dir)
+    return out_dir
