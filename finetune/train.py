@@ -45,6 +45,7 @@ CONFIG_FILE, STATUS_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "status.json",
 STOP_FILE, ADAPTER_DIR, CHECKPOINTS_DIR = "STOP", "adapter", "checkpoints"
 ACTIVE_STATES = ("queued", "running", "stopping")
 LOGITS_CHUNK = 256  # answer positions per vocabulary projection: bounds the logits memory (chunk x vocab floats)
+RECOMPUTE_ABOVE = 1024  # answer positions in a batch above which chunk logits are recomputed in backward
 
 
 # --- run folder --------------------------------------------------------------------------------
@@ -239,12 +240,12 @@ def answer_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
         return F.cross_entropy(logits.float(), t, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
+    # Recomputing each chunk's logits in backward costs one more projection; worth it only for big batches,
+    # where keeping answers x vocab floats alive for backward would take gigabytes.
+    recompute = torch.is_grad_enabled() and len(targets) > RECOMPUTE_ABOVE
     for start in range(0, len(targets), LOGITS_CHUNK):
         h, t = hidden[start : start + LOGITS_CHUNK], targets[start : start + LOGITS_CHUNK]
-        # Recompute each chunk's logits in backward instead of keeping chunk x vocab floats per chunk alive.
-        total = total + (
-            checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(h, t)
-        )
+        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if recompute else chunk_loss(h, t))
     return total, len(targets)
 
 
