@@ -344,6 +344,8 @@ class RunCallback(TrainerCallback):
             return  # the final summary (train_runtime, ...) is in train.log already
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if "loss" in logs:  # the status written at this step's end did not have this loss yet
+            update_status(self.run_dir, loss=self.last_loss, tokens_per_s=self.tokens_per_s)
         parts = [f"step {state.global_step}/{state.max_steps}"]
         parts += [f"{k} {row[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate") if row.get(k) is not None]
         if row.get("tokens_per_s"):
