@@ -9,7 +9,6 @@ Chromium comes from the system (`apt-get install chromium`, as .ci/run does): wi
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -182,34 +181,3 @@ def test_two_browsers_do_not_share_a_screen(browser, home, tiny_llama, free_port
         assert bob.get_by_text("Ann asks").count() == 0
         ann.context.close()
         bob.context.close()
-
-
-@pytest.mark.integration
-@pytest.mark.skipif(not os.environ.get("UPDATE_SCREENSHOT"), reason="set UPDATE_SCREENSHOT=1 to retake it")
-def test_readme_screenshot_with_the_embedded_models(browser, home, free_port):
-    """assets/screenshot.png: the Arena with Gemma-3-270M, a LoRA adapter trained here, and SmolLM2 answering."""
-    from finetune.config import load_train_config
-    from finetune.runner import Runner
-
-    runner = Runner(home / "runs", poll_interval=0.5)
-    reuse = os.environ.get("UPDATE_SCREENSHOT_RUN")  # a finished Gemma run folder, instead of training one here
-    if reuse:
-        shutil.copytree(reuse, home / "runs" / Path(reuse).name)
-    else:
-        run_id = runner.submit(load_train_config(ROOT / "recipes" / "cpu_quick.yaml"))
-        assert runner.wait(run_id, timeout=3600)["state"] == "finished"
-    with running_app(AppSettings(max_new_tokens=64), free_port, runner=runner) as url:
-        page = open_page(browser, url)
-        page.get_by_role("tab", name="Arena").click()
-        page.get_by_role("textbox", name="Question").fill("What is the capital of France?")
-        page.get_by_role("button", name="Ask", exact=True).click()
-        page.wait_for_function(
-            "() => (document.body.innerText.match(/tokens\\/s/g) || []).length >= 3", timeout=300_000
-        )
-        page.wait_for_function("() => !document.body.innerText.includes('streaming…')", timeout=300_000)
-        page.get_by_role("heading", name="Fine-tuning Workbench").scroll_into_view_if_needed()
-        page.locator('[role="log"]').first.scroll_into_view_if_needed()
-        page.screenshot(path=ARTIFACTS / "arena-embedded.png")
-        shutil.copyfile(ARTIFACTS / "arena-embedded.png", ROOT / "assets" / "screenshot.png")
-        page.context.close()
-    runner.close()
