@@ -119,24 +119,17 @@ def worker(side: str, quant: str, steps: int, out: str) -> None:
 
 def plain_train(cfg, run_dir: str):
     """The tutorial recipe: Trainer + PEFT, random order, padding to the longest row, full-vocabulary logits."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from finetune.models import load_model
-    from finetune.train import _mixed_precision, encode_splits
+    from finetune.train import _mixed_precision, encode_splits, lora_config
 
     set_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model)
     if cfg.model.quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora_config(cfg))
     train = encode_splits(cfg, tokenizer).train.remove_columns(["length"])
     precision = _mixed_precision(cfg)
     args = TrainingArguments(

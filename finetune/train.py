@@ -383,9 +383,22 @@ def _device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
 
+def lora_config(cfg: TrainConfig):
+    """The PEFT `LoraConfig` of a run (the project trainer and the plain baseline in bench/ share it)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
 def build_model(cfg: TrainConfig):
     """(PEFT model ready to train, tokenizer, summary line with trainable parameters and memory)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     from finetune.models import load_model
 
@@ -393,14 +406,7 @@ def build_model(cfg: TrainConfig):
     footprint = model.get_memory_footprint()
     if cfg.model.quantization in ("4bit", "8bit"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora_config(cfg))
     trainable, total = model.get_nb_trainable_parameters()
     summary = (
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) · "
