@@ -135,6 +135,13 @@ class TrainConfig:
         default=True,
         metadata={"help": "Compute the vocabulary projection only where the loss needs it (same loss, much faster)."},
     )
+    train_vocab: str = field(
+        default="full",
+        metadata={
+            "help": "full, or data: the training softmax covers only the data's tokens (faster for a big "
+            "vocabulary; held-out loss stays full)."
+        },
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (big models)."})
     eval_at_end: bool = field(default=False, metadata={"help": "Run the evaluation (finetune.evaluate) at the end."})
     push_to_hub: str | None = field(

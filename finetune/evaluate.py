@@ -262,8 +262,8 @@ def answer_losses(
     """(summed cross-entropy, number of answer tokens) per encoded row (`encode_row` output: prompt masked).
 
     On a PEFT model, row i runs with adapter `adapter_names[i]` ("__base__": none), so base and tuned losses
-    come from the same forward passes. Logits are kept only from the first answer position on: with a
-    262k-token vocabulary they are most of the memory.
+    come from the same forward passes. Logits are computed only at answer positions: with a 262k-token
+    vocabulary they are most of the time and memory.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model.device
@@ -275,19 +275,22 @@ def answer_losses(
         ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows], device=device)
         mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
         labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in rows])
-        start = max(0, min(r["prompt_length"] for r in rows) - 1)  # the last prompt token predicts the first answer
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX  # position t predicts token t + 1: logits only where that is an answer token
         kwargs = {"adapter_names": adapter_names[i : i + batch_size]} if adapter_names is not None else {}
         with torch.inference_mode():
+            # A boolean `logits_to_keep` returns the kept positions flattened, row after row, as one 2-D matrix.
             logits = model(
-                input_ids=ids, attention_mask=mask.to(device), use_cache=False, logits_to_keep=width - start, **kwargs
+                input_ids=ids[:, :-1],
+                attention_mask=mask[:, :-1].to(device),
+                use_cache=False,
+                logits_to_keep=keep.to(device),
+                **kwargs,
             ).logits
-        targets = labels[:, start + 1 :]
-        for j in range(len(rows)):
-            row_logits = logits[j, :-1].float().cpu()  # one row at a time in float32, again for memory
-            loss = torch.nn.functional.cross_entropy(
-                row_logits, targets[j], ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            out.append((loss.item(), int((targets[j] != IGNORE_INDEX).sum())))
+        counts = keep.sum(1).tolist()
+        for row_logits, row_targets in zip(logits.split(counts), targets[keep].split(counts)):
+            loss = torch.nn.functional.cross_entropy(row_logits.float().cpu(), row_targets, reduction="sum")
+            out.append((loss.item(), len(row_targets)))
     return out
 
 

@@ -25,6 +25,7 @@ from finetune.train import (
     answer_loss_sum,
     build_model,
     check_config,
+    data_vocab,
     encode_splits,
     latest_checkpoint,
     pad_batch,
@@ -117,6 +118,41 @@ def test_answer_only_loss_equals_reference_loss(tiny_llama, qa_file, smol_tokeni
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_data_vocab_loss_is_the_softmax_over_those_tokens(tiny_llama, qa_file, smol_tokenizer):
+    """`train_vocab: data`: the cross-entropy over the data's tokens only; every target is among them."""
+    cfg = tiny_config(tiny_llama, qa_file)
+    model, tokenizer, _ = build_model(cfg)
+    data = encode_splits(cfg, tokenizer)
+    vocab = data_vocab(data.train)
+    assert vocab.tolist() == sorted({t for row in data.train["input_ids"] for t in row})
+    batch = _batch(tokenizer, cfg)
+    total, count = answer_loss_sum(model, batch, vocab)
+
+    logits = model(**batch).logits[:, :-1][:, :, vocab]
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    targets = torch.searchsorted(vocab, labels[keep])
+    assert torch.equal(vocab[targets], labels[keep])
+    reference = torch.nn.functional.cross_entropy(logits[keep], targets, reduction="sum")
+    torch.testing.assert_close(total, reference, rtol=1e-5, atol=1e-4)
+    full, _ = answer_loss_sum(model, batch)
+    assert total < full  # fewer tokens share the probability mass
+
+
+def test_trainer_evaluates_over_the_full_vocabulary(tiny_llama, qa_file, tmp_path):
+    cfg = tiny_config(tiny_llama, qa_file)
+    model, tokenizer, _ = build_model(cfg)
+    data = encode_splits(cfg, tokenizer)
+    trainer = AnswerOnlyTrainer(model=model, args=training_arguments(cfg, tmp_path, has_eval=False))
+    trainer.vocab = data_vocab(data.train)
+    batch = _batch(tokenizer, cfg)
+    full, count = answer_loss_sum(model, batch)
+    model.eval()
+    torch.testing.assert_close(trainer.compute_loss(model, batch), full / count)
+    model.train()
+    assert trainer.compute_loss(model, batch) < full / count
 
 
 def test_few_steps_train_lora_only_and_adapter_reloads(tiny_llama, qa_file, tmp_path):
