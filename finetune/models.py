@@ -11,6 +11,7 @@ CPU, later loads well under a second).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -78,7 +79,7 @@ def model_cache() -> Path:
 
 def cached_embedded(name: str) -> Path:
     """Folder of the safetensors copy of an embedded model, converting its GGUF on first use."""
-    target = model_cache() / name
+    target = model_cache() / f"{name}-bf16"
     if (target / "config.json").exists():
         return target
     gguf = EMBEDDED[name].locate_gguf()
@@ -91,6 +92,9 @@ def cached_embedded(name: str) -> Path:
     del model.config.quantization_config
     model.hf_quantizer = None
     model.config.name_or_path = name
+    # bfloat16, as the models were trained: half the disk, and loads memory-map the file without a copy (the app
+    # and a training process then share those pages).
+    model.to(torch.bfloat16)
     # Temp dir on the same filesystem + rename: a crash never leaves a half-written model in the cache.
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
@@ -182,22 +186,38 @@ def resolve_source(spec: ModelSpec) -> str:
 
 
 def load_tokenizer(spec: ModelSpec):
-    from transformers import AutoTokenizer
-
+    """The spec's tokenizer, loaded once per process (Gemma's 33 MB tokenizer.json takes ~3 s to parse)."""
     source = resolve_source(spec)
+    local = Path(source)
+    stamp = max((f.stat().st_mtime_ns for f in local.glob("tokenizer*")), default=0) if local.is_dir() else 0
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=spec.trust_remote_code, revision=spec.revision
-        )
+        return _load_tokenizer(source, spec.trust_remote_code, spec.revision, stamp)
     except (OSError, ValueError) as e:
         raise _load_error(spec, e) from e
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(source: str, trust_remote_code: bool, revision: str | None, _stamp: int):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
+# transformers' loading is not thread-safe: two `from_pretrained` calls at once (the Arena's first question loads
+# base and reference together) left one model with a freshly initialised output layer or meta tensors.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model(spec: ModelSpec, device: str | None = None):
     """Load `(model, tokenizer)` for a spec, on CUDA when there is one, else on the CPU, in eval mode."""
+    with _LOAD_LOCK:
+        return _load_model(spec, device)
+
+
+def _load_model(spec: ModelSpec, device: str | None):
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(spec)

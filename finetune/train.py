@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from finetune import FinetuneError, home
@@ -45,8 +44,7 @@ CONFIG_FILE, STATUS_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "status.json",
 STOP_FILE, ADAPTER_DIR, CHECKPOINTS_DIR = "STOP", "adapter", "checkpoints"
 ACTIVE_STATES = ("queued", "running", "stopping")
 NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that projects no position
-LOGITS_CHUNK = 256  # answer positions per vocabulary projection: bounds the logits memory (chunk x vocab floats)
-RECOMPUTE_ABOVE = 1024  # answer positions in a batch above which chunk logits are recomputed in backward
+LOGITS_CHUNK = 128  # answer positions per vocabulary projection: bounds the logits memory (chunk x vocab floats)
 
 
 # --- run folder --------------------------------------------------------------------------------
@@ -246,27 +244,62 @@ def answer_loss_sum(model, batch: dict, vocab: torch.Tensor | None = None) -> tu
     hidden = captured["h"][:, :-1][keep]
     targets = labels[keep]
     head = lm.get_output_embeddings()
-    weight, bias = head.weight, head.bias
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    project = head
     if vocab is not None:
-        vocab = vocab.to(weight.device)
-        weight, bias = weight[vocab], bias[vocab] if bias is not None else None
+        if trainable:
+            raise FinetuneError("train_vocab: data cannot train the output layer (lm_head); use train_vocab: full.")
+        vocab = vocab.to(head.weight.device)
+        weight, bias = head.weight[vocab], head.bias[vocab] if head.bias is not None else None
         targets = torch.searchsorted(vocab, targets)
+
+        def project(h: torch.Tensor) -> torch.Tensor:
+            return F.linear(h, weight, bias)
+
     cap = getattr(lm.config, "final_logit_softcapping", None)
 
     def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, weight, bias)
+        logits = project(h)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return F.cross_entropy(logits.float(), t, reduction="sum")
 
-    total = hidden.new_zeros((), dtype=torch.float32)
-    # Recomputing each chunk's logits in backward costs one more projection; worth it only for big batches,
-    # where keeping answers x vocab floats alive for backward would take gigabytes.
-    recompute = torch.is_grad_enabled() and len(targets) > RECOMPUTE_ABOVE
-    for start in range(0, len(targets), LOGITS_CHUNK):
-        h, t = hidden[start : start + LOGITS_CHUNK], targets[start : start + LOGITS_CHUNK]
-        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if recompute else chunk_loss(h, t))
-    return total, len(targets)
+    if not torch.is_grad_enabled():
+        total = sum(
+            chunk_loss(hidden[i : i + LOGITS_CHUNK], targets[i : i + LOGITS_CHUNK])
+            for i in range(0, len(targets), LOGITS_CHUNK)
+        )
+        return torch.as_tensor(total, dtype=torch.float32), len(targets)
+    return ChunkedLoss.apply(hidden, targets, chunk_loss, *trainable), len(targets)
+
+
+class ChunkedLoss(torch.autograd.Function):
+    """Sum of `loss_fn` over row chunks whose gradients are taken chunk by chunk in forward.
+
+    Only one chunk's logits (chunk x vocab floats) is ever alive; backward just scales the stored gradients
+    (of the hidden states, and of `params`: the output layer's trainable parameters, if any).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, loss_fn, *params):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden, grad_params = torch.zeros_like(hidden), [torch.zeros_like(p) for p in params]
+        for i in range(0, len(targets), LOGITS_CHUNK):
+            h = hidden[i : i + LOGITS_CHUNK].detach().requires_grad_()
+            with torch.enable_grad():
+                loss = loss_fn(h, targets[i : i + LOGITS_CHUNK])
+                grads = torch.autograd.grad(loss, [h, *params])
+            total += loss.detach()
+            grad_hidden[i : i + LOGITS_CHUNK] = grads[0]
+            for acc, g in zip(grad_params, grads[1:]):
+                acc += g
+        ctx.save_for_backward(grad_hidden, *grad_params)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, *grad_params = ctx.saved_tensors
+        return grad_hidden * grad_total, None, None, *(g * grad_total for g in grad_params)
 
 
 class AnswerOnlyTrainer(Trainer):

@@ -96,16 +96,12 @@ def _stats_markdown(stats: dict, lengths: dict | None) -> str:
 
 
 def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
-    @functools.lru_cache(maxsize=4)
-    def load_tok(source: str):
-        return load_tokenizer(ModelSpec(source))
-
     def tokenizer_for(source: str):
         # A model the Arena already loaded brings its tokenizer; otherwise load only the tokenizer, once.
         for spec in pool.loaded():
             if spec.source == source:
                 return pool.get(spec).tokenizer
-        return load_tok(source)
+        return load_tokenizer(ModelSpec(source))  # loaded once per process
 
     # Exports are served from the app's data dir as they are, not copied into gradio's cache.
     gr.set_static_paths([data.exports_dir()])
