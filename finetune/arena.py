@@ -46,7 +46,7 @@ from finetune.generate import (
     stream_all,
     token_counters,
 )
-from finetune.models import EMBEDDED, ModelPool, inference_dtype, model_cache
+from finetune.models import ModelPool, embedded_name, inference_dtype
 from finetune.security import check_upload_size, extract_zip, safe_name
 
 ROLES = ("base", "tuned", "reference")
@@ -75,11 +75,8 @@ def uploads_dir() -> Path:
 
 def _base_from_adapter_config(adapter: Path) -> str:
     source = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-    # Adapters trained on an embedded model name its converted cache folder: map it back to the short name.
-    path = Path(source)
-    if path.name in EMBEDDED and path.parent.resolve() == model_cache().resolve():
-        return path.name
-    return source
+    # Older adapters trained on an embedded model name its converted cache folder: map it back to the short name.
+    return embedded_name(source) or source
 
 
 def adapter_info(path: str | Path, name: str | None = None, origin: str = "upload") -> AdapterInfo:

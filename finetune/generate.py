@@ -26,7 +26,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,6 +258,34 @@ class RowsDone:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class CoreShare:
+    """Local generations running at once in this process; at every decoding step each takes its share of the
+    cores, so when one column finishes, the others speed up (`torch.set_num_threads` is per calling thread)."""
+
+    def __init__(self):
+        self.lock, self.active = threading.Lock(), 0
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        with self.lock:
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        """A stopping criterion that stops nothing: `generate` calls it once per step, in its own thread."""
+        threads = threads_per_generation(self.active)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+CORES = CoreShare()
+
+
 @dataclass
 class Loaded:
     """A model with its tokenizer and the lock held while generating with it (`models.LoadedModel` fits too).
@@ -298,7 +326,8 @@ def _run_batch(job: BatchJob, rows: list[RowText]) -> None:
     for i in live:
         rows[i].filter = StopFilter(stops[i])
     live_rows = [rows[i] for i in live]
-    with job.loaded.lock:  # one generation per model at a time; other requests for it queue here
+    # One generation per model at a time; other requests for it queue here (not counted as running).
+    with job.loaded.lock, CORES.running():
         model, tokenizer = job.loaded.model, job.loaded.tokenizer
         names = None
         if hasattr(model, "peft_config"):
@@ -312,7 +341,7 @@ def _run_batch(job: BatchJob, rows: list[RowText]) -> None:
                 **inputs,
                 **generate_kwargs(tokenizer, job.params, model, names),
                 streamer=BatchStreamer(tokenizer, live_rows, eos_ids(model, tokenizer)),
-                stopping_criteria=StoppingCriteriaList([RowsDone(live_rows)]),
+                stopping_criteria=StoppingCriteriaList([RowsDone(live_rows), CORES]),
             )
 
 
@@ -321,7 +350,8 @@ def stream_batch(prepare: Callable[[], BatchJob], n_rows: int, threads: int | No
 
     `prepare` runs in the generation thread, so loading a model blocks no caller; an exception there or in
     `generate` ends every row's stream with that exception. Closing every stream stops generation.
-    `threads`: torch intra-op threads of this generation (default: all, `CPU_THREADS`).
+    `threads`: torch intra-op threads of this generation at its start (default: all, `CPU_THREADS`); from the
+    first step on it takes its share of the cores (`CORES`).
     """
     rows = [RowText() for _ in range(n_rows)]
     state: dict = {}

@@ -77,9 +77,19 @@ def model_cache() -> Path:
     return Path(os.environ.get("FINETUNE_MODEL_CACHE") or home() / "models")
 
 
+CACHE_SUFFIX = "-bf16"  # the cache's format: a folder written by an older format is not read
+
+
+def embedded_name(path: str | Path) -> str | None:
+    """The embedded model whose cache folder `path` is (older adapters name that folder), else None."""
+    path = Path(path)
+    name = path.name.removesuffix(CACHE_SUFFIX)
+    return name if name in EMBEDDED and path.parent.resolve() == model_cache().resolve() else None
+
+
 def cached_embedded(name: str) -> Path:
     """Folder of the safetensors copy of an embedded model, converting its GGUF on first use."""
-    target = model_cache() / f"{name}-bf16"
+    target = model_cache() / f"{name}{CACHE_SUFFIX}"
     if (target / "config.json").exists():
         return target
     gguf = EMBEDDED[name].locate_gguf()
@@ -234,6 +244,8 @@ def _load_model(spec: ModelSpec, device: str | None):
         raise _load_error(spec, e) from e
     if quant is None:
         model.to(device)
+    if spec.source in EMBEDDED:  # adapters trained on it record this name, not the cache folder
+        model.config.name_or_path = spec.source
     model.eval()
     return model, tokenizer
 

@@ -94,10 +94,10 @@ def saving(what: str) -> Iterator[None]:
 
 @dataclass
 class Limits:
-    """Limits that protect a shared box; each set by the env var named in its help."""
+    """Limits that protect a shared box; each set by the env var named in its help (the answer length limit,
+    FINETUNE_MAX_NEW_TOKENS, is `AppSettings.max_new_tokens`)."""
 
     max_upload_mb: float = field(default=100.0, metadata={"help": "FINETUNE_MAX_UPLOAD_MB"})
-    max_new_tokens: int = field(default=512, metadata={"help": "FINETUNE_MAX_NEW_TOKENS"})
     max_train_steps: int = field(default=2000, metadata={"help": "FINETUNE_MAX_TRAIN_STEPS"})
     max_queued_runs: int = field(default=2, metadata={"help": "FINETUNE_MAX_QUEUED_RUNS (per user)"})
 

@@ -274,3 +274,24 @@ def test_arena_vote_and_leaderboard_endpoints(home, trained_adapter, tiny_llama,
     (vote,) = VoteStore().votes()
     assert vote.prompt == "What is Lamini?" and vote.winner == vote.order[1]
     assert json.dumps(vote.settings)  # settings stored as plain JSON
+
+
+@pytest.mark.parametrize("folder", ["gemma-3-270m", "gemma-3-270m-bf16"])
+def test_adapter_naming_the_embedded_cache_folder_maps_to_the_embedded_model(tmp_path, folder):
+    """Adapters made on a cached embedded model (older and current cache folders) share the pooled base model."""
+    from finetune.arena import adapter_info
+    from finetune.models import model_cache
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"base_model_name_or_path": str(model_cache() / folder), "peft_type": "LORA"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert adapter_info(adapter).base_model == "gemma-3-270m"
+
+
+def test_embedded_model_records_its_short_name_for_adapters():
+    from finetune.config import ModelSpec
+    from finetune.models import load_model
+
+    model, _ = load_model(ModelSpec("smollm2-135m-instruct"))
+    assert model.config.name_or_path == "smollm2-135m-instruct"
