@@ -60,8 +60,9 @@ def main() -> None:
     parser.add_argument("--share", action="store_true", help="Open a public gradio.live link (off by default).")
     args = parser.parse_args()
     ensure_nodeps_requirements()  # before the UI imports the embedded models' packages
-    threading.Thread(target=preload, daemon=True).start()
-    create_app().launch(server_name=args.host, server_port=args.port, **launch_kwargs(args.share))
+    app = create_app()
+    threading.Thread(target=preload, daemon=True).start()  # after the app's imports: transformers' are lazy
+    app.launch(server_name=args.host, server_port=args.port, **launch_kwargs(args.share))
 
 
 if __name__ == "__main__":

@@ -195,13 +195,20 @@ def resolve_source(spec: ModelSpec) -> str:
     return source
 
 
+# transformers' loading is not thread-safe: two `from_pretrained` calls at once (the Arena's first question loads
+# base and reference together) left one model with a freshly initialised output layer or meta tensors, and two
+# first imports of its lazy modules at once fail. Models and tokenizers load one at a time.
+_LOAD_LOCK = threading.RLock()
+
+
 def load_tokenizer(spec: ModelSpec):
     """The spec's tokenizer, loaded once per process (Gemma's 33 MB tokenizer.json takes ~3 s to parse)."""
     source = resolve_source(spec)
     local = Path(source)
     stamp = max((f.stat().st_mtime_ns for f in local.glob("tokenizer*")), default=0) if local.is_dir() else 0
     try:
-        return _load_tokenizer(source, spec.trust_remote_code, spec.revision, stamp)
+        with _LOAD_LOCK:
+            return _load_tokenizer(source, spec.trust_remote_code, spec.revision, stamp)
     except (OSError, ValueError) as e:
         raise _load_error(spec, e) from e
 
@@ -216,9 +223,6 @@ def _load_tokenizer(source: str, trust_remote_code: bool, revision: str | None, 
     return tokenizer
 
 
-# transformers' loading is not thread-safe: two `from_pretrained` calls at once (the Arena's first question loads
-# base and reference together) left one model with a freshly initialised output layer or meta tensors.
-_LOAD_LOCK = threading.Lock()
 
 
 def load_model(spec: ModelSpec, device: str | None = None):

@@ -447,3 +447,30 @@ def test_a_read_only_data_dir_refuses_new_runs_clearly(home, tiny_llama, sleeper
         assert [i.run_id for i in runner.runs()] == [kept]
     finally:
         runner.close()
+
+
+def test_python_app_py_serves_its_page_and_preloads_the_tokenizer(free_port, tmp_path):
+    """`python app.py` itself (main(): preload thread + launch) serves the page; a start-up import race once
+    killed it before it served anything."""
+    import sys
+    import time
+
+    env = {**os.environ, "FINETUNE_HOME": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env["FINETUNE_MODEL_CACHE"] = os.environ.get("FINETUNE_MODEL_CACHE") or str(
+        Path.home() / ".cache" / "finetune-workbench" / "models"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--port", str(free_port)], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None and status != 200:
+            with contextlib.suppress(httpx.HTTPError):
+                status = httpx.get(f"http://127.0.0.1:{free_port}/", timeout=2).status_code
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
