@@ -45,8 +45,15 @@ def prompt_inputs(tokenizer, prompts: str | list[str], device) -> dict:
     prompts = [prompts] if isinstance(prompts, str) else prompts
     special = tuple(t for t in tokenizer.all_special_tokens if t)
     add = not any(p.startswith(special) for p in prompts) if special else True
-    tokenizer.padding_side = "left"  # decoder-only batches must end with the prompt's last token
-    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add).to(device)
+    # Padded here, on the left (decoder-only batches must end with the prompt's last token), not by the tokenizer:
+    # the tokenizer is shared by the app's threads, and `padding=True` sets its backend's padding state for the
+    # call, which another thread's call can reset mid-way (seen: an unpadded, ragged batch).
+    ids = tokenizer(prompts, add_special_tokens=add)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(row) for row in ids)
+    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches

@@ -80,3 +80,18 @@ def test_embedded_models_answer_offline():
     base, base_tok = load_model(ModelSpec("gemma-3-270m", dtype="bfloat16"))
     answer = "".join(stream(base, base_tok, build_prompt(TEMPLATES["qa"], "What is the capital of France?"), params))
     assert "Paris" in answer and "###" not in answer
+
+
+def test_prompt_inputs_pads_left_without_touching_the_shared_tokenizer(smol_tokenizer):
+    """Left padding is done here: `padding=True` would set the shared tokenizer's backend state, which another
+    thread's call can reset mid-way (an unpadded batch)."""
+    from finetune.generate import prompt_inputs
+
+    smol_tokenizer.backend_tokenizer.no_padding()
+    out = prompt_inputs(smol_tokenizer, ["Hi", "A much longer prompt than the first"], "cpu")
+    short = smol_tokenizer("Hi")["input_ids"]
+    width = out["input_ids"].shape[1]
+    assert out["input_ids"][0, width - len(short) :].tolist() == short
+    assert out["attention_mask"][0].tolist() == [0] * (width - len(short)) + [1] * len(short)
+    assert out["attention_mask"][1].all()
+    assert smol_tokenizer.backend_tokenizer.padding is None
