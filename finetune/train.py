@@ -576,11 +576,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
     )
     if cfg.train_vocab == "data" and isinstance(trainer, AnswerOnlyTrainer):
         trainer.vocab = data_vocab(data.train)
-        log.info(
-            "training loss: softmax over the %d tokens of the training rows (of %d); held-out loss: all of them",
-            len(trainer.vocab),
-            len(tokenizer),
-        )
+        note = f"training loss over the data's {len(trainer.vocab):,} tokens of {len(tokenizer):,} (held-out: all)"
+        log.info("%s", note)
+        if rank0:
+            update_status(run_dir, summary=f"{summary} · {note}")
     trainer.remove_callback(PrinterCallback)  # RunCallback logs one readable line per logging step instead
     trainer.train(resume_from_checkpoint=str(checkpoint_dir) if checkpoint_dir else None)
     if has_eval and not callback.stopped and cfg.eval_steps <= 0:
