@@ -58,15 +58,16 @@ def heldout_loss(model, tokenizer, cfg) -> float:
     """Mean answer-token cross-entropy on the first test rows: the same code and rows for both sides."""
     import torch
 
+    from finetune.templates import pad_id
     from finetune.train import answer_loss_sum, encode_splits, pad_batch
 
     test = encode_splits(cfg, tokenizer).test.select(range(EVAL_ROWS))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for start in range(0, len(test), 8):
-            batch = pad_batch([test[i] for i in range(start, min(start + 8, len(test)))], pad_id)
+            batch = pad_batch([test[i] for i in range(start, min(start + 8, len(test)))], pad)
             s, n = answer_loss_sum(model, batch)
             total, count = total + float(s), count + n
     return total / count

@@ -38,7 +38,7 @@ from finetune import FinetuneError, home
 from finetune.config import DataConfig, GenerationParams, ModelSpec, load_train_config
 from finetune.generate import BASE_ADAPTER, generate_batch
 from finetune.models import ModelPool, has_cuda, inference_dtype, resolve_source
-from finetune.templates import IGNORE_INDEX, Template, chat_messages, encode_row, get_template, render
+from finetune.templates import IGNORE_INDEX, Template, chat_messages, encode_row, get_template, pad_id, render
 
 COLUMNS = ("base", "tuned")
 SCORES = ("exact_match", "f1", "rouge_l", "similarity")
@@ -265,7 +265,7 @@ def answer_losses(
     come from the same forward passes. Logits are computed only at answer positions: with a 262k-token
     vocabulary they are most of the time and memory.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     device = model.device
     out: list[tuple[float, int]] = []
     for i in range(0, len(encoded), batch_size):

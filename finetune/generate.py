@@ -37,7 +37,7 @@ from transformers.generation.streamers import BaseStreamer
 from finetune import FinetuneError
 from finetune.config import GenerationParams, ModelSpec
 from finetune.models import ModelPool
-from finetune.templates import Template, build_prompt, get_template
+from finetune.templates import Template, build_prompt, get_template, pad_id
 
 
 def prompt_inputs(tokenizer, prompts: str | list[str], device) -> dict:
@@ -49,7 +49,7 @@ def prompt_inputs(tokenizer, prompts: str | list[str], device) -> dict:
     # the tokenizer is shared by the app's threads, and `padding=True` sets its backend's padding state for the
     # call, which another thread's call can reset mid-way (seen: an unpadded, ragged batch).
     ids = tokenizer(prompts, add_special_tokens=add)["input_ids"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     width = max(len(row) for row in ids)
     input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=device)
     attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=device)
@@ -75,7 +75,7 @@ def generate_kwargs(tokenizer, params: GenerationParams, model=None, adapter_nam
     kwargs = dict(
         max_new_tokens=params.max_new_tokens,
         do_sample=not params.greedy,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=pad_id(tokenizer),
         repetition_penalty=params.repetition_penalty,
     )
     if params.greedy:

@@ -223,8 +223,6 @@ def _load_tokenizer(source: str, trust_remote_code: bool, revision: str | None, 
     return tokenizer
 
 
-
-
 def load_model(spec: ModelSpec, device: str | None = None):
     """Load `(model, tokenizer)` for a spec, on CUDA when there is one, else on the CPU, in eval mode."""
     with _LOAD_LOCK:

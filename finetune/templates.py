@@ -150,6 +150,11 @@ def build_prompt(template: Template, question: str, context: str = "", tokenizer
     return render(template, {"instruction": question, "input": context, "output": ""}, tokenizer)[0]
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def encode(tokenizer, prompt: str, answer: str, max_length: int | None = None, chat: bool = False) -> dict:
     """Token ids of prompt + answer with labels masked (-100) on the prompt, so loss is on the answer only.
 

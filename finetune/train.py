@@ -36,7 +36,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from finetune import FinetuneError, home
 from finetune.config import TrainConfig, dump_train_config, load_train_config
-from finetune.templates import IGNORE_INDEX, encode_row, get_template, validate
+from finetune.templates import IGNORE_INDEX, encode_row, get_template, pad_id, validate
 
 log = logging.getLogger(__name__)
 
@@ -564,12 +564,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
         log.info("rows: %d train%s, %d held out for the loss", len(data.train), skipped, len(test))
         update_status(run_dir, message=f"{'Resuming' if checkpoint_dir else 'Starting'}: {summary}", summary=summary)
     callback = RunCallback(run_dir, elapsed_before, stop_signal, cfg.max_minutes * 60)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     trainer_cls = AnswerOnlyTrainer if cfg.answer_only_logits else Trainer
     trainer = trainer_cls(
         model=model,
         args=training_arguments(cfg, run_dir, has_eval),
-        data_collator=lambda features: pad_batch(features, pad_id),
+        data_collator=lambda features: pad_batch(features, pad),
         train_dataset=data.train,
         eval_dataset=test if has_eval else None,
         callbacks=[callback],
