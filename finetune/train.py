@@ -167,6 +167,8 @@ def check_config(cfg: TrainConfig) -> str:
         raise FinetuneError("Set max_steps or num_epochs above 0.")
     if cfg.mixed_precision not in ("auto", "bf16", "fp16", "no"):
         raise FinetuneError(f"mixed_precision must be auto, bf16, fp16 or no (got {cfg.mixed_precision!r}).")
+    if cfg.train_vocab not in ("full", "data"):
+        raise FinetuneError(f"train_vocab must be full or data (got {cfg.train_vocab!r}).")
     quantization_config(cfg.model.quantization)  # raises on an unknown kind or a missing bitsandbytes
     tokenizer = load_tokenizer(cfg.model)  # raises on an unknown model
     from finetune.data import load_rows

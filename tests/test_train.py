@@ -280,6 +280,8 @@ def test_check_config_rejects_bad_configs_with_a_sentence(tiny_llama, qa_file, t
         check_config(tiny_config(tiny_llama, qa_file, max_length=8))
     with pytest.raises(FinetuneError, match="batch_size"):
         check_config(tiny_config(tiny_llama, qa_file, batch_size=0))
+    with pytest.raises(FinetuneError, match="train_vocab must be full or data"):
+        check_config(tiny_config(tiny_llama, qa_file, train_vocab="dataset"))
 
 
 def test_cli_train_and_bad_override(tiny_llama, qa_file, tmp_path):
