@@ -107,7 +107,8 @@ def test_a_participant_goes_through_every_tab(browser, home, tiny_llama, free_po
     runner = Runner(home / "runs", poll_interval=0.2)
     with running_app(settings, free_port, runner=runner) as url:
         page = open_page(browser, url)
-        assert {"Data", "Train", "Evaluate", "Arena"} <= {t.inner_text() for t in page.get_by_role("tab").all()}
+        for name in ("Data", "Train", "Evaluate", "Arena"):  # tabs render after the heading: wait for each
+            page.get_by_role("tab", name=name, exact=True).wait_for()
 
         # Data: the bundled set loads, its rows and stats show.
         page.get_by_role("tab", name="Data").click()
@@ -154,7 +155,7 @@ def test_a_participant_goes_through_every_tab(browser, home, tiny_llama, free_po
         # Blind mode: names hidden until the vote, then revealed.
         page.get_by_role("checkbox", name="Blind mode (A/B/C, then vote)").check()
         ask(page, "What is Lamini?")
-        assert page.get_by_text("Answer A", exact=True).count() == 1
+        page.get_by_text("Answer A", exact=True).wait_for()  # strict: exactly one such label
         page.get_by_role("radio", name="B is best").check()
         page.get_by_role("button", name="Vote", exact=True).click()
         page.get_by_text(re.compile(r"Thanks! A = ")).wait_for()

@@ -5,7 +5,10 @@ Uses the browser fixtures of tests/test_browser.py (Debian's Chromium through Pl
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from playwright.sync_api import expect
 
 from finetune.config import AppSettings, ModelSpec
 from finetune.guided import Guide, guided_config
@@ -47,8 +50,9 @@ def test_guided_start_advances_survives_a_reload_and_opens_the_arena(browser, ho
         # Ready: the Arena tab opens (so the Start tab's indicator is attached but hidden).
         page.locator(STATE.format("arena", "done")).wait_for(state="attached", timeout=TRAIN_TIMEOUT_MS)
         page.get_by_role("tab", name="Arena", selected=True).wait_for()
-        assert "lower" in page.locator("#guided-message").text_content()  # the held-out loss before and after
+        expect(page.locator("#guided-message")).to_contain_text("lower")  # the held-out loss before and after
         (run,) = runner.runs()  # one run: the reload started nothing new
-        assert page.get_by_label("Tuned: LoRA adapter").input_value().startswith(run.run_id)  # its adapter
-        assert page.get_by_role("textbox", name="Question").input_value()  # a held-out question is filled in
+        adapter = re.compile("^" + re.escape(run.run_id))
+        expect(page.get_by_label("Tuned: LoRA adapter")).to_have_value(adapter)  # its adapter
+        expect(page.get_by_role("textbox", name="Question")).not_to_have_value("")  # a held-out question is filled in
         page.screenshot(path=ARTIFACTS / "browser-guided-arena.png")
