@@ -462,7 +462,12 @@ def build_model(cfg: TrainConfig):
     model, tokenizer = load_model(cfg.model, device=_device())
     footprint = model.get_memory_footprint()
     if cfg.model.quantization in ("4bit", "8bit"):
+        dtype = model.get_input_embeddings().weight.dtype
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        # It casts every unquantized weight to float32, the frozen vocabulary-sized embedding too: twice its memory,
+        # and autocast then re-casts the whole output layer at every projection. Norms may stay float32.
+        for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+            embedding.to(dtype)
     model = get_peft_model(model, lora_config(cfg))
     trainable, total = model.get_nb_trainable_parameters()
     summary = (

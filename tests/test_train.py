@@ -348,3 +348,14 @@ def test_embedded_gemma_trains_with_4bit_on_cpu(tmp_path):
     assert status["state"] == "finished" and status["step"] == 2
     assert "4bit" in status["summary"]
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run") if "loss" in r)
+
+
+def test_4bit_keeps_the_vocabulary_layers_in_the_compute_dtype(tiny_llama, qa_file):
+    # prepare_model_for_kbit_training casts them to float32: double memory, and autocast re-casts per projection.
+    pytest.importorskip("bitsandbytes")
+    cfg = tiny_config(tiny_llama, qa_file)
+    cfg.model = ModelSpec(tiny_llama, dtype="bfloat16", quantization="4bit")
+    model, _, _ = build_model(cfg)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert not model.get_output_embeddings().weight.requires_grad
