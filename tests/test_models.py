@@ -147,3 +147,24 @@ def test_concurrent_loads_of_different_models_are_complete(tiny_llama):
     for model in loaded.values():
         assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
         torch.testing.assert_close(model.lm_head.weight.float(), reference.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(EMBEDDED))
+def test_embedded_tokenizer_loads_as_autotokenizer_would(name):
+    """The cache's tokenizer.json loaded as is (fast, small) encodes, decodes and templates like AutoTokenizer."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from finetune.data import BUNDLED
+    from finetune.models import load_tokenizer
+
+    ours, theirs = load_tokenizer(ModelSpec(name)), AutoTokenizer.from_pretrained(resolve_source(ModelSpec(name)))
+    rows = [json.loads(line) for line in BUNDLED["lamini_docs"].read_text().splitlines()[:200]]
+    texts = [f"### Question:\n{r['question']}\n\n### Answer:\n{r['answer']}" for r in rows] + ["<b> 日本語 \t x"]
+    ids = ours(texts).input_ids
+    assert ids == theirs(texts).input_ids
+    assert [ours.decode(i) for i in ids[:20]] == [theirs.decode(i) for i in ids[:20]]
+    assert ours.all_special_tokens == theirs.all_special_tokens and len(ours) == len(theirs)
+    assert ours.chat_template == theirs.chat_template
