@@ -246,62 +246,81 @@ def answer_loss_sum(model, batch: dict, vocab: torch.Tensor | None = None) -> tu
     hidden = captured["h"][:, :-1][keep]
     targets = labels[keep]
     head = lm.get_output_embeddings()
-    trainable = [p for p in head.parameters() if p.requires_grad]
-    project = head
+    weight, bias = head.weight, head.bias
     if vocab is not None:
-        if trainable:
+        if any(p.requires_grad for p in head.parameters()):
             raise FinetuneError("train_vocab: data cannot train the output layer (lm_head); use train_vocab: full.")
-        vocab = vocab.to(head.weight.device)
-        weight, bias = head.weight[vocab], head.bias[vocab] if head.bias is not None else None
+        vocab = vocab.to(weight.device)
+        weight, bias = weight[vocab], bias[vocab] if bias is not None else None
         targets = torch.searchsorted(vocab, targets)
-
-        def project(h: torch.Tensor) -> torch.Tensor:
-            return F.linear(h, weight, bias)
-
     cap = getattr(lm.config, "final_logit_softcapping", None)
-
-    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = project(h)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return F.cross_entropy(logits.float(), t, reduction="sum")
-
     if not torch.is_grad_enabled():
-        total = sum(
-            chunk_loss(hidden[i : i + LOGITS_CHUNK], targets[i : i + LOGITS_CHUNK])
-            for i in range(0, len(targets), LOGITS_CHUNK)
-        )
-        return torch.as_tensor(total, dtype=torch.float32), len(targets)
-    return ChunkedLoss.apply(hidden, targets, chunk_loss, *trainable), len(targets)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, len(targets), LOGITS_CHUNK):
+            total += chunk_cross_entropy(
+                hidden[i : i + LOGITS_CHUNK], targets[i : i + LOGITS_CHUNK], weight, bias, cap
+            )[0]
+        return total, len(targets)
+    return ChunkedLoss.apply(hidden, targets, weight, bias, cap), len(targets)
+
+
+def chunk_cross_entropy(
+    hidden: torch.Tensor, targets: torch.Tensor, weight, bias, cap: float | None, grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed cross-entropy of `targets` under logits `hidden @ weight.T + bias`, softcapped like Gemma's, and
+    with `grad` its gradient w.r.t. those logits, in the projection's dtype).
+
+    Worked out in place in one float32 chunk x vocab buffer: autograd's cross-entropy keeps three such buffers.
+    """
+    logits = F.linear(hidden, weight, bias)
+    dtype, logits = logits.dtype, logits.float()
+    if cap:
+        tanh = logits.div_(cap).tanh_()
+        logits = tanh.mul(cap)
+    rows = torch.arange(len(targets), device=logits.device)
+    picked = logits[rows, targets]
+    peak = logits.amax(-1, keepdim=True)
+    exp = logits.sub_(peak).exp_()
+    norm = exp.sum(-1, keepdim=True)
+    loss = (peak.squeeze(-1) + norm.squeeze(-1).log() - picked).sum()
+    if not grad:
+        return loss, None
+    softmax = exp.div_(norm)
+    softmax[rows, targets] -= 1  # d loss / d logits = softmax - one-hot
+    if cap:  # d (cap tanh(z / cap)) / dz = 1 - tanh^2
+        softmax.mul_(tanh.square_().neg_().add_(1))
+    return loss, softmax.to(dtype)
 
 
 class ChunkedLoss(torch.autograd.Function):
-    """Sum of `loss_fn` over row chunks whose gradients are taken chunk by chunk in forward.
+    """Summed cross-entropy over row chunks, whose gradients are worked out chunk by chunk in forward.
 
-    Only one chunk's logits (chunk x vocab floats) is ever alive; backward just scales the stored gradients
-    (of the hidden states, and of `params`: the output layer's trainable parameters, if any).
+    Only one chunk's logits (chunk x vocab floats) is ever alive; backward just scales the stored gradients of
+    the hidden states, and of the output layer's weight and bias when they are trained.
     """
 
     @staticmethod
-    def forward(ctx, hidden, targets, loss_fn, *params):
+    def forward(ctx, hidden, targets, weight, bias, cap):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden, grad_params = torch.zeros_like(hidden), [torch.zeros_like(p) for p in params]
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[2] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
         for i in range(0, len(targets), LOGITS_CHUNK):
-            h = hidden[i : i + LOGITS_CHUNK].detach().requires_grad_()
-            with torch.enable_grad():
-                loss = loss_fn(h, targets[i : i + LOGITS_CHUNK])
-                grads = torch.autograd.grad(loss, [h, *params])
-            total += loss.detach()
-            grad_hidden[i : i + LOGITS_CHUNK] = grads[0]
-            for acc, g in zip(grad_params, grads[1:]):
-                acc += g
-        ctx.save_for_backward(grad_hidden, *grad_params)
+            h = hidden[i : i + LOGITS_CHUNK]
+            loss, grad = chunk_cross_entropy(h, targets[i : i + LOGITS_CHUNK], weight, bias, cap, grad=True)
+            total += loss
+            grad_hidden[i : i + LOGITS_CHUNK] = grad @ weight  # under autocast both in its dtype
+            if grad_weight is not None:
+                grad_weight += grad.T @ h
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        ctx.grads = grad_hidden, grad_weight, grad_bias
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, *grad_params = ctx.saved_tensors
-        return grad_hidden * grad_total, None, None, *(g * grad_total for g in grad_params)
+        grad_hidden, grad_weight, grad_bias = (g * grad_total if g is not None else None for g in ctx.grads)
+        return grad_hidden, None, grad_weight, grad_bias, None
 
 
 class AnswerOnlyTrainer(Trainer):
