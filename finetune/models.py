@@ -234,6 +234,12 @@ def _load_tokenizer(source: str, trust_remote_code: bool, revision: str | None, 
     return tokenizer
 
 
+def forget_tokenizers() -> None:
+    """Drop this process's cached tokenizers (a training process needs its tokenizer only to encode the data)."""
+    _load_tokenizer.cache_clear()
+    release_freed_memory()
+
+
 def release_freed_memory() -> None:
     """Give memory freed by Python and native libraries back to the OS (glibc keeps freed heap pages)."""
     gc.collect()

@@ -571,10 +571,15 @@ def _failure_message(e: BaseException) -> str:
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_signal: threading.Event) -> Path:
     from transformers import set_seed
 
+    from finetune.models import forget_tokenizers
+
     set_seed(cfg.seed)
     model, tokenizer, summary = build_model(cfg)
     log.info("%s", summary)
     data = encode_splits(cfg, tokenizer)
+    pad, vocab_size = pad_id(tokenizer), len(tokenizer)
+    del tokenizer
+    forget_tokenizers()  # Gemma's takes 0.1 GB that training does not need
     test = data.test
     if cfg.eval_rows is not None and len(test) > cfg.eval_rows:
         test = test.select(range(cfg.eval_rows))
@@ -590,7 +595,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
         log.info("rows: %d train%s, %d held out for the loss", len(data.train), skipped, len(test))
         update_status(run_dir, message=f"{'Resuming' if checkpoint_dir else 'Starting'}: {summary}", summary=summary)
     callback = RunCallback(run_dir, elapsed_before, stop_signal, cfg.max_minutes * 60)
-    pad = pad_id(tokenizer)
     trainer_cls = AnswerOnlyTrainer if cfg.answer_only_logits else Trainer
     trainer = trainer_cls(
         model=model,
@@ -602,7 +606,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
     )
     if cfg.train_vocab == "data" and isinstance(trainer, AnswerOnlyTrainer):
         trainer.vocab = data_vocab(data.train)
-        note = f"training loss over the data's {len(trainer.vocab):,} tokens of {len(tokenizer):,} (held-out: all)"
+        note = f"training loss over the data's {len(trainer.vocab):,} tokens of {vocab_size:,} (held-out: all)"
         log.info("%s", note)
         if rank0:
             update_status(run_dir, summary=f"{summary} · {note}")
