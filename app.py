@@ -43,14 +43,18 @@ def create_app(settings=None, **parts):
 
 
 def preload() -> None:
-    """Parse the base model's tokenizer while the page is served: the Data tab and the Arena need it first."""
+    """While the page is served: parse the tokenizers and import the model code of the base and reference models,
+    which the Data tab and the Arena need first."""
     from finetune.config import AppSettings, ModelSpec
-    from finetune.models import load_tokenizer
+    from finetune.models import import_model_code, load_tokenizer
 
-    try:
-        load_tokenizer(ModelSpec(AppSettings.from_env().base_model))
-    except Exception as e:  # noqa: BLE001 - the tab that needs it reports the error where the user sees it
-        log.info("preloading the tokenizer failed: %s", e)
+    settings = AppSettings.from_env()
+    for source in (settings.base_model, settings.reference_model):
+        try:
+            load_tokenizer(ModelSpec(source))
+            import_model_code(ModelSpec(source))
+        except Exception as e:  # noqa: BLE001 - the tab that needs it reports the error where the user sees it
+            log.info("preloading %s failed: %s", source, e)
 
 
 def main() -> None:

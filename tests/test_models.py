@@ -168,3 +168,18 @@ def test_embedded_tokenizer_loads_as_autotokenizer_would(name):
     assert [ours.decode(i) for i in ids[:20]] == [theirs.decode(i) for i in ids[:20]]
     assert ours.all_special_tokens == theirs.all_special_tokens and len(ours) == len(theirs)
     assert ours.chat_template == theirs.chat_template
+
+
+def test_import_model_code_imports_the_architecture(tiny_llama):
+    """The app's start-up preload: a later load of the model pays for its files only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from finetune.config import ModelSpec; from finetune.models import import_model_code;"
+        "before = 'transformers.models.llama.modeling_llama' in sys.modules;"
+        f"import_model_code(ModelSpec({tiny_llama!r}));"
+        "print(before, 'transformers.models.llama.modeling_llama' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "True"], done.stderr[-2000:]
