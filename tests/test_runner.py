@@ -10,7 +10,7 @@ import time
 import pytest
 
 from finetune import FinetuneError
-from finetune.config import DataConfig, ModelSpec, TrainConfig
+from finetune.config import DataConfig, ModelSpec, TrainConfig, load_train_config
 from finetune.runner import Runner
 from finetune.train import ADAPTER_DIR, latest_checkpoint, read_metrics, read_status, update_status
 
@@ -132,9 +132,10 @@ def test_train_tab_api_starts_a_run_and_reports_it(tmp_path, tiny_llama, qa_file
     try:
         client = Client(f"http://127.0.0.1:{free_port}/", verbose=False)
         form = [tiny_llama, qa_file, "qa", "none", 3, 1e-3, 2, 48, 4]  # model, data, template, quant, steps, lr...
-        form += [8, 0.0, 1, 0, 0, 2, None, 1, "float32", "all-linear", False]  # the advanced ones
+        form += [8, 0.0, 1, 0, 0, 2, None, 1, "float32", "all-linear", False, True]  # the advanced ones
         run_id, _ = client.predict(*form, api_name="/train_start")
         assert run_id.startswith("20") and (runner.root / run_id / "config.yaml").is_file()
+        assert load_train_config(runner.root / run_id / "config.yaml").gradient_checkpointing  # the last box
         assert runner.wait(run_id)["state"] == "finished"
         status = client.predict(run_id, api_name="/train_status")
         assert status["state"] == "finished" and status["step"] == 3

@@ -338,7 +338,7 @@ def test_with_login_runs_belong_to_their_user(home, tiny_settings, free_port, mo
             ann, bob, boss = client(url, ("ann", "pw1")), client(url, ("bob", "pw2")), client(url, ("boss", "pw3"))
             # The Train form: model, data, template, quantization, steps, lr, batch, length, r, then the advanced ones.
             form = [tiny_settings.base_model, "lamini_docs", "qa", "none", 3, 1e-3, 2, 48, 4]
-            form += [8, 0.0, 1, 0, 0, 2, 20, 1, "float32", "all-linear", False]
+            form += [8, 0.0, 1, 0, 0, 2, 20, 1, "float32", "all-linear", False, False]
             first, _ = ann.predict(*form, api_name="/train_start")
             second, _ = ann.predict(*form, api_name="/train_start")
             assert runner.status(first)["state"] == "running" and runner.status(second)["queue_position"] == 1
