@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import threading
+from pathlib import Path
 
 from finetune import home
 from finetune.security import Limits, parse_auth
@@ -46,10 +47,12 @@ def preload() -> None:
     """While the page is served: parse the tokenizers and import the model code of the base and reference models,
     which the Data tab and the Arena need first."""
     from finetune.config import AppSettings, ModelSpec
-    from finetune.models import import_model_code, load_tokenizer
+    from finetune.models import EMBEDDED, import_model_code, load_tokenizer
 
     settings = AppSettings.from_env()
     for source in (settings.base_model, settings.reference_model):
+        if source not in EMBEDDED and not Path(source).expanduser().is_dir():
+            continue  # a Hub model: no network waits (under the load lock) before anyone asked for it
         try:
             load_tokenizer(ModelSpec(source))
             import_model_code(ModelSpec(source))
