@@ -474,3 +474,15 @@ def test_python_app_py_serves_its_page_and_preloads_the_tokenizer(free_port, tmp
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_preload_parses_local_models_and_leaves_hub_models_alone(monkeypatch, tiny_llama):
+    import finetune.models
+
+    seen = []
+    monkeypatch.setattr(finetune.models, "load_tokenizer", lambda spec: seen.append(("tokenizer", spec.source)))
+    monkeypatch.setattr(finetune.models, "import_model_code", lambda spec: seen.append(("code", spec.source)))
+    monkeypatch.setenv("FINETUNE_BASE_MODEL", tiny_llama)
+    monkeypatch.setenv("FINETUNE_REFERENCE_MODEL", "HuggingFaceTB/SmolLM2-360M-Instruct")
+    app_module.preload()
+    assert seen == [("tokenizer", tiny_llama), ("code", tiny_llama)]
