@@ -234,6 +234,18 @@ def _load_tokenizer(source: str, trust_remote_code: bool, revision: str | None, 
     return tokenizer
 
 
+def save_tokenizer(spec: ModelSpec, tokenizer, out_dir: str | Path) -> None:
+    """Save the spec's tokenizer to `out_dir`; an embedded model's as the files it was converted with, so that it
+    keeps its own class (GemmaTokenizer: left padding), not the generic one it is loaded with for speed."""
+    source = Path(resolve_source(spec))
+    if not embedded_name(source):
+        tokenizer.save_pretrained(out_dir)
+        return
+    for f in source.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens_map", "chat_template")):
+            shutil.copy2(f, Path(out_dir) / f.name)
+
+
 def forget_tokenizers() -> None:
     """Drop this process's cached tokenizers (a training process needs its tokenizer only to encode the data)."""
     _load_tokenizer.cache_clear()

@@ -669,7 +669,7 @@ def export_merged(path: str | Path, out_dir: str | Path, base: str | None = None
     from peft import PeftModel
 
     from finetune.config import ModelSpec
-    from finetune.models import load_model
+    from finetune.models import load_model, save_tokenizer
 
     adapter, cfg = _adapter_and_config(path)
     spec = ModelSpec(base or cfg.model.source, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
@@ -677,7 +677,7 @@ def export_merged(path: str | Path, out_dir: str | Path, base: str | None = None
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(spec, tokenizer, out_dir)
     return out_dir
 
 

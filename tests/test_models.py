@@ -183,3 +183,17 @@ def test_import_model_code_imports_the_architecture(tiny_llama):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["False", "True"], done.stderr[-2000:]
+
+
+@pytest.mark.integration
+def test_an_embedded_tokenizer_is_saved_with_its_own_class(tmp_path):
+    """Loaded with the generic class for speed, but an export keeps the model's own (Gemma's pads on the left)."""
+    from transformers import AutoTokenizer
+
+    from finetune.models import load_tokenizer, save_tokenizer
+
+    spec = ModelSpec("gemma-3-270m")
+    save_tokenizer(spec, load_tokenizer(spec), tmp_path)
+    saved = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(saved).__name__ == "GemmaTokenizer" and saved.padding_side == "left"
+    assert saved("Lamini").input_ids == load_tokenizer(spec)("Lamini").input_ids
