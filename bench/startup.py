@@ -28,7 +28,7 @@ import json, time
 t0 = time.perf_counter()
 from finetune.config import ModelSpec
 from finetune.models import import_model_code, load_model, load_tokenizer, inference_dtype
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast  # tokenizer code: an import, not part of a load
 spec = ModelSpec({name!r}, dtype=inference_dtype())
 t1 = time.perf_counter()
 load_tokenizer(spec)  # cold: converts the GGUF first
