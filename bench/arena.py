@@ -90,7 +90,8 @@ def main() -> None:
     from finetune.config import DataConfig, GenerationParams, ModelSpec
     from finetune.data import load_splits
     from finetune.generate import CPU_THREADS, conversation_prompt, threads_per_generation
-    from finetune.models import BASE_MODEL, REFERENCE_MODEL, ModelPool, inference_dtype, load_model, model_bytes
+    from finetune.hardware import inference_dtype
+    from finetune.models import BASE_MODEL, REFERENCE_MODEL, ModelPool, load_model, model_bytes
     from finetune.templates import get_template
 
     print(f"machine: {machine()}; {load_note()} at start")

@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, {bench!r})
 from common import random_adapter
 from finetune.config import ModelSpec
-from finetune.models import BASE_MODEL, inference_dtype, load_model
+from finetune.hardware import inference_dtype
+from finetune.models import BASE_MODEL, load_model
 random_adapter(load_model(ModelSpec(BASE_MODEL, dtype=inference_dtype()))[0], Path({out!r}))
 """
 
@@ -57,7 +58,8 @@ def measure(args, tmp: Path) -> None:
     from app import create_app
     from finetune.arena import ArenaSession, ArenaSetup, ask, make_backends
     from finetune.config import GenerationParams, load_train_config
-    from finetune.models import BASE_MODEL, ModelPool, inference_dtype
+    from finetune.hardware import inference_dtype
+    from finetune.models import BASE_MODEL, ModelPool
     from finetune.runner import Runner
 
     print(f"machine: {machine()}; {load_note()} at start")

@@ -27,7 +27,8 @@ LOAD = """
 import json, time
 t0 = time.perf_counter()
 from finetune.config import ModelSpec
-from finetune.models import import_model_code, load_model, load_tokenizer, inference_dtype
+from finetune.hardware import inference_dtype
+from finetune.models import import_model_code, load_model, load_tokenizer
 from transformers import PreTrainedTokenizerFast  # tokenizer code: an import, not part of a load
 spec = ModelSpec({name!r}, dtype=inference_dtype())
 t1 = time.perf_counter()

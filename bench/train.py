@@ -123,16 +123,18 @@ def plain_train(cfg, run_dir: str):
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-    from finetune.models import load_model
-    from finetune.train import _mixed_precision, encode_splits, lora_config
+    from finetune.hardware import resolve_auto
+    from finetune.models import load_model, load_tokenizer
+    from finetune.train import encode_splits, lora_config
 
     set_seed(cfg.seed)
+    cfg, _ = resolve_auto(cfg, len(load_tokenizer(cfg.model)))  # the precision the project's trainer chooses
     model, tokenizer = load_model(cfg.model)
     if cfg.model.quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, lora_config(cfg))
     train = encode_splits(cfg, tokenizer).train.remove_columns(["length"])
-    precision = _mixed_precision(cfg)
+    precision = cfg.mixed_precision
     args = TrainingArguments(
         output_dir=str(Path(run_dir) / "plain"),
         per_device_train_batch_size=cfg.batch_size,

@@ -39,6 +39,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = load_train_config(args.config, args.set)
     if run_dir is None:
         run_dir = runs_dir() / new_run_id(cfg)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            # Under `accelerate launch` each process would name its own folder: all take process 0's.
+            from accelerate import PartialState
+            from accelerate.utils import broadcast_object_list
+
+            PartialState()  # joins the process group the Trainer would start
+            run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     run_dir.mkdir(parents=True, exist_ok=True)
     # The runner sends our output to train.log; run by hand, we also write it there for the UI's log tail.
     log_file = run_dir / LOG_FILE

@@ -46,7 +46,8 @@ from finetune.generate import (
     stream_all,
     token_counters,
 )
-from finetune.models import ModelPool, embedded_name, inference_dtype
+from finetune.hardware import inference_dtype
+from finetune.models import ModelPool, embedded_name
 from finetune.security import check_upload_size, extract_zip, safe_name
 
 ROLES = ("base", "tuned", "reference")

@@ -17,7 +17,11 @@ class ModelSpec:
         default="gemma-3-270m",
         metadata={"help": "Embedded name (gemma-3-270m, smollm2-135m-instruct), a Hub id, or a local folder."},
     )
-    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "auto (bfloat16 where this machine computes it natively, else float32), float32, bfloat16 "
+                  "or float16."},
+    )  # fmt: skip
     quantization: str | None = field(default=None, metadata={"help": "None, '4bit' (NF4, QLoRA) or '8bit'."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run code from the model repo. Off unless asked."}
@@ -115,12 +119,20 @@ class TrainConfig:
     lr_scheduler: str = field(default="cosine", metadata={"help": "linear, cosine, constant, ..."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps; a value below 1 is a fraction."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    num_epochs: float = field(default=1.0, metadata={"help": "Passes over the training rows (when max_steps <= 0)."})
-    max_steps: int = field(default=120, metadata={"help": "Optimizer steps; overrides num_epochs when > 0."})
+    num_epochs: float = field(
+        default=1.0, metadata={"help": "Passes over the training rows (when max_steps <= 0); caps max_steps auto."}
+    )
+    max_steps: int | str = field(
+        default=120,
+        metadata={"help": "Optimizer steps (overrides num_epochs when > 0), or auto: as many as fit in max_minutes on "
+                  "this machine, timed at the start."},
+    )  # fmt: skip
     max_minutes: float = field(
         default=0.0, metadata={"help": "Stop cleanly (adapter saved) after this many minutes of training (0: none)."}
     )
-    batch_size: int = field(default=8, metadata={"help": "Rows per device per forward pass."})
+    batch_size: int | str = field(
+        default=8, metadata={"help": "Rows per device per forward pass, or auto (8 on a CPU, more on a big GPU)."}
+    )
     grad_accum: int = field(default=1, metadata={"help": "Forward passes per optimizer step."})
     eval_steps: int = field(default=0, metadata={"help": "Held-out loss every N steps (0: only at the end)."})
     eval_rows: int | None = field(default=64, metadata={"help": "Held-out rows for the loss in training (None: all)."})
@@ -129,17 +141,18 @@ class TrainConfig:
     logging_steps: int = field(default=5, metadata={"help": "Loss/metrics line every N steps."})
     seed: int = field(default=42, metadata={"help": "Seed for LoRA init and data order."})
     mixed_precision: str = field(
-        default="auto", metadata={"help": "auto (bf16 where the GPU/CPU computes it natively), bf16, fp16 or no."}
+        default="auto",
+        metadata={"help": "auto (bf16 where the GPU/CPU computes it natively, fp16 on older GPUs), bf16, fp16 or no."},
     )
     answer_only_logits: bool = field(
         default=True,
         metadata={"help": "Compute the vocabulary projection only where the loss needs it (same loss, much faster)."},
     )
     train_vocab: str = field(
-        default="full",
+        default="auto",
         metadata={
-            "help": "full, or data: the training softmax covers only the data's tokens (faster for a big "
-            "vocabulary; held-out loss stays full)."
+            "help": "full; data: the training softmax covers only the data's tokens (faster for a big vocabulary; "
+            "held-out loss stays full); auto: data on a CPU for a vocabulary of 64k tokens or more, else full."
         },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (big models)."})
@@ -187,6 +200,8 @@ def _coerce(value, hint, key: str):
     if not scalars or isinstance(value, scalars[0]) and not (scalars[0] is int and isinstance(value, bool)):
         return value
     kind = scalars[0]
+    if str in args and isinstance(value, str) and not _numeric(value):
+        return value.strip()  # a word where a number may also stand (max_steps: auto)
     try:
         if kind is bool:
             if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
@@ -200,6 +215,14 @@ def _coerce(value, hint, key: str):
         return number
     except (TypeError, ValueError):
         raise _config_error(f"{key} must be {kind.__name__}, not {value!r}.") from None
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _config_error(message: str) -> Exception:
@@ -216,13 +239,19 @@ def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> dic
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise _config_error(f"Override {item!r} must look like key=value, e.g. learning_rate=3e-4.")
-        *parents, leaf = key.strip().split(".")
-        node = values
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise _config_error(f"Override {item!r}: {part} is not a section.")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return values
+
+
+def set_dotted(values: dict, key: str, value) -> dict:
+    """`values["a"]["b"] = value` for the key "a.b" (sections made as needed); returns `values`."""
+    *parents, leaf = key.split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise _config_error(f"Setting {key!r}: {part} is not a section.")
+    node[leaf] = value
     return values
 
 

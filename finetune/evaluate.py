@@ -37,7 +37,8 @@ import torch
 from finetune import FinetuneError, home
 from finetune.config import DataConfig, GenerationParams, ModelSpec, load_train_config
 from finetune.generate import BASE_ADAPTER, generate_batch
-from finetune.models import ModelPool, has_cuda, inference_dtype, resolve_source
+from finetune.hardware import inference_dtype, machine
+from finetune.models import ModelPool, resolve_source
 from finetune.templates import IGNORE_INDEX, Template, chat_messages, encode_row, get_template, pad_id, render
 
 COLUMNS = ("base", "tuned")
@@ -224,7 +225,7 @@ def eval_spec(spec: ModelSpec) -> ModelSpec:
     is slow; sharing the Arena's spec also means one copy of the base model in the pool.
     """
     dtype = inference_dtype() if spec.dtype == "auto" else spec.dtype
-    return replace(spec, dtype=dtype, quantization=spec.quantization if has_cuda() else None)
+    return replace(spec, dtype=dtype, quantization=spec.quantization if machine().kind == "cuda" else None)
 
 
 def load_last_eval(run: str | Path) -> dict | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from finetune import FinetuneError
 from finetune.config import TrainConfig, load_train_config
-from finetune.models import ModelPool, has_cuda
+from finetune.models import ModelPool
 from finetune.runner import Runner
 from finetune.security import Limits
 from finetune.train import ACTIVE_STATES, write_json_atomic
@@ -63,8 +63,6 @@ class GuidedStep:
 def guided_config(**overrides) -> TrainConfig:
     """The quickstart recipe; `overrides` replace top-level fields (tests: model, max_steps)."""
     cfg = load_train_config(RECIPE)
-    if has_cuda():
-        cfg.model.dtype = "auto"
     for key, value in overrides.items():
         setattr(cfg, key, value)
     cfg.name = cfg.name or "quickstart"

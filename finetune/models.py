@@ -17,6 +17,7 @@ import functools
 import gc
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import sys
@@ -32,6 +33,7 @@ import torch
 
 from finetune import FinetuneError, home
 from finetune.config import ModelSpec
+from finetune.hardware import machine, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -126,34 +128,6 @@ def cached_embedded(name: str) -> Path:
 # --- loading -----------------------------------------------------------------------------------
 
 
-def has_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX): generation is ~2x faster there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """`auto`: bfloat16 on CUDA, float32 on CPU (the safe choice for training)."""
-    if dtype == "auto":
-        return torch.bfloat16 if has_cuda() else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise FinetuneError(f"Unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16.") from None
-
-
-def inference_dtype() -> str:
-    """The fastest exact-enough dtype for generation on this machine."""
-    return "bfloat16" if has_cuda() or cpu_has_bf16() else "float32"
-
-
 def bitsandbytes_available() -> bool:
     try:
         import bitsandbytes  # noqa: F401
@@ -175,7 +149,7 @@ def quantization_config(kind: str | None, compute_dtype: torch.dtype | None = No
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if (not has_cuda() or torch.cuda.is_bf16_supported()) else torch.float16
+        compute_dtype = machine().quant_compute_dtype()
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -273,7 +247,8 @@ def import_model_code(spec: ModelSpec) -> None:
 
 
 def load_model(spec: ModelSpec, device: str | None = None):
-    """Load `(model, tokenizer)` for a spec, on CUDA when there is one, else on the CPU, in eval mode."""
+    """Load `(model, tokenizer)` for a spec, in eval mode, on `device` (default: where the app's models run,
+    `Machine.app_device`); dtype `auto` is what `Machine.train_dtype` chooses for that device."""
     with _LOAD_LOCK:
         return _load_model(spec, device)
 
@@ -283,12 +258,12 @@ def _load_model(spec: ModelSpec, device: str | None):
 
     tokenizer = load_tokenizer(spec)
     source = resolve_source(spec)
-    dtype = resolve_dtype(spec.dtype)
+    device = device or machine().app_device()
+    dtype = torch_dtype(spec.dtype, device)
     quant = quantization_config(spec.quantization, compute_dtype=dtype if dtype != torch.float32 else None)
-    device = device or ("cuda" if has_cuda() else "cpu")
     kwargs = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": device if device != "cuda" else 0})
+        kwargs.update(quantization_config=quant, device_map={"": device})
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
@@ -306,6 +281,43 @@ def _load_error(spec: ModelSpec, e: Exception) -> FinetuneError:
     return FinetuneError(f"Could not load model {spec.source!r} ({hint}): {str(e).splitlines()[0][:300]}")
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What a step's cost depends on, read from the files without loading the weights."""
+
+    params: int
+    body_params: int  # all but the token embedding and output layer: what every position multiplies through
+    hidden: int
+    vocab: int
+
+
+def model_shape(spec: ModelSpec) -> ModelShape | None:
+    """The spec's shape from its config.json and safetensors headers; None for a model not on disk (a Hub id)."""
+    import json
+    import struct
+
+    folder = Path(resolve_source(spec))
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not files:
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    hidden, vocab = config.get("hidden_size"), config.get("vocab_size")
+    if not hidden or not vocab:
+        return None
+    params, head = 0, 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                numel = math.prod(info["shape"])
+                params += numel
+                head += numel if name.endswith("lm_head.weight") else 0
+    return ModelShape(params, params - vocab * hidden - head, hidden, vocab)
+
+
 def model_bytes(model) -> int:
     """Bytes of parameters and buffers (what the model costs in memory, roughly)."""
     tensors = list(model.parameters()) + list(model.buffers())
@@ -313,6 +325,19 @@ def model_bytes(model) -> int:
 
 
 # --- the shared pool -----------------------------------------------------------------------------
+
+
+VRAM_SHARE = 0.5  # of the app's GPU for its pooled models: the rest for activations, and a run training beside
+
+
+def default_budget_bytes() -> int | None:
+    """`FINETUNE_MODEL_BUDGET_GB`; unset: half the memory of the app's GPU, none on a CPU (the OS pages)."""
+    gb = float(os.environ.get("FINETUNE_MODEL_BUDGET_GB", "0") or 0)
+    if gb > 0:
+        return int(gb * 2**30)
+    m = machine()
+    gpu = m.gpu_for(m.app_device())
+    return int(gpu.memory_gb * VRAM_SHARE * 2**30) if gpu is not None else None
 
 
 @dataclass
@@ -333,10 +358,7 @@ class ModelPool:
     """Owns the app's loaded models: load on first use, shared by all users, evicted LRU past a memory budget."""
 
     def __init__(self, budget_bytes: int | None = None, loader: Callable = load_model):
-        if budget_bytes is None:
-            gb = float(os.environ.get("FINETUNE_MODEL_BUDGET_GB", "0") or 0)
-            budget_bytes = int(gb * 2**30) if gb > 0 else None
-        self.budget_bytes = budget_bytes
+        self.budget_bytes = budget_bytes if budget_bytes is not None else default_budget_bytes()
         self._loader = loader
         self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._loading: dict[tuple, threading.Lock] = {}

@@ -1,5 +1,8 @@
 """Job manager: each training run in its own process, one at a time per device, the others queued (FIFO).
 
+Devices are `Machine.training_devices()`: each GPU (a run's process sees only its own, `CUDA_VISIBLE_DEVICES`), or
+the CPU. The next queued run starts on the first device that is free.
+
     from finetune.runner import Runner
     runner = Runner()                      # finds the runs already on disk (past ones, queued ones, dead ones)
     run_id = runner.submit(cfg)            # checks the config first: a bad one raises FinetuneError, starts nothing
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from finetune import FinetuneError
 from finetune.config import TrainConfig, dump_train_config, load_train_config
+from finetune.hardware import machine
 from finetune.security import Limits, is_admin, saving
 from finetune.train import (
     ACTIVE_STATES,
@@ -81,6 +85,13 @@ def _pid_runs(pid: int | None, run_dir: Path) -> bool:
     return run_dir.name in cmdline or ("finetune" in cmdline and "train" in cmdline)
 
 
+def visible_device(device: str) -> str:
+    """`CUDA_VISIBLE_DEVICES` for a child that must see only `device` (cuda:N as this process numbers it)."""
+    index = int(device.split(":", 1)[1])
+    ours = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return ours[index] if index < len(ours) else str(index)
+
+
 def _exit_reason(code: int, run_dir: Path) -> str:
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
@@ -105,10 +116,12 @@ class Runner:
         self.root.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.poll_interval = poll_interval
+        self.devices = machine().training_devices()
         self._lock = threading.RLock()
         self._queue: list[tuple[str, bool]] = []  # (run id, resume)
         self._procs: dict[str, subprocess.Popen] = {}
         self._adopted: dict[str, int] = {}  # runs started by an earlier app process, still training: id -> pid
+        self._device_of: dict[str, str] = {}  # runs holding a device (started or adopted) -> that device
         self._closed = threading.Event()
         self._discover()
         self._thread = threading.Thread(target=self._loop, name="finetune-runner", daemon=True)
@@ -195,9 +208,14 @@ class Runner:
         return sorted(infos, key=lambda r: (r.created, r.run_id), reverse=True)
 
     def active(self) -> str | None:
-        """Id of the run holding the device, if any."""
+        """Id of a run holding a device, if any (the first device's first)."""
         with self._lock:
-            return next(iter(self._procs), None) or next(iter(self._adopted), None)
+            return next(iter(self._device_of), None)
+
+    def busy_devices(self) -> dict[str, str]:
+        """Device -> id of the run training there."""
+        with self._lock:
+            return {device: run_id for run_id, device in self._device_of.items()}
 
     def wait(self, run_id: str, timeout: float = 600.0) -> dict:
         """Block until the run is no longer queued/running/stopping (tests, scripts); returns its status."""
@@ -279,6 +297,8 @@ class Runner:
             elif state in ("running", "stopping"):
                 if _pid_runs(status.get("pid"), run_dir):
                     self._adopted[run_dir.name] = status["pid"]
+                    device = status.get("device")
+                    self._device_of[run_dir.name] = device if device in self.devices else self.devices[0]
                 else:
                     update_status(
                         run_dir,
@@ -295,6 +315,7 @@ class Runner:
             if code is None:
                 continue
             del self._procs[run_id]
+            self._device_of.pop(run_id, None)
             run_dir = self.root / run_id
             if read_status(run_dir).get("state") not in ACTIVE_STATES:
                 continue
@@ -306,22 +327,25 @@ class Runner:
             run_dir = self.root / run_id
             if not _pid_runs(pid, run_dir):
                 del self._adopted[run_id]
+                self._device_of.pop(run_id, None)
                 if read_status(run_dir).get("state") in ACTIVE_STATES:
                     update_status(run_dir, state="failed", eta_s=None, message=_exit_reason(-signal.SIGKILL, run_dir))
 
     def _schedule(self) -> None:
         with self._lock:
             self._reap()
-            if self._procs or self._adopted or not self._queue:
-                return
-            run_id, resume = self._queue.pop(0)
-            self._start(run_id, resume)
+            free = [d for d in self.devices if d not in self._device_of.values()]
+            while free and self._queue:
+                run_id, resume = self._queue.pop(0)
+                self._start(run_id, resume, free.pop(0))
 
-    def _start(self, run_id: str, resume: bool) -> None:
+    def _start(self, run_id: str, resume: bool, device: str) -> None:
         run_dir = self.root / run_id
         (run_dir / STOP_FILE).unlink(missing_ok=True)
         cmd = [self.python, "-m", "finetune", "train", "--run-dir", str(run_dir)] + (["--resume"] if resume else [])
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if device.startswith("cuda:"):  # the child sees its GPU alone, as cuda:0; two runs never share one
+            env["CUDA_VISIBLE_DEVICES"] = visible_device(device)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
         with open(run_dir / LOG_FILE, "ab") as log_file:
             # Own session: a Ctrl-C of the app does not reach the trainer; the run goes on without the UI.
@@ -329,7 +353,8 @@ class Runner:
                 cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=PACKAGE_ROOT, start_new_session=True
             )
         self._procs[run_id] = proc
-        update_status(run_dir, state="running", pid=proc.pid, message="Starting the training process")
+        self._device_of[run_id] = device
+        update_status(run_dir, state="running", pid=proc.pid, device=device, message="Starting the training process")
 
     def _loop(self) -> None:
         while not self._closed.wait(self.poll_interval):

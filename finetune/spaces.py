@@ -18,6 +18,11 @@ def on_space() -> bool:
     return bool(os.environ.get("SPACE_ID"))
 
 
+def zero_gpu() -> bool:
+    """A ZeroGPU Space (the `spaces` package reads the same variable): no CUDA in the main process there."""
+    return on_space() and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+
+
 def gpu(duration: int = 60) -> Callable[[Callable], Callable]:
     """`spaces.GPU(duration=...)` on a Space that has the `spaces` package, else a no-op decorator."""
     if on_space() and importlib.util.find_spec("spaces") is not None:

@@ -21,6 +21,7 @@ import gc
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -36,6 +37,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from finetune import FinetuneError, home
 from finetune.config import TrainConfig, dump_train_config, load_train_config
+from finetune.hardware import machine, resolve_auto
 from finetune.templates import IGNORE_INDEX, encode_row, get_template, pad_id, validate
 
 log = logging.getLogger(__name__)
@@ -156,19 +158,24 @@ def check_config(cfg: TrainConfig) -> str:
     """
     from finetune.models import load_tokenizer, quantization_config
 
+    for key in ("max_steps", "batch_size"):
+        if isinstance(getattr(cfg, key), str) and getattr(cfg, key) != "auto":
+            raise FinetuneError(f"{key} must be a number or auto (got {getattr(cfg, key)!r}).")
     numbers = {"max_length": cfg.max_length, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
     numbers.update(lora_r=cfg.lora_r)
     for key, value in numbers.items():
-        if value < 1:
+        if value != "auto" and value < 1:
             raise FinetuneError(f"{key} must be at least 1 (got {value}).")
     if cfg.learning_rate <= 0:
         raise FinetuneError(f"learning_rate must be positive (got {cfg.learning_rate}).")
-    if cfg.max_steps <= 0 and cfg.num_epochs <= 0:
+    if cfg.max_steps == "auto" and cfg.max_minutes <= 0:
+        raise FinetuneError("max_steps auto fits the steps to max_minutes: set max_minutes above 0 too.")
+    if cfg.max_steps != "auto" and cfg.max_steps <= 0 and cfg.num_epochs <= 0:
         raise FinetuneError("Set max_steps or num_epochs above 0.")
     if cfg.mixed_precision not in ("auto", "bf16", "fp16", "no"):
         raise FinetuneError(f"mixed_precision must be auto, bf16, fp16 or no (got {cfg.mixed_precision!r}).")
-    if cfg.train_vocab not in ("full", "data"):
-        raise FinetuneError(f"train_vocab must be full or data (got {cfg.train_vocab!r}).")
+    if cfg.train_vocab not in ("auto", "full", "data"):
+        raise FinetuneError(f"train_vocab must be auto, full or data (got {cfg.train_vocab!r}).")
     quantization_config(cfg.model.quantization)  # raises on an unknown kind or a missing bitsandbytes
     tokenizer = load_tokenizer(cfg.model)  # raises on an unknown model
     from finetune.data import load_rows
@@ -266,9 +273,9 @@ def answer_loss_sum(model, batch: dict, vocab: torch.Tensor | None = None) -> tu
 
 def chunk_cross_entropy(
     hidden: torch.Tensor, targets: torch.Tensor, weight, bias, cap: float | None, grad: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(summed cross-entropy of `targets` under logits `hidden @ weight.T + bias`, softcapped like Gemma's, and
-    with `grad` its gradient w.r.t. those logits, in the projection's dtype).
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype]:
+    """(summed cross-entropy of `targets` under logits `hidden @ weight.T + bias`, softcapped like Gemma's; with
+    `grad` its gradient w.r.t. those logits, in float32; the dtype the projection computed in).
 
     Worked out in place in one float32 chunk x vocab buffer: autograd's cross-entropy keeps three such buffers.
     """
@@ -284,42 +291,53 @@ def chunk_cross_entropy(
     norm = exp.sum(-1, keepdim=True)
     loss = (peak.squeeze(-1) + norm.squeeze(-1).log() - picked).sum()
     if not grad:
-        return loss, None
+        return loss, None, dtype
     softmax = exp.div_(norm)
     softmax[rows, targets] -= 1  # d loss / d logits = softmax - one-hot
     if cap:  # d (cap tanh(z / cap)) / dz = 1 - tanh^2
         softmax.mul_(tanh.square_().neg_().add_(1))
-    return loss, softmax.to(dtype)
+    return loss, softmax, dtype
+
+
+# float16 keeps 10 bits above 6e-5 only: a softmax over 262k tokens is mostly ~4e-6 there. Scaled by 2^12 before the
+# cast (|softmax - one-hot| <= 1, so no overflow), unscaled in float32 after the product.
+FP16_GRAD_SCALE = 2.0**12
 
 
 class ChunkedLoss(torch.autograd.Function):
     """Summed cross-entropy over row chunks, whose gradients are worked out chunk by chunk in forward.
 
-    Only one chunk's logits (chunk x vocab floats) is ever alive; backward just scales the stored gradients of
-    the hidden states, and of the output layer's weight and bias when they are trained.
+    Only one chunk's logits (chunk x vocab floats) is ever alive; the gradients are kept in float32 until backward
+    scales them (by 1 / answer tokens, and by the GradScaler's factor under float16), then cast to the inputs' dtype.
     """
 
     @staticmethod
     def forward(ctx, hidden, targets, weight, bias, cap):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[2] else None
-        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        want_weight, want_bias = ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3]
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
         for i in range(0, len(targets), LOGITS_CHUNK):
             h = hidden[i : i + LOGITS_CHUNK]
-            loss, grad = chunk_cross_entropy(h, targets[i : i + LOGITS_CHUNK], weight, bias, cap, grad=True)
+            loss, grad, dtype = chunk_cross_entropy(h, targets[i : i + LOGITS_CHUNK], weight, bias, cap, grad=True)
             total += loss
-            grad_hidden[i : i + LOGITS_CHUNK] = grad @ weight  # under autocast both in its dtype
+            scale = FP16_GRAD_SCALE if dtype == torch.float16 else 1.0
+            low = grad.mul_(scale).to(dtype)  # the projection's dtype: bfloat16 / float16 products run natively
+            grad_hidden[i : i + LOGITS_CHUNK] = (low @ weight.to(dtype)).float().div_(scale)
             if grad_weight is not None:
-                grad_weight += grad.T @ h
+                grad_weight += (low.T @ h.to(dtype)).float().div_(scale)
             if grad_bias is not None:
-                grad_bias += grad.sum(0)
+                grad_bias += grad.sum(0).div_(scale)
         ctx.grads = grad_hidden, grad_weight, grad_bias
+        ctx.dtypes = hidden.dtype, weight.dtype, bias.dtype if bias is not None else None
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight, grad_bias = (g * grad_total if g is not None else None for g in ctx.grads)
+        grad_hidden, grad_weight, grad_bias = (
+            (g * grad_total).to(dtype) if g is not None else None for g, dtype in zip(ctx.grads, ctx.dtypes)
+        )
         return grad_hidden, None, grad_weight, grad_bias, None
 
 
@@ -363,14 +381,17 @@ class RunCallback(TrainerCallback):
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.t0
 
-    def _stop_agreed(self, args) -> bool:
+    def _agreed(self, args) -> tuple[bool, bool]:
+        """(stop asked, time budget spent), the same on every process."""
         wanted = self.stop_signal.is_set() or (self.run_dir / STOP_FILE).exists()
+        spent = bool(self.time_limit_s) and self.elapsed() >= self.time_limit_s
         if args.world_size > 1 and torch.distributed.is_initialized():
-            # Every process must stop at the same step, or the others wait forever in the next all-reduce.
-            flag = torch.tensor([1.0 if wanted else 0.0], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            wanted = bool(flag.item())
-        return wanted
+            # Every process must stop at the same step, or the others wait forever in the next all-reduce; their
+            # clocks differ (each started its own), so one that is done ends them all.
+            flags = torch.tensor([float(wanted), float(spent)], device=args.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            wanted, spent = (bool(f) for f in flags.tolist())
+        return wanted, spent
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start_step = state.global_step
@@ -379,11 +400,12 @@ class RunCallback(TrainerCallback):
             update_status(self.run_dir, state="running", step=state.global_step, total=state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._stop_agreed(args):
+        wanted, spent = self._agreed(args)
+        if wanted:
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True  # a checkpoint at this step, so Resume continues from here
-        if self.time_limit_s and self.elapsed() >= self.time_limit_s and not control.should_training_stop:
+        if spent and not control.should_training_stop:
             log.info("time budget of %.1f min reached at step %d", self.time_limit_s / 60, state.global_step)
             control.should_training_stop = True
         if control.should_training_stop or state.global_step >= state.max_steps:
@@ -441,24 +463,6 @@ def _truncate_metrics(run_dir: Path, step: int) -> float:
 # --- the run -----------------------------------------------------------------------------------
 
 
-def _mixed_precision(cfg: TrainConfig) -> str:
-    from finetune.models import cpu_has_bf16, has_cuda
-
-    if cfg.mixed_precision != "auto":
-        return cfg.mixed_precision
-    if has_cuda():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() else "no"
-
-
-def _device() -> str:
-    from finetune.models import has_cuda
-
-    if not has_cuda():
-        return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-
-
 def lora_config(cfg: TrainConfig):
     """The PEFT `LoraConfig` of a run (the project trainer and the plain baseline in bench/ share it)."""
     from peft import LoraConfig
@@ -478,7 +482,7 @@ def build_model(cfg: TrainConfig):
 
     from finetune.models import load_model
 
-    model, tokenizer = load_model(cfg.model, device=_device())
+    model, tokenizer = load_model(cfg.model, device=machine().train_device())
     footprint = model.get_memory_footprint()
     if cfg.model.quantization in ("4bit", "8bit"):
         dtype = model.get_input_embeddings().weight.dtype
@@ -498,7 +502,8 @@ def build_model(cfg: TrainConfig):
 
 
 def training_arguments(cfg: TrainConfig, run_dir: Path, has_eval: bool) -> TrainingArguments:
-    precision = _mixed_precision(cfg)
+    """The Trainer's arguments for a config whose `auto` settings are decided (`hardware.resolve_auto`)."""
+    precision = cfg.mixed_precision
     return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS_DIR),
         per_device_train_batch_size=cfg.batch_size,
@@ -571,10 +576,12 @@ def _failure_message(e: BaseException) -> str:
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_signal: threading.Event) -> Path:
     from transformers import set_seed
 
-    from finetune.models import forget_tokenizers
+    from finetune.models import forget_tokenizers, load_tokenizer
 
     set_seed(cfg.seed)
+    cfg, decided = resolve_auto(cfg, len(load_tokenizer(cfg.model)))
     model, tokenizer, summary = build_model(cfg)
+    summary = f"{summary} · {decided}"
     log.info("%s", summary)
     data = encode_splits(cfg, tokenizer)
     pad, vocab_size = pad_id(tokenizer), len(tokenizer)
@@ -594,6 +601,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
         skipped = f", {data.skipped} skipped (prompt longer than max_length)" if data.skipped else ""
         log.info("rows: %d train%s, %d held out for the loss", len(data.train), skipped, len(test))
         update_status(run_dir, message=f"{'Resuming' if checkpoint_dir else 'Starting'}: {summary}", summary=summary)
+    if cfg.max_steps == "auto":
+        cfg.max_steps = _steps_in_budget(cfg, model, data.train, pad, run_dir, rank0)
     callback = RunCallback(run_dir, elapsed_before, stop_signal, cfg.max_minutes * 60)
     trainer_cls = AnswerOnlyTrainer if cfg.answer_only_logits else Trainer
     trainer = trainer_cls(
@@ -640,6 +649,63 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
     note = f", held-out loss {final:.3f}" if final is not None else ""
     update_status(run_dir, state="finished", step=step, total=total, eta_s=0, message=f"Finished {step} steps{note}.")
     return adapter
+
+
+def time_step(cfg: TrainConfig, model, train, pad: int, vocab: torch.Tensor | None = None) -> float:
+    """Seconds of one optimizer step on this machine: forward + backward of a batch of rows of about the mean length
+    (as length-grouped batches are), the second of two (the first pays one-time allocations). Gradients dropped."""
+    lengths = train["length"]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    mean = sum(lengths) / len(lengths)
+    at = next(i for i, k in enumerate(order) if lengths[k] >= mean)
+    size = min(cfg.batch_size, len(order))
+    start = max(0, min(at - size // 2, len(order) - size))
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in pad_batch([train[k] for k in order[start : start + size]], pad).items()}
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    if cfg.gradient_checkpointing:  # as the Trainer will run it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    seconds = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            if cfg.answer_only_logits:
+                total, count = answer_loss_sum(model, batch, vocab)
+                loss = total / max(count, 1)
+            else:
+                loss = model(**batch).loss
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return seconds * cfg.grad_accum
+
+
+def _steps_in_budget(cfg: TrainConfig, model, train, pad: int, run_dir: Path, rank0: bool) -> int:
+    """`max_steps: auto`: the steps whose timed cost fits in max_minutes (at most num_epochs over the data), so the
+    learning-rate schedule ends when the budget does, on whatever machine this is. Kept in status.json for resume;
+    under accelerate, process 0's count for all."""
+    planned = read_status(run_dir).get("planned_steps")
+    if not planned:
+        vocab = data_vocab(train) if cfg.train_vocab == "data" else None
+        step_s = time_step(cfg, model, train, pad, vocab)
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        per_epoch = math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum * world))
+        cap = max(1, math.floor(per_epoch * cfg.num_epochs)) if cfg.num_epochs > 0 else 10**9
+        # 3% for the optimizer, logging and the odd long batch: measured 1-2% on the quick start.
+        planned = max(1, min(cap, int(cfg.max_minutes * 60 * 0.97 / step_s)))
+        if world > 1:
+            from accelerate import PartialState
+            from accelerate.utils import broadcast_object_list
+
+            PartialState()  # joins the process group the Trainer would start
+            planned = broadcast_object_list([planned])[0]
+        log.info("one step takes %.2f s here: %d steps fit in %.1f min", step_s, planned, cfg.max_minutes)
+        if rank0:
+            update_status(run_dir, planned_steps=planned, step_s=round(step_s, 3))
+    return int(planned)
 
 
 def _save_adapter(trainer: Trainer, adapter: Path) -> None:

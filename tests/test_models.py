@@ -6,6 +6,7 @@ import torch
 
 from finetune import FinetuneError
 from finetune.config import ModelSpec
+from finetune.hardware import machine
 from finetune.models import EMBEDDED, ModelPool, load_model, quantization_config, resolve_source
 
 
@@ -13,7 +14,7 @@ def test_quantization_config_choices():
     assert quantization_config(None) is None and quantization_config("none") is None
     q4 = quantization_config("4bit")
     assert q4.load_in_4bit and q4.bnb_4bit_quant_type == "nf4" and q4.bnb_4bit_use_double_quant
-    assert q4.bnb_4bit_compute_dtype == torch.bfloat16
+    assert q4.bnb_4bit_compute_dtype == machine().quant_compute_dtype()  # per machine: tests/test_hardware.py
     assert quantization_config("8bit").load_in_8bit
     with pytest.raises(FinetuneError, match="Unknown quantization"):
         quantization_config("3bit")
@@ -99,7 +100,7 @@ def test_cache_round_trip_gives_the_same_logits(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FINETUNE_MODEL_CACHE", str(tmp_path))
     name = "smollm2-135m-instruct"
-    cached, tokenizer = load_model(ModelSpec(name))
+    cached, tokenizer = load_model(ModelSpec(name, dtype="float32"))
     assert (tmp_path / f"{name}-bf16" / "model.safetensors").is_file()
     assert not list(tmp_path.glob(f".{name}-*"))  # no temp dir left behind
     gguf = EMBEDDED[name].locate_gguf()

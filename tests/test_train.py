@@ -66,7 +66,7 @@ def tiny_config(model: str, data: str, **overrides) -> TrainConfig:
         lora_dropout=0.0,
     )
     values.update(overrides)
-    return TrainConfig(model=ModelSpec(model), data=DataConfig(data, test_size=0.25), **values)
+    return TrainConfig(model=ModelSpec(model, dtype="float32"), data=DataConfig(data, test_size=0.25), **values)
 
 
 def test_label_mask_excludes_prompt(tiny_llama, qa_file, smol_tokenizer):
@@ -279,7 +279,7 @@ def test_check_config_rejects_bad_configs_with_a_sentence(tiny_llama, qa_file, t
         check_config(tiny_config(tiny_llama, qa_file, max_length=8))
     with pytest.raises(FinetuneError, match="batch_size"):
         check_config(tiny_config(tiny_llama, qa_file, batch_size=0))
-    with pytest.raises(FinetuneError, match="train_vocab must be full or data"):
+    with pytest.raises(FinetuneError, match="train_vocab must be auto, full or data"):
         check_config(tiny_config(tiny_llama, qa_file, train_vocab="dataset"))
 
 

@@ -1,0 +1,453 @@
+"""What this machine is, and every `auto` decision that depends on it: dtypes, mixed precision, devices, ETA.
+
+    from finetune.hardware import machine
+    m = machine()          # GPUs (name, memory, compute capability), MPS, CPU model, cores, ISA flags, CPU probe
+    print(m.describe())    # "CPU AMD EPYC, 2 cores, AVX2 · bfloat16 38x slower than float32 (measured) -> float32"
+    m.train_dtype(), m.mixed_precision(), m.inference_dtype(), m.quant_compute_dtype()
+
+    python -m finetune.hardware      # the same, from the shell
+
+Flags do not say what is fast. A CPU with AVX512-BF16 whose ISA is capped (`ONEDNN_MAX_CPU_ISA=AVX2`, as in a VM
+that hides the flag's instructions) runs bfloat16 matrix products on torch's reference path: measured 38x slower
+than float32 (one Gemma-270M training step: 235 s instead of 2.7 s). So the CPU's choice comes from a probe: a
+small Linear forward+backward timed in float32 and in bfloat16 (well under a second), cached under
+`$FINETUNE_HOME/hardware/` per CPU model, flags, ISA caps, torch version and thread count. On a GPU, bfloat16 only
+at compute capability >= 8 (a T4 or V100 "supports" it by emulation, at float32 speed): float16 with a gradient
+scaler below that.
+
+Machines are plain dataclasses, so tests build the ones they need (a T4, two GPUs, a CPU without bfloat16).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import math
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from finetune.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # env variables that cap the instructions torch uses
+PROBE_SHAPE = (256, 640, 1024)  # rows x in x out: a Gemma-270M-sized projection
+BF16_FAST = 1.15  # bfloat16 must beat float32 by this much to be chosen (casts cost something too)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class GPU:
+    index: int
+    name: str
+    memory_gb: float
+    capability: tuple[int, int]
+
+    @property
+    def bf16(self) -> bool:
+        """Native bfloat16 (Ampere and later); a T4/V100 emulates it at float32 speed."""
+        return tuple(self.capability) >= (8, 0)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Measured GFLOP/s of a Linear forward+backward in each dtype on this CPU."""
+
+    float32: float
+    bfloat16: float
+
+    @property
+    def bf16_fast(self) -> bool:
+        return self.bfloat16 >= BF16_FAST * self.float32
+
+    @property
+    def bf16_ratio(self) -> float:
+        """Time of bfloat16 over float32 (> 1: bfloat16 is slower)."""
+        return self.float32 / self.bfloat16 if self.bfloat16 else math.inf
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpu_model: str = "CPU"
+    cores: int = 1  # torch intra-op threads: the cores a step can use
+    isa: tuple[str, ...] = ()  # of ISA_FLAGS, as /proc/cpuinfo says
+    isa_cap: str | None = None  # e.g. "AVX2" when ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY cap the instructions
+    gpus: tuple[GPU, ...] = ()
+    mps: bool = False
+    probe: Probe | None = field(default=None, compare=False)  # None: not measured (GPU machines skip it)
+
+    # --- what runs where ---
+
+    @property
+    def kind(self) -> str:
+        return "cuda" if self.gpus else "mps" if self.mps else "cpu"
+
+    @property
+    def cpu_bf16(self) -> bool:
+        """bfloat16 is faster than float32 on this CPU, as measured (the flags are only a hint)."""
+        return self.probe.bf16_fast if self.probe is not None else False
+
+    def train_device(self) -> str:
+        """Where a training process computes: its GPU (one per process, `LOCAL_RANK` under accelerate) or the CPU.
+        Apple's MPS backend is used for inference only: PEFT training on it is not what we test."""
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if self.gpus else "cpu"
+
+    def app_device(self) -> str:
+        """Where the app's own models (Arena, Evaluate) run: `FINETUNE_APP_DEVICE`, else the first GPU, MPS or CPU."""
+        chosen = os.environ.get("FINETUNE_APP_DEVICE", "auto").strip() or "auto"
+        if chosen != "auto":
+            return chosen
+        return "cuda:0" if self.gpus else "mps" if self.mps else "cpu"
+
+    def training_devices(self) -> list[str]:
+        """One training process per GPU (the runner hands each its own `CUDA_VISIBLE_DEVICES`), else the CPU."""
+        return [f"cuda:{g.index}" for g in self.gpus] or ["cpu"]
+
+    def gpu_for(self, device: str | None) -> GPU | None:
+        if not self.gpus or (device and not device.startswith("cuda")):
+            return None
+        index = int(device.split(":")[1]) if device and ":" in device else 0
+        return next((g for g in self.gpus if g.index == index), self.gpus[0])
+
+    # --- dtype decisions ---
+
+    def train_dtype(self, device: str | None = None) -> torch.dtype:
+        """Weights of a model loaded to train (or merge) on `device` (default: the training device)."""
+        device = device or self.train_device()
+        gpu = self.gpu_for(device)
+        if gpu is not None:
+            # Below compute capability 8 the classic AMP recipe: float32 master weights, float16 autocast + scaler.
+            return torch.bfloat16 if gpu.bf16 else torch.float32
+        if device.startswith("mps"):
+            return torch.float32
+        return torch.bfloat16 if self.cpu_bf16 else torch.float32
+
+    def mixed_precision(self, device: str | None = None) -> str:
+        """Autocast of the Trainer: bf16, fp16 (GPUs without native bfloat16, with a gradient scaler) or no."""
+        device = device or self.train_device()
+        gpu = self.gpu_for(device)
+        if gpu is not None:
+            return "bf16" if gpu.bf16 else "fp16"
+        return "bf16" if device == "cpu" and self.cpu_bf16 else "no"
+
+    def quant_compute_dtype(self, device: str | None = None) -> torch.dtype:
+        """bitsandbytes' 4-bit compute dtype."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[self.mixed_precision(device)]
+
+    def inference_dtype(self, device: str | None = None) -> torch.dtype:
+        """Weights of the app's models: the fastest exact-enough dtype where they run."""
+        device = device or self.app_device()
+        gpu = self.gpu_for(device)
+        if gpu is not None:
+            return torch.bfloat16 if gpu.bf16 else torch.float16
+        if device.startswith("mps"):
+            return torch.float32  # Gemma-3's activations overflow float16; bfloat16 on MPS needs macOS 14
+        return torch.bfloat16 if self.cpu_bf16 else torch.float32
+
+    def train_vocab(self, vocab_size: int) -> str:
+        """`train_vocab: auto`: the data's tokens only where a big vocabulary's softmax dominates a CPU step
+        (Gemma's 262k: 2x the steps per minute); the exact full softmax on a GPU."""
+        return "data" if self.kind != "cuda" and vocab_size >= 65536 else "full"
+
+    def batch_size(self) -> int:
+        """`batch_size: auto`: 8 rows on a CPU (4 reached less in the same minutes, measured), more on a big GPU."""
+        gpu = self.gpu_for(self.train_device())
+        if gpu is None:
+            return 8
+        return 32 if gpu.memory_gb >= 40 else 16 if gpu.memory_gb >= 14 else 8
+
+    # --- for people ---
+
+    def describe(self) -> str:
+        """One line: what this machine is and what the `auto` settings chose, and why."""
+        if self.gpus:
+            names = ", ".join(f"{g.name} ({g.memory_gb:.0f} GB, compute {g.capability[0]}.{g.capability[1]})"
+                              for g in self.gpus)  # fmt: skip
+            mixed = self.mixed_precision()
+            why = "native bfloat16" if mixed == "bf16" else "no native bfloat16 -> float16 with a gradient scaler"
+            return f"{len(self.gpus)} GPU{'s' if len(self.gpus) > 1 else ''}: {names} · {why}"
+        isa = self.isa_cap or next((f.upper() for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+                                    if f in self.isa), "no AVX2")  # fmt: skip
+        parts = [f"CPU {self.cpu_model}, {self.cores} core{'s' if self.cores != 1 else ''}, {isa}"]
+        if self.isa_cap:
+            parts[0] += " (capped)"
+        if self.probe is not None:
+            p = self.probe
+            if p.bf16_fast:
+                parts.append(f"native bfloat16 ({1 / p.bf16_ratio:.1f}x float32, measured) -> bfloat16")
+            else:
+                parts.append(f"no native bfloat16 ({p.bf16_ratio:.0f}x slower than float32, measured) -> float32")
+        if self.mps:
+            parts.append("Apple GPU (MPS) for the app's models")
+        return " · ".join(parts)
+
+
+# --- reading the machine ---------------------------------------------------------------------------------
+
+
+def _cpuinfo() -> tuple[str, tuple[str, ...]]:
+    model, flags = platform.processor() or platform.machine() or "CPU", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return model, ()
+    if found := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
+        model = " ".join(found.group(1).split())
+    if found := re.search(r"^flags\s*:\s*(.+)$", text, re.M):
+        flags = set(found.group(1).split())
+    return model, tuple(f for f in ISA_FLAGS if f in flags)
+
+
+def _isa_cap() -> str | None:
+    caps = [os.environ.get(name, "").strip() for name in ISA_CAPS]
+    return next((c.upper() for c in caps if c), None)
+
+
+def _gpus() -> tuple[GPU, ...]:
+    from finetune.spaces import zero_gpu
+
+    if zero_gpu():
+        # CUDA may not be initialised in a ZeroGPU Space's main process; its GPUs are H200-class slices.
+        return (GPU(0, "ZeroGPU", 70.0, (9, 0)),)
+    if not torch.cuda.is_available():
+        return ()
+    found = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        found.append(GPU(i, p.name, p.total_memory / 2**30, (p.major, p.minor)))
+    return tuple(found)
+
+
+def _mps() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
+@functools.lru_cache(maxsize=1)
+def machine() -> Machine:
+    """This machine, read once per process; the CPU probe is measured once per machine and cached on disk."""
+    model, isa = _cpuinfo()
+    m = Machine(model, torch.get_num_threads(), isa, _isa_cap(), _gpus(), _mps())
+    if m.gpus:
+        return m  # the CPU's dtypes decide nothing there
+    return replace(m, probe=cached_probe(m))
+
+
+# --- the CPU probe ---------------------------------------------------------------------------------------
+
+
+def _gflops(dtype: torch.dtype, budget_s: float) -> float:
+    """GFLOP/s of a Linear forward + backward (input and weight gradients) in `dtype`, timed for about `budget_s`.
+
+    One warm-up on a few rows first: cheap even on a slow path, which then costs one timed pass (0.25 s at 38x).
+    The fastest pass counts: the first at full size may still pay a kernel's one-time set-up.
+    """
+    rows, d_in, d_out = PROBE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(d_in, d_out, bias=False).to(dtype)
+    x = torch.randn(rows, d_in, generator=gen).to(dtype).requires_grad_()
+    grad = torch.randn(rows, d_out, generator=gen).to(dtype)
+    layer(x[:16]).backward(grad[:16])
+    best, start = math.inf, time.perf_counter()
+    for _ in range(20):
+        t0 = time.perf_counter()
+        layer(x).backward(grad)
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return 3 * 2 * rows * d_in * d_out / best / 1e9
+
+
+def measure_probe(budget_s: float = 0.1) -> Probe:
+    return Probe(*(round(_gflops(dtype, budget_s), 1) for dtype in (torch.float32, torch.bfloat16)))
+
+
+def _probe_key(m: Machine) -> str:
+    return "|".join([m.cpu_model, ",".join(m.isa), m.isa_cap or "-", torch.__version__, str(m.cores)])
+
+
+def probe_file() -> Path:
+    from finetune import home
+
+    return home() / "hardware" / "probe.json"
+
+
+def cached_probe(m: Machine) -> Probe:
+    """The probe of this CPU class, measured the first time and read from `probe_file()` after that."""
+    path, key = probe_file(), _probe_key(m)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), dict):
+        try:
+            return Probe(**known[key])
+        except TypeError:
+            pass  # written by another version: measure again
+    t0 = time.perf_counter()
+    probe = measure_probe()
+    log.info("CPU probe (%.2f s): %s", time.perf_counter() - t0, probe)
+    known[key] = asdict(probe)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only data dir: measure again next time
+    return probe
+
+
+def resolve_auto(cfg: TrainConfig, vocab_size: int, m: Machine | None = None) -> tuple[TrainConfig, str]:
+    """A copy of a run's config with each `auto` (but max_steps, timed by the trainer) decided for this machine,
+    and a line that says what was chosen (the run's status shows it)."""
+    m = m or machine()
+    device = m.train_device()
+    out = copy.deepcopy(cfg)
+    if out.model.dtype == "auto":
+        out.model.dtype = dtype_name(m.train_dtype(device))
+    if out.mixed_precision == "auto":
+        out.mixed_precision = m.mixed_precision(device)
+    if out.train_vocab == "auto":
+        out.train_vocab = m.train_vocab(vocab_size)
+    if out.batch_size == "auto":
+        out.batch_size = m.batch_size()
+    autocast = {"bf16": "bfloat16 autocast", "fp16": "float16 autocast + gradient scaler", "no": "no autocast"}
+    line = (
+        f"{device}: {out.model.dtype} weights, {autocast.get(out.mixed_precision, out.mixed_precision)}, "
+        f"batch {out.batch_size}"
+    )
+    return out, line
+
+
+# --- how long a run takes ------------------------------------------------------------------------------------
+
+# A LoRA step on a CPU is mostly matrix products: forward and the input gradients through the frozen body (4 FLOPs per
+# body parameter and token), and the softmax projection at answer positions. Measured seconds over that FLOP count at
+# the probe's rate, on both CPU classes (bench/README.md, "ETA"):
+STEP_FACTOR = {"bf16": 1.0, "no": 1.0}
+QUANT_FACTOR = 1.1  # 4-bit weights: de-quantized at each projection
+
+
+@dataclass(frozen=True)
+class Estimate:
+    step_s: float | None  # None: no probe (a GPU: timed when training starts)
+    steps: int | None
+    line: str  # the machine and what the run will take here, for people
+
+    @property
+    def minutes(self) -> float | None:
+        return self.step_s * self.steps / 60 if self.step_s is not None and self.steps is not None else None
+
+
+def step_seconds(m: Machine, flops: float, mixed: str, quantized: bool) -> float | None:
+    if m.probe is None or m.gpus:
+        return None
+    rate = (m.probe.bfloat16 if mixed == "bf16" else m.probe.float32) * 1e9
+    return STEP_FACTOR.get(mixed, 1.0) * flops / rate * (QUANT_FACTOR if quantized else 1.0)
+
+
+def estimate_run(cfg: TrainConfig, m: Machine | None = None) -> Estimate:
+    """Seconds per step and steps of `cfg` on this machine, before anything is loaded but the tokenizer and data.
+
+    The run itself times a real step at its start (`max_steps: auto` plans with that) and its status shows the ETA
+    from the steps done; this is what the Start and Train tabs show before the button is pressed.
+    """
+    from finetune.models import load_tokenizer, model_shape
+
+    m = m or machine()
+    tokenizer = load_tokenizer(cfg.model)
+    cfg, _ = resolve_auto(cfg, len(tokenizer), m)
+    rows, tokens, answers, data_vocab = _data_sizes(cfg, tokenizer)
+    shape = model_shape(cfg.model)
+    softmax = data_vocab if cfg.train_vocab == "data" else shape.vocab if shape else 0
+    step_s = None
+    if shape is not None:
+        flops = 4 * shape.body_params * tokens * cfg.batch_size + 4 * answers * cfg.batch_size * softmax * shape.hidden
+        step_s = step_seconds(m, flops * cfg.grad_accum, cfg.mixed_precision, bool(cfg.model.quantization))
+    per_epoch = max(1, math.ceil(rows / (cfg.batch_size * cfg.grad_accum)))
+    epochs = max(1, math.floor(per_epoch * cfg.num_epochs)) if cfg.num_epochs > 0 else None
+    if cfg.max_steps == "auto":
+        fit = int(cfg.max_minutes * 60 * 0.97 / step_s) if step_s else None
+        steps = min(s for s in (fit, epochs) if s is not None) if (fit or epochs) else None
+    else:
+        steps = cfg.max_steps if cfg.max_steps > 0 else epochs
+    parts = [m.describe()]
+    if step_s is None:
+        parts.append("the step time is measured when training starts")
+    else:
+        parts.append(f"about {step_s:.1f} s per step for this form")
+        if cfg.max_steps == "auto":
+            parts.append(f"{steps} steps fit in the {cfg.max_minutes:g}-minute budget")
+        elif steps:
+            parts.append(f"{steps} steps: about {_minutes(step_s * steps)}")
+    return Estimate(step_s, steps, " · ".join(parts))
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+@functools.lru_cache(maxsize=16)
+def _data_sizes_cached(key: str, cfg_json: str, tokenizer) -> tuple[int, float, float, int]:
+    from finetune.config import DataConfig
+    from finetune.data import load_splits
+    from finetune.templates import IGNORE_INDEX, encode_row, get_template
+
+    values = json.loads(cfg_json)
+    data, max_length = DataConfig(**values["data"]), values["max_length"]
+    train = load_splits(data)["train"]
+    template = get_template(data.template)
+    sample = train.select(range(min(256, len(train))))  # the split is shuffled: a fair sample
+    encoded = [encode_row(tokenizer, template, row, max_length) for row in sample]
+    tokens = sum(len(e["input_ids"]) for e in encoded) / max(1, len(encoded))
+    answers = sum(sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in encoded) / max(1, len(encoded))
+    rows = train if len(train) <= 5000 else sample  # the data vocabulary: every row where that is quick
+    vocab = {t for row in rows for t in encode_row(tokenizer, template, row, max_length)["input_ids"]}
+    return len(train), tokens, answers, len(vocab)
+
+
+def _data_sizes(cfg: TrainConfig, tokenizer) -> tuple[int, float, float, int]:
+    """(training rows, mean tokens per row, mean answer tokens per row, distinct tokens in the data)."""
+    values = {"data": asdict(cfg.data), "max_length": cfg.max_length}
+    return _data_sizes_cached(cfg.model.source, json.dumps(values, sort_keys=True, default=str), tokenizer)
+
+
+def torch_dtype(name: str, device: str, m: Machine | None = None) -> torch.dtype:
+    """A ModelSpec's dtype: a name, or `auto` (what `train_dtype` chooses for `device`)."""
+    if name == "auto":
+        return (m or machine()).train_dtype(device)
+    try:
+        return DTYPES[name]
+    except KeyError:
+        from finetune import FinetuneError
+
+        raise FinetuneError(f"Unknown dtype {name!r}: use auto, float32, bfloat16 or float16.") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def inference_dtype() -> str:
+    """The ModelSpec dtype of the app's models here (`Machine.inference_dtype`)."""
+    return dtype_name(machine().inference_dtype())
+
+
+if __name__ == "__main__":
+    m = machine()
+    print(m.describe())
+    print(json.dumps({"probe_gflops": asdict(m.probe) if m.probe else None, "train_dtype": dtype_name(m.train_dtype()),
+                      "mixed_precision": m.mixed_precision(), "inference_dtype": dtype_name(m.inference_dtype()),
+                      "app_device": m.app_device(), "training_devices": m.training_devices()}, indent=1))  # fmt: skip
