@@ -20,6 +20,7 @@ from finetune import FinetuneError, data
 from finetune.config import AppSettings, DataConfig, ModelSpec
 from finetune.models import ModelPool, load_tokenizer
 from finetune.templates import IGNORE_INDEX, get_template, render
+from finetune.ui.common import user_errors
 
 MAPPED = ("instruction", "input", "output", "messages", "text")  # the mapping dropdowns, in this order
 TEMPLATE_CHOICES = [
@@ -44,19 +45,6 @@ class DataTabOutputs:
     template: gr.Dropdown
     max_length: gr.Slider
     tokenizer_model: gr.Dropdown
-
-
-def _user_errors(fn):
-    """Show `FinetuneError` as a `gr.Error` popup: one clear sentence, and the app keeps serving."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FinetuneError as e:
-            raise gr.Error(str(e)) from e
-
-    return wrapper
 
 
 def _check_servable(source: str) -> None:
@@ -256,7 +244,7 @@ def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
         succeeded); only named endpoints are public API."""
         register = functools.partial(gr.on, after) if isinstance(after, list) else after.success
         return register(
-            _user_errors(fn),
+            user_errors(fn),
             inputs_kwargs={**extra, **config},
             outputs=outputs,
             api_name=api_name,
@@ -273,7 +261,7 @@ def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
         return pd.DataFrame({"text": [_cell(t) for t in data.stream_hub_texts(hub_id.strip())]})
 
     more.click(other_rows, offset, [pretraining, finetuning, offset], api_visibility="private")
-    stream.click(_user_errors(hub_rows), hub_pretraining, pretraining, api_visibility="private")
+    stream.click(user_errors(hub_rows), hub_pretraining, pretraining, api_visibility="private")
 
     # --- load and detect ---
     def on_source(src: str):
@@ -370,8 +358,8 @@ def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
         return name
 
     for trigger, component in ((load.click, dataset), (dataset.change, dataset), (upload.upload, upload)):
-        trigger(_user_errors(use_source), component, source, api_visibility="private")
-    detect = gr.on(None, _user_errors(on_source), source, [detected, *mapping, template], api_visibility="private")
+        trigger(user_errors(use_source), component, source, api_visibility="private")
+    detect = gr.on(None, user_errors(on_source), source, [detected, *mapping, template], api_visibility="private")
     show_rows(detect)  # `detect` also runs when the page opens
     template.change(lambda t: gr.update(visible=t == "custom"), template, custom, api_visibility="private")
     show_rows(

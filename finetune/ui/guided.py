@@ -18,6 +18,7 @@ from finetune import FinetuneError
 from finetune.guided import STEP_TITLES, STEPS, Guide, GuidedStep, current_step
 from finetune.security import Limits
 from finetune.ui.arena_tab import _adapter_choices as adapter_choices
+from finetune.ui.common import machine_line
 
 STORAGE_KEY = "finetune-guided-run"
 _COLORS = {"done": "#15803d", "current": "#1d4ed8", "error": "#b91c1c", "todo": "#6b7280"}
@@ -75,6 +76,8 @@ def build_guided_panel(guide: Guide, extra_starts: list | None = None) -> Guided
     """The panel; `extra_starts`: more buttons that start the guided run (the Start lesson's "try this")."""
     with gr.Group():
         gr.Markdown("## Fine-tune in 5 minutes\n" + IDLE)
+        # Evaluated on each page load: the machine, what `auto` chose here, and the steps that fit the budget.
+        gr.Markdown(lambda: machine_line(guide.config()), elem_id="guided-machine")
         steps = gr.HTML(steps_html(None), elem_id="guided-steps")
         message = gr.Markdown(elem_id="guided-message")
         with gr.Row():

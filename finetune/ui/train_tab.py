@@ -17,11 +17,14 @@ import pandas as pd
 from finetune import FinetuneError
 from finetune.config import AppSettings, DataConfig, TrainConfig, load_train_config
 from finetune.data import BUNDLED
-from finetune.models import EMBEDDED, ModelPool, has_cuda
+from finetune.hardware import machine
+from finetune.models import EMBEDDED, ModelPool
 from finetune.runner import RunInfo, Runner
 from finetune.security import Limits
 from finetune.templates import TEMPLATES
 from finetune.train import ADAPTER_DIR, LOG_FILE, read_metrics
+from finetune.ui.common import current_user, machine_line, user_errors
+from finetune.ui.forms import component, form_config, get_dotted, more_settings
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
 LOG_LINES = 40
@@ -29,7 +32,7 @@ LOG_LINES = 40
 
 def default_config() -> TrainConfig:
     """The form's starting values: the quick CPU recipe here, the QLoRA recipe on a GPU."""
-    recipe = RECIPES / ("lamini_docs_qlora.yaml" if has_cuda() else "cpu_quick.yaml")
+    recipe = RECIPES / ("lamini_docs_qlora.yaml" if machine().kind == "cuda" else "cpu_quick.yaml")
     return load_train_config(recipe if recipe.is_file() else None)
 
 
@@ -123,6 +126,7 @@ def build_train_tab(
 ) -> dict[str, gr.components.Component]:
     """Builds the tab; returns the controls the lesson note's "try this" can fill, by name."""
     defaults = default_config()
+    defaults.model.source = settings.base_model
     gr.Markdown(
         "Train a **LoRA adapter** on top of a base model: only the small adapter matrices learn, on the answer "
         "tokens only. 4-bit quantization (QLoRA) shrinks the frozen base for big models on a GPU. "
@@ -130,55 +134,61 @@ def build_train_tab(
     )
     with gr.Row():
         with gr.Column(scale=2):
+            machine_md = gr.Markdown(lambda: machine_line(defaults), elem_id="train-machine")
+            # One component per config setting, keyed by its dotted name (the API's parameters, in this order).
+            form: dict[str, gr.components.Component] = {}
             model_choices = list(dict.fromkeys([settings.base_model, *EMBEDDED]))
-            model = gr.Dropdown(
+            form["model.source"] = gr.Dropdown(
                 model_choices, value=settings.base_model, allow_custom_value=True, label="Base model",
                 info="Embedded name, Hub id or local folder.",
             )  # fmt: skip
             with gr.Row():
-                data_source = gr.Dropdown(
+                form["data.source"] = gr.Dropdown(
                     list(BUNDLED), value=defaults.data.source, allow_custom_value=True, label="Data set",
                     info="Bundled name or file path; 'Use for training' in the Data tab fills this.",
                 )  # fmt: skip
-                template = gr.Dropdown(
+                form["data.template"] = gr.Dropdown(
                     list(TEMPLATES), value=defaults.data.template, allow_custom_value=True, label="Template"
                 )
-            quantization = gr.Radio(
+            form["model.quantization"] = gr.Radio(
                 ["none", "4bit", "8bit"], value=defaults.model.quantization or "none", label="Quantization",
                 info="4bit = QLoRA (NF4). On a CPU, none is faster for small models.",
             )  # fmt: skip
+            def field(key: str, **kwargs) -> gr.components.Component:
+                form[key] = component(key, get_dotted(defaults, key), **kwargs)
+                return form[key]
+
             with gr.Row():
-                max_steps = gr.Number(defaults.max_steps, label="Steps", precision=0, minimum=1)
-                learning_rate = gr.Number(defaults.learning_rate, label="Learning rate", minimum=0)
-                batch_size = gr.Number(defaults.batch_size, label="Batch size", precision=0, minimum=1)
+                field("max_steps", label="Steps", info=None)
+                field("learning_rate", label="Learning rate", info=None, minimum=0)
+                field("batch_size", label="Batch size", info=None)
             with gr.Row():
-                max_length = gr.Number(defaults.max_length, label="Max length (tokens)", precision=0, minimum=8)
-                lora_r = gr.Number(defaults.lora_r, label="LoRA rank r", precision=0, minimum=1)
+                field("max_length", label="Max length (tokens)", info=None, minimum=8)
+                field("lora_r", label="LoRA rank r", info=None, minimum=1)
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
-                    lora_alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha", precision=0)
-                    lora_dropout = gr.Number(defaults.lora_dropout, label="LoRA dropout", minimum=0, maximum=1)
-                    grad_accum = gr.Number(defaults.grad_accum, label="Gradient accumulation", precision=0, minimum=1)
+                    field("lora_alpha", label="LoRA alpha", info=None)
+                    field("lora_dropout", label="LoRA dropout", info=None, minimum=0, maximum=1)
+                    field("grad_accum", label="Gradient accumulation", info=None, minimum=1)
                 with gr.Row():
-                    eval_rows = gr.Number(defaults.eval_rows or 0, label="Held-out rows for the loss", precision=0)
-                    eval_steps = gr.Number(defaults.eval_steps, label="Eval every N steps (0: start+end)", precision=0)
-                    save_steps = gr.Number(defaults.save_steps, label="Checkpoint every N steps", precision=0)
+                    field("eval_rows", label="Held-out rows for the loss", info=None)
+                    field("eval_steps", label="Eval every N steps (0: start+end)", info=None)
+                    field("save_steps", label="Checkpoint every N steps", info=None)
                 with gr.Row():
-                    max_rows = gr.Number(None, label="Use only the first N rows", precision=0)
-                    seed = gr.Number(defaults.seed, label="Seed", precision=0)
-                    dtype = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value=defaults.model.dtype,
-                                        label="Weights dtype")  # fmt: skip
-                target_modules = gr.Textbox(
-                    defaults.target_modules if isinstance(defaults.target_modules, str) else
-                    ", ".join(defaults.target_modules), label="LoRA target modules",
-                    info="all-linear, or names separated by commas (q_proj, v_proj).",
-                )  # fmt: skip
+                    field("data.max_rows", label="Use only the first N rows", info=None)
+                    field("seed", label="Seed", info=None)
+                    form["model.dtype"] = gr.Dropdown(["auto", "float32", "bfloat16", "float16"],
+                                                      value=defaults.model.dtype, label="Weights dtype")  # fmt: skip
+                field("target_modules", label="LoRA target modules",
+                      info="all-linear, or names separated by commas (q_proj, v_proj).")  # fmt: skip
                 with gr.Row():
-                    eval_at_end = gr.Checkbox(defaults.eval_at_end, label="Evaluate base vs tuned when done")
-                    checkpointing = gr.Checkbox(
-                        defaults.gradient_checkpointing, label="Gradient checkpointing",
+                    field("eval_at_end", label="Evaluate base vs tuned when done", info=None)
+                    field(
+                        "gradient_checkpointing", label="Gradient checkpointing",
                         info="Recompute activations in backward: much less memory, 20-30% more time per step.",
                     )  # fmt: skip
+            with gr.Accordion("More settings", open=False):
+                form.update(more_settings(defaults, placed=form))
             with gr.Row():
                 train_btn = gr.Button("Train", variant="primary")
                 stop_btn = gr.Button("Stop", variant="stop")
@@ -196,45 +206,34 @@ def build_train_tab(
             log = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, autoscroll=True, interactive=False)
     runs_table = gr.Dataframe(runs_frame([]), label="Runs (click one to show it)", interactive=False, wrap=True)
     timer = gr.Timer(2.0)
+    prepared = {"prepared_data": data_state} if data_state is not None else {}
 
-    form = [model, data_source, template, quantization, max_steps, learning_rate, batch_size, max_length, lora_r]
-    form += [lora_alpha, lora_dropout, grad_accum, eval_rows, eval_steps, save_steps, max_rows, seed, dtype]
-    form += [target_modules, eval_at_end, checkpointing]
-    prepared = [data_state] if data_state is not None else []
+    def config_of(values: dict, prepared_data: dict | None = None) -> TrainConfig:
+        """The form's config; data settings from the Data tab's "Use for training" when it names the same set."""
+        base = default_config()
+        if prepared_data and prepared_data.get("source") == values.get("data.source"):
+            base.data = DataConfig(**prepared_data)
+        else:
+            base.data = DataConfig()
+        return form_config(values, base)
 
-    def start(request: gr.Request, *values):  # first: gradio finds a Request only among positional parameters
-        values, data_dict = (values[:-1], values[-1]) if prepared else (values, None)
-        names = ["model", "data", "template", "quantization", "max_steps", "learning_rate", "batch_size"]
-        names += ["max_length", "lora_r", "lora_alpha", "lora_dropout", "grad_accum", "eval_rows", "eval_steps"]
-        names += ["save_steps", "max_rows", "seed", "dtype", "target_modules", "eval_at_end", "gradient_checkpointing"]
-        v = dict(zip(names, values))
-        cfg = default_config()
-        data = DataConfig(**data_dict) if data_dict and data_dict.get("source") == v["data"] else DataConfig()
-        data.source, data.template = str(v["data"] or "").strip(), str(v["template"] or "qa")
-        if v["max_rows"]:
-            data.max_rows = int(v["max_rows"])
-        cfg.data = data
-        cfg.model.source, cfg.model.dtype = str(v["model"] or "").strip(), v["dtype"]
-        cfg.model.quantization = None if v["quantization"] == "none" else v["quantization"]
-        targets = [t.strip() for t in str(v["target_modules"] or "all-linear").split(",") if t.strip()]
-        cfg.target_modules = targets[0] if targets == ["all-linear"] else targets
-        for key in ("max_steps", "batch_size", "max_length", "lora_r", "lora_alpha", "grad_accum", "eval_steps"):
-            setattr(cfg, key, int(v[key] or 0))
-        cfg.save_steps, cfg.seed = int(v["save_steps"] or cfg.save_steps), int(v["seed"] or 0)
-        cfg.eval_rows = int(v["eval_rows"] or 0)
-        cfg.learning_rate, cfg.lora_dropout = float(v["learning_rate"] or 0), float(v["lora_dropout"] or 0)
-        cfg.eval_at_end, cfg.gradient_checkpointing = bool(v["eval_at_end"]), bool(v["gradient_checkpointing"])
+    @user_errors
+    def start(request: gr.Request, prepared_data: dict | None = None, **values):
+        cfg = config_of(values, prepared_data)
+        return runner.submit(cfg, owner=current_user(request), limits=Limits.from_env()), ""
+
+    def estimate(prepared_data: dict | None = None, **values) -> str:
         try:
-            run_id = runner.submit(cfg, owner=_user(request), limits=Limits.from_env())
+            cfg = config_of(values, prepared_data)
         except FinetuneError as e:
-            raise gr.Error(str(e)) from e
-        return run_id, ""
+            return f"{machine().describe()} · no estimate for this form yet: {e}"
+        return machine_line(cfg)
 
     def stop(run_id: str | None, request: gr.Request | None = None) -> str:
         if not run_id:
             raise gr.Error("Pick a run first.")
         try:
-            return runner.stop(run_id, user=_user(request))
+            return runner.stop(run_id, user=current_user(request))
         except FinetuneError as e:
             raise gr.Error(str(e)) from e
 
@@ -242,7 +241,7 @@ def build_train_tab(
         if not run_id:
             raise gr.Error("Pick a run first.")
         try:
-            runner.resume(run_id, user=_user(request))
+            runner.resume(run_id, user=current_user(request))
         except FinetuneError as e:
             raise gr.Error(str(e)) from e
         return "Queued to resume."
@@ -262,9 +261,18 @@ def build_train_tab(
         return gr.update(choices=_run_choices(runner), value=table.iloc[row]["run"])
 
     view = [status_md, chart, log, runs_table, download]
-    train_btn.click(start, form + prepared, [started, notice], api_name="train_start", concurrency_limit=1).success(
+    train_btn.click(
+        start, None, [started, notice], inputs_kwargs={**form, **prepared}, api_name="train_start",
+        concurrency_limit=1,
+    ).success(
         lambda run_id: gr.update(choices=_run_choices(runner), value=run_id), started, run, api_visibility="private"
-    )
+    )  # fmt: skip
+    estimate_inputs = [form[k] for k in ESTIMATE_KEYS]
+    gr.on(
+        [c.change for c in estimate_inputs], estimate, None, machine_md,
+        inputs_kwargs={**{k: form[k] for k in ESTIMATE_KEYS}, **prepared}, api_visibility="private",
+        show_progress="hidden", trigger_mode="always_last",
+    )  # fmt: skip
     stop_btn.click(stop, run, notice, api_name="train_stop")
     resume_btn.click(resume, run, notice, api_name="train_resume")
     run.change(show, run, view, api_visibility="private", show_progress="hidden")
@@ -295,13 +303,15 @@ def build_train_tab(
                 return gr.update(), gr.update()
             return gr.update(value=data.get("source")), gr.update(value=data.get("template"))
 
-        data_state.change(use_prepared, data_state, [data_source, template], api_visibility="private")
-    return {"dataset": data_source, "template": template, "quantization": quantization, "max_steps": max_steps}
+        data_state.change(
+            use_prepared, data_state, [form["data.source"], form["data.template"]], api_visibility="private"
+        )
+    return form
 
 
-def _user(request: gr.Request | None) -> str | None:
-    """The logged-in name (FINETUNE_AUTH), None without login: it owns the runs it starts."""
-    return getattr(request, "username", None) if request is not None else None
+# The settings a step's time depends on: the machine line follows them as they change.
+ESTIMATE_KEYS = ("model.source", "model.quantization", "model.dtype", "data.source", "data.template", "data.max_rows")
+ESTIMATE_KEYS += ("max_steps", "batch_size", "max_length", "grad_accum")
 
 
 def _run_choices(runner: Runner) -> list[tuple[str, str]]:

@@ -1,0 +1,49 @@
+"""Small pieces every tab uses: user errors as popups, the logged-in user."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import gradio as gr
+
+from finetune import FinetuneError
+from finetune.config import TrainConfig
+from finetune.hardware import estimate_run, machine
+
+
+def user_errors(fn):
+    """Show `FinetuneError` as a `gr.Error` popup: one clear sentence, and the app keeps serving. Generators too."""
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except FinetuneError as e:
+                raise gr.Error(str(e)) from e
+
+        return stream
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FinetuneError as e:
+            raise gr.Error(str(e)) from e
+
+    return wrapper
+
+
+def current_user(request: gr.Request | None) -> str | None:
+    """The logged-in name (FINETUNE_AUTH), None without login: it owns the runs it starts."""
+    return getattr(request, "username", None) if request is not None else None
+
+
+def machine_line(cfg: TrainConfig) -> str:
+    """The machine, the choices `auto` makes here, and what this run will take (shown before pressing Train)."""
+    try:
+        return estimate_run(cfg).line
+    except Exception as e:  # noqa: BLE001 - a half-typed form (unknown model, missing file): say why no estimate
+        return f"{machine().describe()} · no estimate for this form yet: {str(e).splitlines()[0][:160]}"
