@@ -647,10 +647,6 @@ def token_counters(streams: dict[str, TextStream]) -> dict[str, Callable[[str], 
     return {name: (lambda _text, s=s: s.tokens) for name, s in streams.items()}
 
 
-def generate_text(model, tokenizer, prompt: str, params: GenerationParams | None = None) -> str:
-    return "".join(stream(model, tokenizer, prompt, params))
-
-
 @dataclass
 class Column:
     """What one stream has produced so far, for display."""
