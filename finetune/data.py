@@ -17,7 +17,6 @@ Local files are parsed here (json, csv, pyarrow) into in-memory data sets, so no
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import hashlib
@@ -50,6 +49,10 @@ BUNDLED: dict[str, Path] = {
 PRETRAINING_SAMPLE = ASSETS / "c4_demo.jsonl"
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 CANONICAL = ("instruction", "input", "output", "messages", "text")
+# Levels of objects and lists in one row, the row's own object being the first. Real data sets need under 10
+# (a chat with content parts: 4). Turning rows into Arrow recurses ~20 Python frames per level and fails past
+# ~45 levels from a bare stack (Arrow itself stops at 64), so the limit leaves room for the caller's frames.
+MAX_NESTING = 20
 
 
 # --- reading files -------------------------------------------------------------------------------
@@ -98,6 +101,28 @@ def _decode(data: bytes, name: str) -> str:
         ) from None
 
 
+def _too_deep(what: str, where: str = "") -> FinetuneError:
+    return FinetuneError(
+        f"{what} nests too deeply to be a data set (more than {MAX_NESTING} levels{where}): make each row one "
+        "object whose values are text, numbers, or lists of messages."
+    )
+
+
+def _depth(value) -> int:
+    """Levels of objects and lists in `value` (a scalar: 0), counted without recursion; stops past MAX_NESTING."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_NESTING:
+            break
+        todo.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
 def _parse_jsonl(text: str, name: str) -> list[dict]:
     rows = []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON text may hold U+2028
@@ -107,6 +132,8 @@ def _parse_jsonl(text: str, name: str) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise FinetuneError(f"{name}: invalid JSON on line {number} ({e.msg}): fix or remove that line.") from None
+        except RecursionError:  # the decoder recurses once per level: ~1000 `[` exhaust the stack
+            raise _too_deep(name, f" on line {number}") from None
         if not isinstance(row, dict):
             raise FinetuneError(f"{name}: line {number} is not a JSON object; write one {{...}} object per line.")
         rows.append(row)
@@ -122,6 +149,8 @@ def _parse_json(text: str, name: str) -> list[dict]:
         raise FinetuneError(
             f"{name}: invalid JSON on line {e.lineno} ({e.msg}): fix the file and upload it again."
         ) from None
+    except RecursionError:  # the decoder recurses once per level: ~1000 `[` exhaust the stack
+        raise _too_deep(name) from None
     if not isinstance(data, list):
         raise FinetuneError(f"{name} must hold a JSON array of objects ([{{...}}, {{...}}]) or one object per line.")
     for number, row in enumerate(data, 1):
@@ -176,6 +205,8 @@ def _to_dataset(rows: list[dict], name: str) -> Dataset:
     """Rows -> Dataset, after checking each column holds one type (Arrow would fail with a cryptic message)."""
     first_seen: dict[str, tuple[str, int]] = {}
     for number, row in enumerate(rows, 1):
+        if _depth(row) > MAX_NESTING:  # deeper rows break the Arrow conversion with a RecursionError
+            raise _too_deep(name, f" in row {number}")
         for column, value in row.items():
             if value is None:
                 continue
@@ -192,6 +223,8 @@ def _to_dataset(rows: list[dict], name: str) -> Dataset:
         raise FinetuneError(
             f"{name}: values nested in a column have inconsistent types ({e}); make them uniform."
         ) from None
+    except RecursionError:  # within MAX_NESTING, but called from a deep stack already
+        raise _too_deep(name) from None
 
 
 # --- sources: bundled, local files, the Hub -------------------------------------------------------
@@ -405,8 +438,14 @@ def normalize_messages(value, row_number: int = 1) -> list[dict]:
     if value is None:  # a row without a chat: nothing to train on, counted as an empty row
         return []
     if isinstance(value, str):  # CSV and some Parquet files store the list as JSON text
-        with contextlib.suppress(json.JSONDecodeError):
+        try:
             value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        except RecursionError:
+            raise _too_deep(f"Row {row_number}'s chat") from None
+    if _depth(value) > MAX_NESTING:
+        raise _too_deep(f"Row {row_number}'s chat")
     if not isinstance(value, list):
         raise FinetuneError(f"Row {row_number}: the chat column must hold a list of messages, not {_kind(value)}.")
     messages = []

@@ -8,7 +8,7 @@ for update in merge_streams({"base": stream(...), "reference": stream(...)}):
 
 Backends answer a conversation (`[{"role": "user", "content": ...}, ...]`) as a `TextStream`:
 `LocalBackend` (a pooled transformers model, optionally with a LoRA adapter) and `OpenAIBackend`
-(any OpenAI-compatible server, streamed over Server-Sent Events). `stream_all` starts several at once
+(any OpenAI-compatible server, streamed through the `openai` SDK). `stream_all` starts several at once
 and puts every local column that shares one loaded model into ONE batched `generate`, each row with its
 own adapter (PEFT mixed-adapter batch), split back into per-column streams by `BatchStreamer`:
 
@@ -508,8 +508,9 @@ def _local_batch(backends: list[LocalBackend], conversations: list[list[dict]], 
 class OpenAIBackend(Backend):
     """Any OpenAI-compatible server (vLLM, TGI, llama.cpp, `transformers serve`, OpenAI): streamed chat completions.
 
-    `base_url` is the API root, e.g. `http://127.0.0.1:8000/v1` (`/v1` is added when missing). The API key
-    is sent as a bearer token and kept out of `repr`, logs and error messages.
+    `base_url` is the API root, e.g. `http://127.0.0.1:8000/v1` (`/v1` is added when missing). Spoken to through
+    the official `openai` SDK. The API key is sent as a bearer token and kept out of `repr`, logs and error
+    messages; without one, no credential from the environment (OPENAI_API_KEY...) is sent either.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0):
@@ -537,56 +538,80 @@ class OpenAIBackend(Backend):
         return text.replace(self._api_key, "***") if self._api_key else text
 
     def _chunks(self, out: TextStream, messages: list[dict], params: GenerationParams) -> Iterator[str]:
-        import httpx
+        import openai  # imported on first use: ~0.5 s the app's start-up does not need to pay
 
-        body: dict = {
-            "model": self.model,
-            "messages": messages,
-            "stream": True,
-            "max_tokens": params.max_new_tokens,
-            "temperature": 0.0 if params.greedy else params.temperature,
-            "stream_options": {"include_usage": True},
-        }
+        sampling: dict = {"temperature": 0.0 if params.greedy else params.temperature}
         if not params.greedy:
-            body["top_p"] = params.top_p
+            sampling["top_p"] = params.top_p
         if params.seed is not None:
-            body["seed"] = params.seed
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        stops, deltas = StopFilter(params.stop), 0
+            sampling["seed"] = params.seed
+        # The SDK fills whatever is not given from the environment (OPENAI_API_KEY, OPENAI_ORG_ID,
+        # OPENAI_PROJECT_ID, an Authorization in OPENAI_CUSTOM_HEADERS): none of that may reach a third-party
+        # server. A placeholder key when the user gave none (the SDK refuses no key), and these per-request
+        # headers win over everything the client was built with.
+        headers = {
+            "Authorization": f"Bearer {self._api_key or 'EMPTY'}",
+            "OpenAI-Organization": openai.Omit(),
+            "OpenAI-Project": openai.Omit(),
+        }
+        client = openai.OpenAI(
+            api_key=self._api_key or "EMPTY",
+            base_url=self.base_url,
+            timeout=openai.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)),
+            max_retries=0,  # a retry would double the wait in the arena before the column shows the error
+        )
+        stops, deltas, finished = StopFilter(params.stop), 0, False
         try:
-            with httpx.stream(
-                "POST",
-                self.base_url + "/chat/completions",
-                json=body,
-                headers=headers,
-                timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)),
-            ) as response:
-                if response.status_code != 200:
-                    raise BackendError(
-                        self._http_error(response.status_code, response.read().decode(errors="replace"))
-                    )
-                for event in _sse_events(response.iter_lines()):
-                    if event.get("error"):
-                        raise BackendError(self._redact(f"The endpoint reported an error: {event['error']}"))
-                    if event.get("usage"):
-                        out.tokens = event["usage"].get("completion_tokens")
-                    for choice in event.get("choices") or []:
-                        content = (choice.get("delta") or {}).get("content")
+            chunks = client.chat.completions.create(
+                model=self.model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                max_tokens=params.max_new_tokens,  # not max_completion_tokens: older servers know only this one
+                extra_headers=headers,
+                **sampling,
+            )
+            with chunks:
+                for chunk in chunks:
+                    if not hasattr(chunk, "choices"):  # the SDK hands over whatever JSON the server sent
+                        raise BackendError(f"Malformed stream from the endpoint (not an object): {chunk!r:.80}")
+                    if chunk.usage:
+                        out.tokens, finished = chunk.usage.completion_tokens, True
+                    for choice in chunk.choices or []:
+                        finished = finished or bool(choice.finish_reason)
+                        content = choice.delta.content if choice.delta else None
                         if content:
                             deltas += 1
                             if text := stops.push(content):
                                 yield text
                             if stops.stopped:
                                 return
-                if rest := stops.flush():
-                    yield rest
-        except httpx.ConnectError as e:
-            raise BackendError(f"Could not connect to {self.base_url}: is the server running? ({e})") from None
-        except httpx.TimeoutException:
+            if not finished:
+                # Servers end an answer with a finish reason (and usage); a stream without either was cut off,
+                # or was not Server-Sent Events at all (an HTML page, a proxy's error), which the SDK skips.
+                raise BackendError("Malformed stream from the endpoint: it ended before the answer was finished.")
+            if rest := stops.flush():
+                yield rest
+        except openai.APITimeoutError:  # before APIConnectionError: it is one
             raise BackendError(f"{self.base_url} did not answer within {self.timeout_s:g} s.") from None
-        except httpx.HTTPError as e:
+        except openai.APIConnectionError as e:
+            cause = e.__cause__ or e
+            raise BackendError(
+                self._redact(f"Could not connect to {self.base_url}: is the server running? ({cause})")
+            ) from None
+        except openai.APIStatusError as e:
+            # The SDK has parsed the error's body as JSON where it could: back to text for the message.
+            body = e.body if isinstance(e.body, str) else json.dumps(e.body) if e.body is not None else e.message
+            raise BackendError(self._http_error(e.status_code, body)) from None
+        except openai.APIError as e:  # an error event in the stream (`data: {"error": ...}`)
+            detail = e.body if e.body is not None else e.message
+            raise BackendError(self._redact(f"The endpoint reported an error: {detail}")) from None
+        except json.JSONDecodeError as e:
+            raise BackendError(f"Malformed stream from the endpoint (bad JSON): {e.doc[:80]!r}") from None
+        except openai.OpenAIError as e:
             raise BackendError(self._redact(f"The connection to {self.base_url} failed: {e}")) from None
         finally:
+            client.close()
             if out.tokens is None and deltas:
                 out.tokens = deltas  # servers without usage in the stream send about one token per delta
 
@@ -597,26 +622,6 @@ class OpenAIBackend(Backend):
         if status == 404:
             return f"No such endpoint or model (HTTP 404): check the base URL and model name. {detail}"
         return f"The endpoint answered HTTP {status}: {detail}"
-
-
-def _sse_events(lines: Iterator[str]) -> Iterator[dict]:
-    """JSON payloads of a Server-Sent Events stream of chat-completion chunks, until `data: [DONE]`."""
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith(":") or line.split(":", 1)[0] in ("event", "id", "retry"):
-            continue
-        if not line.startswith("data:"):
-            raise BackendError(f"Malformed stream from the endpoint (not Server-Sent Events): {line[:80]!r}")
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except json.JSONDecodeError:
-            raise BackendError(f"Malformed stream from the endpoint (bad JSON): {data[:80]!r}") from None
-        if not isinstance(event, dict):
-            raise BackendError(f"Malformed stream from the endpoint (not an object): {data[:80]!r}")
-        yield event
 
 
 def stream_all(
@@ -640,10 +645,6 @@ def stream_all(
 def token_counters(streams: dict[str, TextStream]) -> dict[str, Callable[[str], int | None]]:
     """`count_tokens` for `merge_streams`: each stream's own count of the tokens it produced."""
     return {name: (lambda _text, s=s: s.tokens) for name, s in streams.items()}
-
-
-def generate_text(model, tokenizer, prompt: str, params: GenerationParams | None = None) -> str:
-    return "".join(stream(model, tokenizer, prompt, params))
 
 
 @dataclass

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from finetune import FinetuneError
 from finetune.config import TrainConfig, dump_train_config, load_train_config
 from finetune.hardware import machine
@@ -39,6 +41,7 @@ from finetune.train import (
     check_config,
     latest_checkpoint,
     new_run_id,
+    process_fields,
     read_status,
     runs_dir,
     update_status,
@@ -69,20 +72,27 @@ class RunInfo:
         return path if (path / "adapter_config.json").is_file() else None
 
 
-def _pid_runs(pid: int | None, run_dir: Path) -> bool:
-    """True when `pid` is alive and is the trainer of `run_dir` (not a recycled pid)."""
-    if not pid:
+def _pid_runs(pid: int | None, run_dir: Path, create_time: float | None = None) -> bool:
+    """True when `pid` is alive and is the trainer of `run_dir`, not another process that got the pid since.
+
+    `create_time`: the trainer's start time recorded with its pid (`pid_create_time`); runs from before it was
+    recorded have none, and the command line alone decides.
+    """
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        try:
-            os.kill(pid, 0)  # no /proc (macOS): trust a live pid
-        except OSError:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # it exited; its parent has not collected it yet
             return False
-        return True
+        # A reused pid belongs to a process started after ours ended. 1 s of slack: the time is counted from a boot
+        # time that a clock step can shift, and any trainer lives longer than that (importing torch alone does).
+        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
+            return False
+        args = proc.cmdline()
+    except psutil.Error:  # gone, or another user's process: not our trainer either way
+        return False
     # Started by a runner: the run folder is on the command line; by hand (`python -m finetune train --config`): not.
-    return run_dir.name in cmdline or ("finetune" in cmdline and "train" in cmdline)
+    return any(run_dir.name in arg for arg in args) or ("train" in args and any("finetune" in a for a in args))
 
 
 def visible_device(device: str) -> str:
@@ -120,7 +130,8 @@ class Runner:
         self._lock = threading.RLock()
         self._queue: list[tuple[str, bool]] = []  # (run id, resume)
         self._procs: dict[str, subprocess.Popen] = {}
-        self._adopted: dict[str, int] = {}  # runs started by an earlier app process, still training: id -> pid
+        # Runs started by an earlier app process, still training: id -> (pid, its create time if recorded).
+        self._adopted: dict[str, tuple[int, float | None]] = {}
         self._device_of: dict[str, str] = {}  # runs holding a device (started or adopted) -> that device
         self._closed = threading.Event()
         self._discover()
@@ -267,7 +278,7 @@ class Runner:
     def _pid(self, run_id: str) -> int | None:
         if run_id in self._procs:
             return self._procs[run_id].pid
-        return self._adopted.get(run_id)
+        return self._adopted[run_id][0] if run_id in self._adopted else None
 
     def _info(self, run_dir: Path, status: dict) -> RunInfo:
         return RunInfo(
@@ -295,8 +306,8 @@ class Runner:
             if state == "queued":
                 queued.append((status.get("created", 0.0), run_dir.name, status.get("resume", False)))
             elif state in ("running", "stopping"):
-                if _pid_runs(status.get("pid"), run_dir):
-                    self._adopted[run_dir.name] = status["pid"]
+                if _pid_runs(status.get("pid"), run_dir, status.get("pid_create_time")):
+                    self._adopted[run_dir.name] = (status["pid"], status.get("pid_create_time"))
                     device = status.get("device")
                     self._device_of[run_dir.name] = device if device in self.devices else self.devices[0]
                 else:
@@ -323,9 +334,9 @@ class Runner:
                 update_status(run_dir, state="stopped", eta_s=None, message="Stopped before the first step.")
             else:  # it died without saying why
                 update_status(run_dir, state="failed", eta_s=None, message=_exit_reason(code, run_dir))
-        for run_id, pid in list(self._adopted.items()):
+        for run_id, (pid, create_time) in list(self._adopted.items()):
             run_dir = self.root / run_id
-            if not _pid_runs(pid, run_dir):
+            if not _pid_runs(pid, run_dir, create_time):
                 del self._adopted[run_id]
                 self._device_of.pop(run_id, None)
                 if read_status(run_dir).get("state") in ACTIVE_STATES:
@@ -354,7 +365,8 @@ class Runner:
             )
         self._procs[run_id] = proc
         self._device_of[run_id] = device
-        update_status(run_dir, state="running", pid=proc.pid, device=device, message="Starting the training process")
+        message = "Starting the training process"
+        update_status(run_dir, state="running", **process_fields(proc.pid), device=device, message=message)
 
     def _loop(self) -> None:
         while not self._closed.wait(self.poll_interval):

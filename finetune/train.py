@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import torch.nn.functional as F
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -86,6 +87,16 @@ def update_status(run_dir: Path, **fields) -> dict:
     status.update(fields, updated=time.time())
     write_json_atomic(Path(run_dir) / STATUS_FILE, status)
     return status
+
+
+def process_fields(pid: int) -> dict:
+    """Status fields naming the process `pid`: its id and its start time, which a later process given the same
+    (reused) pid does not share (see `runner._pid_runs`)."""
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.Error:  # already gone: the command line alone will decide, as for runs older than this field
+        created = None
+    return {"pid": pid, "pid_create_time": created}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -553,7 +564,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         dump_train_config(cfg, run_dir / CONFIG_FILE)
         if read_status(run_dir).get("state") != "stopping":  # a stop asked while we started up still counts
             (run_dir / STOP_FILE).unlink(missing_ok=True)
-        update_status(run_dir, state="running", pid=os.getpid(), host=socket.gethostname(), message="Loading model")
+        update_status(
+            run_dir, state="running", **process_fields(os.getpid()), host=socket.gethostname(), message="Loading model"
+        )
     try:
         return _train(cfg, run_dir, resume, rank0, stop_signal)
     except BaseException as e:

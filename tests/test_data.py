@@ -11,6 +11,7 @@ from finetune.config import DataConfig
 from finetune.data import (
     ANSWER_TOKEN,
     CUT_TOKEN,
+    MAX_NESTING,
     PROMPT_TOKEN,
     canonicalize,
     detect_format,
@@ -288,6 +289,28 @@ def test_bad_files(tmp_path, name, content, message):
     with pytest.raises(FinetuneError, match=message) as e:
         read_file(write(tmp_path, name, content))
     assert str(e.value).endswith(".") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["deep.json", "deep.jsonl"])
+def test_deeply_nested_json_is_refused_with_a_sentence(tmp_path, name):
+    with pytest.raises(FinetuneError) as e:  # not a RecursionError out of the JSON decoder
+        read_file(write(tmp_path, name, "[" * 100_000))
+    assert str(e.value).startswith(f"{name} nests too deeply to be a data set (more than {MAX_NESTING} levels")
+    assert str(e.value).endswith(".") and "\n" not in str(e.value)
+
+
+def test_nesting_up_to_the_limit_loads(tmp_path):
+    def row(levels: int) -> dict:  # the row's object is the first level
+        value = "x"
+        for _ in range(levels - 1):
+            value = [value]
+        return {"question": "q", "answer": "a", "extra": value}
+
+    assert read_file(write(tmp_path, "ok.jsonl", jsonl([row(MAX_NESTING)])))[0]["extra"] == row(MAX_NESTING)["extra"]
+    with pytest.raises(FinetuneError, match=f"more than {MAX_NESTING} levels in row 2"):
+        read_file(write(tmp_path, "deep.jsonl", jsonl([row(1), row(MAX_NESTING + 1)])))
+    with pytest.raises(FinetuneError, match="Row 3's chat nests too deeply"):
+        normalize_messages("[" * 100_000, 3)  # a chat stored as JSON text (CSV)
 
 
 def test_mixed_types_message_names_column_and_rows(tmp_path):

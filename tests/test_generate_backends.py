@@ -186,6 +186,24 @@ class _StubHandler(http.server.BaseHTTPRequestHandler):
         elif self.path.startswith("/slow"):
             self._send(200, "text/event-stream", b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n', flush=True)
             time.sleep(3)
+        elif self.path.startswith("/multiline"):
+            # One JSON object over two `data:` lines: Server-Sent Events joins them with a newline.
+            body = b'data: {"choices": [{"delta":\ndata:  {"content": "Hi there"}, "finish_reason": "stop"}]}\n\n'
+            self._send(200, "text/event-stream", body + b"data: [DONE]\n\n")
+        elif self.path.startswith("/record"):
+            _StubHandler.seen.append(dict(self.headers))
+            body = b'data: {"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+            self._send(200, "text/event-stream", body)
+        elif self.path.startswith("/error-event"):
+            body = b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n'
+            body += b'data: {"error": {"message": "overloaded"}}\n\n'
+            self._send(200, "text/event-stream", body)
+        elif self.path.startswith("/bad-json"):
+            self._send(200, "text/event-stream", b'data: {"choices": [\n\n')
+        else:
+            self._send(404, "application/json", b'{"error": {"message": "The model `m` does not exist"}}')
+
+    seen: list[dict] = []  # request headers that /record received
 
     def _send(self, status: int, kind: str, body: bytes, flush: bool = False) -> None:
         self.send_response(status)
@@ -226,6 +244,33 @@ def test_openai_backend_errors_are_clear_and_never_echo_the_key(stub_url, free_p
     assert text == "Hi" and "did not answer within 0.5 s" in error
     _, error = _error_of(OpenAIBackend(f"http://127.0.0.1:{free_port}", "m"))
     assert "Could not connect" in error
+
+
+def test_openai_backend_reports_error_events_bad_json_and_unknown_models(stub_url):
+    text, error = _error_of(OpenAIBackend(stub_url + "/error-event/v1", "m"))
+    assert text == "Hi" and "The endpoint reported an error" in error and "overloaded" in error
+    _, error = _error_of(OpenAIBackend(stub_url + "/bad-json/v1", "m"))
+    assert "Malformed stream" in error and "bad JSON" in error
+    _, error = _error_of(OpenAIBackend(stub_url + "/nowhere/v1", "m"))
+    assert "HTTP 404" in error and "check the base URL and model name" in error and "does not exist" in error
+
+
+def test_openai_backend_joins_a_multi_line_data_event(stub_url):
+    s = OpenAIBackend(stub_url + "/multiline/v1", "m").stream([{"role": "user", "content": "Hi"}], GREEDY)
+    assert "".join(s) == "Hi there" and s.tokens == 1  # no usage sent: one token per delta
+
+
+def test_openai_backend_never_sends_credentials_from_the_environment(stub_url, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-from-env")
+    monkeypatch.setenv("OPENAI_CUSTOM_HEADERS", "Authorization: Bearer sk-custom-from-env")
+    _StubHandler.seen.clear()
+    question = [{"role": "user", "content": "Hi"}]
+    assert "".join(OpenAIBackend(stub_url + "/record/v1", "m").stream(question, GREEDY)) == "ok"
+    assert "".join(OpenAIBackend(stub_url + "/record/v1", "m", api_key="sk-user").stream(question, GREEDY)) == "ok"
+    without_key, with_key = ({k.lower(): v for k, v in h.items()} for h in _StubHandler.seen)
+    assert "from-env" not in str(without_key) and "from-env" not in str(with_key)
+    assert with_key["authorization"] == "Bearer sk-user"
 
 
 def test_a_failing_backend_does_not_stop_the_other_columns(pooled, free_port):

@@ -22,12 +22,13 @@ SLOW_BF16 = Probe(float32=100.0, bfloat16=3.0)  # AVX2: torch's reference path
 T4 = GPU(0, "Tesla T4", 15.0, (7, 5))
 L4 = GPU(0, "NVIDIA L4", 22.0, (8, 9))
 AVX2 = ("avx2",)
+AMX = ("avx2", "amx_bf16")
 
 # machine -> (train dtype, mixed precision, 4-bit compute dtype, inference dtype, train_vocab for 262k tokens)
 TABLE = [
     (Machine(gpus=(T4,)), torch.float32, "fp16", torch.float16, torch.float16, "full"),
     (Machine(gpus=(L4,)), torch.bfloat16, "bf16", torch.bfloat16, torch.bfloat16, "full"),
-    (Machine(isa=("avx2", "amx_bf16"), probe=FAST_BF16), torch.bfloat16, "bf16", torch.bfloat16, torch.bfloat16, "data"),
+    (Machine(isa=AMX, probe=FAST_BF16), torch.bfloat16, "bf16", torch.bfloat16, torch.bfloat16, "data"),
     (Machine(isa=AVX2, probe=SLOW_BF16), torch.float32, "no", torch.float32, torch.float32, "data"),
     # The flags say bfloat16, the probe says slow (a capped ISA): the probe decides.
     (Machine(isa=("avx2", "avx512_bf16"), probe=SLOW_BF16), torch.float32, "no", torch.float32, torch.float32, "data"),

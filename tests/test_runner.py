@@ -7,12 +7,20 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from finetune import FinetuneError
 from finetune.config import DataConfig, ModelSpec, TrainConfig, load_train_config
 from finetune.runner import Runner
-from finetune.train import ADAPTER_DIR, latest_checkpoint, read_metrics, read_status, update_status
+from finetune.train import (
+    ADAPTER_DIR,
+    latest_checkpoint,
+    process_fields,
+    read_metrics,
+    read_status,
+    update_status,
+)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +115,50 @@ def test_dead_process_is_marked_failed_on_discovery(tmp_path, tiny_llama, qa_fil
         assert second.wait(run_id)["state"] == "finished"
     finally:
         second.close()
+
+
+def _discovered(runs, run_id: str, **status) -> tuple[str | None, str]:
+    """(the run a new Runner holds the device for, the run's state) after a status that says it is training."""
+    (runs / run_id).mkdir(parents=True, exist_ok=True)
+    update_status(runs / run_id, state="running", **status)
+    runner = Runner(runs, poll_interval=0.1)
+    try:
+        return runner.active(), read_status(runs / run_id)["state"]
+    finally:
+        runner.close()
+
+
+def _started(cmd: list[str]) -> subprocess.Popen:
+    """A process whose command line can be read: /proc shows an empty one for a moment after exec."""
+    proc = subprocess.Popen(cmd)
+    _wait_for(lambda: psutil.Process(proc.pid).cmdline(), timeout=10)
+    return proc
+
+
+def test_a_live_unrelated_process_is_not_taken_for_the_trainer(tmp_path):
+    sleeper = _started(["sleep", "30"])
+    try:  # e.g. the pid was reused after a reboot: alive, but neither a trainer nor this run's
+        assert _discovered(tmp_path / "runs", "run-a", **process_fields(sleeper.pid)) == (None, "failed")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_recorded_start_time_tells_a_reused_pid_from_the_trainer(tmp_path):
+    # A stand-in trainer: its command line names the run folder, as the runner's `--run-dir` does.
+    trainer = _started([sys.executable, "-c", "import time; time.sleep(30)", "--run-dir", "runs/run-a"])
+    try:
+        fields = process_fields(trainer.pid)
+        assert fields["pid_create_time"] is not None
+        assert _discovered(tmp_path / "recorded", "run-a", **fields) == ("run-a", "running")
+        # Runs from before the start time was recorded: the command line alone decides.
+        assert _discovered(tmp_path / "older", "run-a", pid=trainer.pid) == ("run-a", "running")
+        # The same pid with another start time: a different process that got the trainer's pid.
+        reused = dict(fields, pid_create_time=fields["pid_create_time"] - 3600)
+        assert _discovered(tmp_path / "reused", "run-a", **reused) == (None, "failed")
+    finally:
+        trainer.kill()
+        trainer.wait()
 
 
 def test_killed_process_is_reported_with_the_reason(runner, tiny_llama, qa_file):
