@@ -15,7 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from finetune import FinetuneError
-from finetune.config import AppSettings, DataConfig, TrainConfig, load_train_config
+from finetune.config import RECIPES, AppSettings, DataConfig, TrainConfig, load_train_config
 from finetune.data import BUNDLED
 from finetune.models import EMBEDDED, ModelPool, has_cuda
 from finetune.runner import RunInfo, Runner
@@ -23,7 +23,6 @@ from finetune.security import Limits
 from finetune.templates import TEMPLATES
 from finetune.train import ADAPTER_DIR, LOG_FILE, read_metrics
 
-RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
 LOG_LINES = 40
 
 
