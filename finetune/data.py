@@ -41,7 +41,7 @@ from finetune.config import DataConfig
 from finetune.security import Limits, safe_name
 from finetune.templates import Template, encode_row, get_template, render, validate
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"  # package data: found after `pip install .` too
 BUNDLED: dict[str, Path] = {
     "lamini_docs": ASSETS / "lamini_docs.jsonl",
     "alpaca_sample": ASSETS / "alpaca_en_demo.json",

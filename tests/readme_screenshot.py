@@ -1,4 +1,4 @@
-"""Retakes assets/screenshot.png (the README's picture): not part of the test suite (its name keeps pytest away).
+"""Retakes docs/screenshot.png (the README's picture): not part of the test suite (its name keeps pytest away).
 
 python -m pytest tests/readme_screenshot.py          # trains recipes/cpu_quick.yaml first
 UPDATE_SCREENSHOT_RUN=/path/to/runs/<id> python -m pytest tests/readme_screenshot.py
@@ -15,8 +15,8 @@ from tests.test_browser import ARTIFACTS, ROOT, browser, home, open_page, runnin
 
 
 def test_readme_screenshot(browser, home, free_port):  # noqa: F811 (pytest fixtures imported above)
-    """assets/screenshot.png: the Arena with Gemma-3-270M, a LoRA adapter trained here, and SmolLM2 answering."""
-    from finetune.config import load_train_config
+    """docs/screenshot.png: the Arena with Gemma-3-270M, a LoRA adapter trained here, and SmolLM2 answering."""
+    from finetune.config import RECIPES, load_train_config
     from finetune.runner import Runner
 
     runner = Runner(home / "runs", poll_interval=0.5)
@@ -24,7 +24,7 @@ def test_readme_screenshot(browser, home, free_port):  # noqa: F811 (pytest fixt
     if reuse:
         shutil.copytree(reuse, home / "runs" / Path(reuse).name)
     else:
-        run_id = runner.submit(load_train_config(ROOT / "recipes" / "cpu_quick.yaml"))
+        run_id = runner.submit(load_train_config(RECIPES / "cpu_quick.yaml"))
         assert runner.wait(run_id, timeout=3600)["state"] == "finished"
     with running_app(AppSettings(max_new_tokens=64), free_port, runner=runner) as url:
         page = open_page(browser, url)
@@ -38,6 +38,6 @@ def test_readme_screenshot(browser, home, free_port):  # noqa: F811 (pytest fixt
         page.get_by_role("heading", name="Fine-tuning Workbench").scroll_into_view_if_needed()
         page.locator('[role="log"]').first.scroll_into_view_if_needed()
         page.screenshot(path=ARTIFACTS / "arena-embedded.png")
-        shutil.copyfile(ARTIFACTS / "arena-embedded.png", ROOT / "assets" / "screenshot.png")
+        shutil.copyfile(ARTIFACTS / "arena-embedded.png", ROOT / "docs" / "screenshot.png")
         page.context.close()
     runner.close()

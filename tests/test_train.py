@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from finetune import FinetuneError
-from finetune.config import DataConfig, ModelSpec, TrainConfig, load_train_config
+from finetune.config import RECIPES, DataConfig, ModelSpec, TrainConfig, load_train_config
 from finetune.templates import IGNORE_INDEX
 from finetune.train import (
     ADAPTER_DIR,
@@ -288,7 +288,7 @@ def test_cli_train_and_bad_override(tiny_llama, qa_file, tmp_path):
     bad = subprocess.run(_cli("train", "--set", "no_such_key=1"), cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "Unknown setting no_such_key" in bad.stderr
     sets = [f"model.source={tiny_llama}", f"data.source={qa_file}", "max_length=64", "max_steps=2", "eval_rows=0"]
-    args = ["train", "--config", str(ROOT / "recipes" / "cpu_quick.yaml")] + [a for s in sets for a in ("--set", s)]
+    args = ["train", "--config", str(RECIPES / "cpu_quick.yaml")] + [a for s in sets for a in ("--set", s)]
     ok = subprocess.run(_cli(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     run_dir = Path(ok.stdout.split("run folder: ")[1].splitlines()[0])

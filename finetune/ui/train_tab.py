@@ -15,7 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from finetune import FinetuneError
-from finetune.config import AppSettings, DataConfig, TrainConfig, load_train_config
+from finetune.config import RECIPES, AppSettings, DataConfig, TrainConfig, load_train_config
 from finetune.data import BUNDLED
 from finetune.hardware import machine
 from finetune.models import EMBEDDED, ModelPool
@@ -26,7 +26,6 @@ from finetune.train import ADAPTER_DIR, LOG_FILE, read_metrics
 from finetune.ui.common import current_user, machine_line, user_errors
 from finetune.ui.forms import component, form_config, get_dotted, more_settings
 
-RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
 LOG_LINES = 40
 
 
