@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import load_note, machine, memory_bandwidth_gbs, p50, random_adapter, table
+from common import load_note, machine, memory_bandwidth_gbs, p50, per_cpu_class, random_adapter, table
 
 
 def pick_adapter(base_model: str, base, tmp: str, path: str | None):
@@ -74,6 +74,8 @@ def plain_generate(model, tokenizer, prompt: str, stops: tuple[str, ...], params
 
 
 def main() -> None:
+    if not per_cpu_class():  # ran once per CPU class, each in its own child (--cpu-class native,avx2)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 questions, 32 new tokens.")
     parser.add_argument("--questions", type=int, default=8)

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, RssSampler, load_note, machine, run_python, table
+from common import ROOT, RssSampler, load_note, machine, per_cpu_class, run_python, table
 
 ADAPTER = """
 import sys
@@ -40,6 +40,8 @@ def mem(pid: int) -> dict:
 
 
 def main() -> None:
+    if not per_cpu_class():  # ran once per CPU class, each in its own child (--cpu-class native,avx2)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Train 4 steps instead of 12.")
     parser.add_argument("--recipe", default="recipes/cpu_quick.yaml", help="Training recipe (YAML or bundled name).")

@@ -21,12 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, table
+from common import ROOT, per_cpu_class, table
 
 TARGET_MINUTES, TARGET_REDUCTION = 5.0, 0.30
 
 
 def main() -> None:
+    if not per_cpu_class():  # ran once per CPU class, each in its own child (--cpu-class native,avx2)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Print only the result table and the headline.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 
-from common import ROOT, run_python, table
+from common import ROOT, per_cpu_class, run_python, table
 
 LOAD = """
 import json, time
@@ -75,6 +75,8 @@ def page_served_s(cache: str, home: str, timeout: float = 600) -> float:
 
 
 def main() -> None:
+    if not per_cpu_class():  # ran once per CPU class, each in its own child (--cpu-class native,avx2)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Cold-convert only the small reference model.")
     args = parser.parse_args()

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, load_note, machine, peak_rss_gb, run_python, table
+from common import ROOT, load_note, machine, peak_rss_gb, per_cpu_class, run_python, table
 
 EVAL_ROWS = 32
 
@@ -132,7 +132,7 @@ def plain_train(cfg, run_dir: str):
     model, tokenizer = load_model(cfg.model)
     if cfg.model.quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, lora_config(cfg))
+    model = get_peft_model(model, lora_config(cfg, model))
     train = encode_splits(cfg, tokenizer).train.remove_columns(["length"])
     precision = cfg.mixed_precision
     args = TrainingArguments(
@@ -166,6 +166,8 @@ def plain_train(cfg, run_dir: str):
 
 
 def main() -> None:
+    if not per_cpu_class():  # ran once per CPU class, each in its own child (--cpu-class native,avx2)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 steps per config (the rate is over steps 2-3).")
     parser.add_argument("--steps", type=int, default=12)

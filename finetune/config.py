@@ -115,6 +115,11 @@ class TrainConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_layers: int = field(
+        default=0,
+        metadata={"help": "Adapt only the last N transformer layers (0: all): the backward pass then stops at the "
+                  "first of them, so a step costs less."},
+    )  # fmt: skip
     target_modules: str | list[str] = field(
         default="all-linear", metadata={"help": "'all-linear' (QLoRA paper) or module names, e.g. [q_proj, v_proj]."}
     )

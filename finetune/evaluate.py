@@ -289,9 +289,10 @@ def answer_losses(
                 **kwargs,
             ).logits
         counts = keep.sum(1).tolist()
-        for row_logits, row_targets in zip(logits.split(counts), targets[keep].split(counts)):
-            loss = torch.nn.functional.cross_entropy(row_logits.float().cpu(), row_targets, reduction="sum")
-            out.append((loss.item(), len(row_targets)))
+        # On the model's device: only one number per row goes to the host, not its answer positions' logits.
+        flat = torch.nn.functional.cross_entropy(logits.float(), targets[keep].to(device), reduction="none")
+        sums = torch.stack([part.sum() for part in flat.split(counts)]).tolist() if counts else []
+        out += [(total, count) for total, count in zip(sums, counts)]
     return out
 
 

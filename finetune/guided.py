@@ -28,6 +28,7 @@ from finetune.config import RECIPES, TrainConfig, load_train_config
 from finetune.models import ModelPool
 from finetune.runner import Runner
 from finetune.security import Limits
+from finetune.spaces import gpu
 from finetune.train import ACTIVE_STATES, write_json_atomic
 
 RECIPE = RECIPES / "quickstart_cpu.yaml"
@@ -40,6 +41,7 @@ STEP_TITLES = {
 }
 HELDOUT_QUESTIONS = 40  # a fixed subset (the first 40) of the 140 held-out lamini_docs questions
 RESULT_FILE = "guided.json"
+MEASURE_GPU_SECONDS = 60  # ZeroGPU budget of the held-out measurement (80 short rows: seconds on a GPU)
 
 
 @dataclass
@@ -208,8 +210,8 @@ class Guide:
                 return
             if step.step == "evaluate":
                 try:
-                    with self._lock:
-                        heldout_losses(self.runner.root / run_id, self.pool)
+                    with self._lock:  # ZeroGPU: a GPU for the measurement only
+                        gpu(duration=MEASURE_GPU_SECONDS)(heldout_losses)(self.runner.root / run_id, self.pool)
                 except FinetuneError as e:
                     yield GuidedStep("evaluate", str(e), run_id, step.status, error=True)
                     return

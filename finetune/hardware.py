@@ -37,6 +37,7 @@ import torch
 
 if TYPE_CHECKING:
     from finetune.config import TrainConfig
+    from finetune.models import ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -333,10 +334,16 @@ def resolve_auto(cfg: TrainConfig, vocab_size: int, m: Machine | None = None) ->
 
 # --- how long a run takes ------------------------------------------------------------------------------------
 
-# A LoRA step on a CPU is mostly matrix products: forward and the input gradients through the frozen body (4 FLOPs per
-# body parameter and token), and the softmax projection at answer positions. Measured seconds over that FLOP count at
-# the probe's rate, on both CPU classes (bench/README.md, "ETA"):
-STEP_FACTOR = {"bf16": 1.0, "no": 1.0}
+# A LoRA step on a CPU, in three parts fitted to steady-state steps of three forms (the quick start, the quick CPU run
+# with the data's and with the full vocabulary) on both CPU classes, each within 10% (bench/README.md, "ETA"):
+# - matrix products at the probe's rate of the compute dtype: forward and input gradients through the frozen body
+#   (4 FLOPs per body parameter and token) and the softmax projection at answer positions;
+# - the float32 softmax itself (exp, sums, gradient) over answer positions x trained vocabulary;
+# - a fixed cost per layer and step (LoRA's small operators, autograd, the optimizer): ~0.5 s for Gemma's 18 layers.
+# The last two scale with the float32 rate, as a proxy for the speed of the cores.
+MATMUL_FACTOR = 0.95
+SOFTMAX_FLOPS = 1.2e3  # float32 FLOP-equivalents per answer token and vocabulary entry
+LAYER_FLOPS = 4.9e9  # per layer and step
 QUANT_FACTOR = 1.1  # 4-bit weights: de-quantized at each projection
 
 
@@ -351,11 +358,18 @@ class Estimate:
         return self.step_s * self.steps / 60 if self.step_s is not None and self.steps is not None else None
 
 
-def step_seconds(m: Machine, flops: float, mixed: str, quantized: bool) -> float | None:
+def step_seconds(m: Machine, shape: ModelShape, tokens: float, answers: float, softmax: int, mixed: str,
+                 quantized: bool, lora_layers: int = 0) -> float | None:  # fmt: skip
+    """Estimated seconds of a LoRA step over `tokens` (of which `answers` are trained) on this CPU; None on a GPU.
+    `lora_layers`: adapters on the last N layers only, so the backward pass stops at the first of them."""
     if m.probe is None or m.gpus:
         return None
-    rate = (m.probe.bfloat16 if mixed == "bf16" else m.probe.float32) * 1e9
-    return STEP_FACTOR.get(mixed, 1.0) * flops / rate * (QUANT_FACTOR if quantized else 1.0)
+    rate, rate32 = (m.probe.bfloat16 if mixed == "bf16" else m.probe.float32) * 1e9, m.probe.float32 * 1e9
+    adapted = min(lora_layers, shape.layers) / shape.layers if lora_layers > 0 else 1.0
+    body = 2 * shape.body_params * tokens * (1 + adapted)  # forward everywhere, input gradients where adapted
+    matmuls = MATMUL_FACTOR * (body + 4 * answers * softmax * shape.hidden) / rate
+    rest = (SOFTMAX_FLOPS * answers * softmax + LAYER_FLOPS * shape.layers * (1 + adapted) / 2) / rate32
+    return matmuls * (QUANT_FACTOR if quantized else 1.0) + rest
 
 
 def estimate_run(cfg: TrainConfig, m: Machine | None = None) -> Estimate:
@@ -374,8 +388,10 @@ def estimate_run(cfg: TrainConfig, m: Machine | None = None) -> Estimate:
     softmax = data_vocab if cfg.train_vocab == "data" else shape.vocab if shape else 0
     step_s = None
     if shape is not None:
-        flops = 4 * shape.body_params * tokens * cfg.batch_size + 4 * answers * cfg.batch_size * softmax * shape.hidden
-        step_s = step_seconds(m, flops * cfg.grad_accum, cfg.mixed_precision, bool(cfg.model.quantization))
+        batch = cfg.batch_size * cfg.grad_accum
+        quantized = bool(cfg.model.quantization)
+        step_s = step_seconds(m, shape, tokens * batch, answers * batch, softmax, cfg.mixed_precision, quantized,
+                              cfg.lora_layers)  # fmt: skip
     per_epoch = max(1, math.ceil(rows / (cfg.batch_size * cfg.grad_accum)))
     epochs = max(1, math.floor(per_epoch * cfg.num_epochs)) if cfg.num_epochs > 0 else None
     if cfg.max_steps == "auto":

@@ -290,6 +290,7 @@ class ModelShape:
     body_params: int  # all but the token embedding and output layer: what every position multiplies through
     hidden: int
     vocab: int
+    layers: int
 
 
 def model_shape(spec: ModelSpec) -> ModelShape | None:
@@ -316,7 +317,8 @@ def model_shape(spec: ModelSpec) -> ModelShape | None:
                 numel = math.prod(info["shape"])
                 params += numel
                 head += numel if name.endswith("lm_head.weight") else 0
-    return ModelShape(params, params - vocab * hidden - head, hidden, vocab)
+    layers = config.get("num_hidden_layers") or 1
+    return ModelShape(params, params - vocab * hidden - head, hidden, vocab, layers)
 
 
 def model_bytes(model) -> int:

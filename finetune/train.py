@@ -474,15 +474,25 @@ def _truncate_metrics(run_dir: Path, step: int) -> float:
 # --- the run -----------------------------------------------------------------------------------
 
 
-def lora_config(cfg: TrainConfig):
-    """The PEFT `LoraConfig` of a run (the project trainer and the plain baseline in bench/ share it)."""
+def lora_config(cfg: TrainConfig, model=None):
+    """The PEFT `LoraConfig` of a run (the project trainer and the plain baseline in bench/ share it). With
+    `lora_layers`, the adapted modules of the model's last layers only (PEFT wants their names then)."""
     from peft import LoraConfig
 
+    targets, layers = cfg.target_modules, None
+    if cfg.lora_layers > 0 and model is not None:
+        count = model.config.get_text_config().num_hidden_layers
+        layers = list(range(max(0, count - cfg.lora_layers), count))
+        if targets == "all-linear":  # PEFT's meaning: every linear layer but the output layer
+            head = model.get_output_embeddings()
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and module is not head})  # fmt: skip
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
+        target_modules=targets,
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
 
@@ -502,7 +512,7 @@ def build_model(cfg: TrainConfig):
         # and autocast then re-casts the whole output layer at every projection. Norms may stay float32.
         for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
             embedding.to(dtype)
-    model = get_peft_model(model, lora_config(cfg))
+    model = get_peft_model(model, lora_config(cfg, model))
     trainable, total = model.get_nb_trainable_parameters()
     summary = (
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) · "
@@ -643,6 +653,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
     gc.collect()
     if not rank0:
         return adapter
+    update_status(run_dir, peak_memory_gb=round(peak_memory_gb(), 2))
     if callback.stopped:
         update_status(
             run_dir, state="stopped", step=step, eta_s=None, message=f"Stopped at step {step}; adapter saved."
@@ -662,6 +673,15 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
     note = f", held-out loss {final:.3f}" if final is not None else ""
     update_status(run_dir, state="finished", step=step, total=total, eta_s=0, message=f"Finished {step} steps{note}.")
     return adapter
+
+
+def peak_memory_gb() -> float:
+    """Peak memory of this training process: the GPU's allocations on CUDA, else the resident set (GiB)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def time_step(cfg: TrainConfig, model, train, pad: int, vocab: torch.Tensor | None = None) -> float:
@@ -707,8 +727,9 @@ def _steps_in_budget(cfg: TrainConfig, model, train, pad: int, run_dir: Path, ra
         world = int(os.environ.get("WORLD_SIZE", 1))
         per_epoch = math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum * world))
         cap = max(1, math.floor(per_epoch * cfg.num_epochs)) if cfg.num_epochs > 0 else 10**9
-        # 3% for the optimizer, logging and the odd long batch: measured 1-2% on the quick start.
-        planned = max(1, min(cap, int(cfg.max_minutes * 60 * 0.97 / step_s)))
+        # The first steps are slower (new shapes, allocations: ~3 steps' worth) and the timed batch is a typical one,
+        # not each: 5% to spare, measured 2-5% on the quick start on both CPU classes.
+        planned = max(1, min(cap, int((cfg.max_minutes * 60 - 3 * step_s) * 0.95 / step_s)))
         if world > 1:
             from accelerate import PartialState
             from accelerate.utils import broadcast_object_list

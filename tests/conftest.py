@@ -6,8 +6,10 @@ so only the first test run pays for the GGUF conversion.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+QA = [
+    ("What is Lamini?", "Lamini is an LLM engine for developers."),
+    ("Can Lamini run offline?", "Yes, on your own hardware."),
+    ("Which licence does it use?", "Apache 2.0."),
+    ("How do I install it?", "pip install lamini"),
+    ("Does it support fine-tuning?", "Yes: it fine-tunes models on your data with a few lines of code."),
+    ("What is a LoRA adapter?", "Small low-rank matrices added to a frozen model."),
+    ("Is it free?", "There is a free tier."),
+    ("Who makes it?", "Lamini AI."),
+]
+
+
+def make_run(root, tiny_llama, run_id="run-1", adapter=True):
+    """A run folder as training leaves it: config.yaml, metrics.jsonl and a LoRA adapter with non-zero B."""
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config import DataConfig, ModelSpec
+
+    run = root / "runs" / run_id
+    run.mkdir(parents=True)
+    data = root / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QA))
+    config = {
+        "model": asdict(ModelSpec(tiny_llama, dtype="float32")),
+        "data": asdict(DataConfig(source=str(data), template="qa", test_size=0.5, seed=1)),
+        "max_length": 128,
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 3.5}\n{"step": 2, "loss": 2.5, "eval_loss": 2.9}\n{"step": 3, "loss": NaN}\n{"step'
+    )
+    if adapter:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(model, lora).save_pretrained(run / "adapter")
+    return run

@@ -2,7 +2,6 @@ import gradio as gr
 import pytest
 
 from finetune.config import AppSettings
-from finetune.models import ModelPool
 from finetune.ui import build_app
 from finetune.ui.data_tab import DataTabOutputs, build_data_tab
 
@@ -23,7 +22,7 @@ def client(tiny_settings, free_port):
     from gradio_client import Client
 
     with gr.Blocks() as app:
-        outputs = build_data_tab(tiny_settings, ModelPool())
+        outputs = build_data_tab(tiny_settings)
     assert isinstance(outputs, DataTabOutputs) and isinstance(outputs.prepared, gr.State)
     app.queue().launch(server_name="127.0.0.1", server_port=free_port, prevent_thread_lock=True, quiet=True)
     try:

@@ -199,3 +199,30 @@ def test_train_tab_api_starts_a_run_and_reports_it(tmp_path, tiny_llama, qa_file
     finally:
         app.close()
         runner.close()
+
+
+def test_one_training_process_per_gpu(tmp_path, monkeypatch, tiny_llama, qa_file):
+    """Two GPUs: two runs train at once, each child seeing only its own GPU; a third waits for a free one."""
+    from finetune.hardware import GPU, Machine
+
+    gpus = (GPU(0, "A", 24.0, (8, 9)), GPU(1, "B", 24.0, (8, 9)))
+    monkeypatch.setattr("finetune.runner.machine", lambda: Machine(gpus=gpus))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fake = tmp_path / "trainer"  # stands in for `python -m finetune train --run-dir DIR`: notes what it sees
+    fake.write_text('#!/bin/sh\necho "$CUDA_VISIBLE_DEVICES" > "$5/visible"\nsleep 60\n')
+    fake.chmod(0o755)
+    runner = Runner(tmp_path / "runs", python=str(fake), poll_interval=0.1)
+    try:
+        ids = [runner.submit(cfg_for(tiny_llama, qa_file)) for _ in range(3)]
+        _wait_for(lambda: all((runner.root / i / "visible").is_file() for i in ids[:2]))
+        seen = sorted((runner.root / i / "visible").read_text().strip() for i in ids[:2])
+        assert seen == ["0", "1"]
+        assert {read_status(runner.root / i)["device"] for i in ids[:2]} == {"cuda:0", "cuda:1"}
+        assert runner.status(ids[2])["queue_position"] == 1 and set(runner.busy_devices()) == {"cuda:0", "cuda:1"}
+        runner.stop(ids[0])
+        _wait_for(lambda: (runner.root / ids[2] / "visible").is_file())
+        assert read_status(runner.root / ids[2])["device"] == read_status(runner.root / ids[0])["device"]
+    finally:
+        for i in ids:
+            runner.stop(i)
+        runner.close()

@@ -120,6 +120,26 @@ def test_answer_only_loss_equals_reference_loss(tiny_llama, qa_file, smol_tokeni
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
+def test_chunked_loss_gradients_under_fp16_autocast_match_float32(monkeypatch):
+    """float16 (GPUs below compute capability 8): the softmax gradient over a big vocabulary is mostly below fp16's
+    normal range; kept in float32 until the loss scale multiplies it, the gradients match a float32 reference."""
+    monkeypatch.setattr("finetune.train.LOGITS_CHUNK", 16)
+    torch.manual_seed(0)
+    vocab, width, rows = 65_536, 64, 40
+    weight = torch.randn(vocab, width) * 0.05
+    hidden = torch.randn(rows, width, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,))
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(reference / rows, hidden)
+    scale = 2.0**16  # what a GradScaler multiplies the loss by
+    with torch.autocast("cpu", dtype=torch.float16):
+        ours = ChunkedLoss.apply(hidden, targets, weight, None, None)
+    (grad,) = torch.autograd.grad(ours / rows * scale, hidden)
+    assert grad.dtype == torch.float32  # the input's dtype
+    torch.testing.assert_close(ours, reference, rtol=2e-3, atol=0)
+    torch.testing.assert_close(grad / scale, ref_grad, rtol=0, atol=2e-4)
+
+
 @pytest.mark.parametrize("cap", [None, 2.0])
 def test_chunked_loss_gradients_include_a_trainable_output_layer(monkeypatch, cap):
     """Gradients worked out chunk by chunk in forward equal plain autograd, for the inputs and the layer's weights."""
@@ -328,6 +348,34 @@ def test_accelerate_launch_two_cpu_processes(tiny_llama, qa_file, tmp_path):
     assert status["state"] == "finished" and status["step"] == 3
     assert (run_dir / ADAPTER_DIR / "adapter_model.safetensors").is_file()
     assert sum(1 for r in read_metrics(run_dir) if "loss" in r) == 3  # one writer, not two
+
+
+def test_accelerate_agrees_on_one_folder_and_on_the_time_budget(tiny_llama, qa_file, tmp_path):
+    """Two processes without --run-dir write one run folder; rank 1's clock runs 50x fast (a skewed start), so it
+    reaches max_minutes first: both stop at the same step instead of one waiting forever in the next all-reduce."""
+    skew = tmp_path / "skew"
+    skew.mkdir()
+    (skew / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    _real = time.time; _t0 = _real()\n"
+        "    time.time = lambda: _t0 + (_real() - _t0) * 50\n"
+    )
+    home = tmp_path / "home"
+    sets = [f"model.source={tiny_llama}", f"data.source={qa_file}", "data.test_size=0.25", "max_length=64"]
+    sets += ["max_steps=100000", "max_minutes=0.1", "batch_size=2", "eval_rows=0", "mixed_precision=no"]
+    sets += ["save_steps=100000", "logging_steps=1"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", "train"]
+    cmd += [a for s in sets for a in ("--set", s)]
+    path = os.pathsep.join([str(skew), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_HOME": str(home), "PYTHONPATH": path}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
+    (run_dir,) = (home / "runs").iterdir()
+    status = read_status(run_dir)
+    assert status["state"] == "finished" and 0 < status["step"] < 100000
+    assert "time budget" in (run_dir / "train.log").read_text()
 
 
 @pytest.mark.integration

@@ -37,7 +37,7 @@ def build_app(
                 guided = build_guided_panel(guide, extra_starts=[start_note.button])
             with gr.Tab("Data", id="data"):
                 note = lesson_note("data")
-                data_tab = build_data_tab(settings, pool)
+                data_tab = build_data_tab(settings)
                 note.fill(vars(data_tab))
             with gr.Tab("Train", id="train"):
                 note = lesson_note("train")

@@ -1,6 +1,6 @@
 """Data tab: pretraining vs fine-tuning data, then load, map, template, tokens, stats, split, export, hand-off.
 
-`build_data_tab(settings, pool)` wires `finetune.data` to components and returns the few components other
+`build_data_tab(settings)` wires `finetune.data` to components and returns the few components other
 tabs need (`DataTabOutputs`): above all `prepared`, a `gr.State` holding the DataConfig (as a dict) the user
 handed to training with "Use for training".
 """
@@ -18,7 +18,7 @@ from gradio.utils import get_upload_folder
 
 from finetune import FinetuneError, data
 from finetune.config import AppSettings, DataConfig, ModelSpec
-from finetune.models import ModelPool, load_tokenizer
+from finetune.models import load_tokenizer
 from finetune.templates import IGNORE_INDEX, get_template, render
 from finetune.ui.common import user_errors
 
@@ -83,13 +83,10 @@ def _stats_markdown(stats: dict, lengths: dict | None) -> str:
     return "\n\n".join(lines)
 
 
-def build_data_tab(settings: AppSettings, pool: ModelPool) -> DataTabOutputs:
+def build_data_tab(settings: AppSettings) -> DataTabOutputs:
     def tokenizer_for(source: str):
-        # A model the Arena already loaded brings its tokenizer; otherwise load only the tokenizer, once.
-        for spec in pool.loaded():
-            if spec.source == source:
-                return pool.get(spec).tokenizer
-        return load_tokenizer(ModelSpec(source))  # loaded once per process
+        # Parsed once per process and shared with the loaded models (no model, no GPU needed here).
+        return load_tokenizer(ModelSpec(source))
 
     # Exports are served from the app's data dir as they are, not copied into gradio's cache.
     gr.set_static_paths([data.exports_dir()])

@@ -25,8 +25,10 @@ from finetune.evaluate import (
     loss_curve,
 )
 from finetune.models import ModelPool
+from finetune.spaces import gpu
 
 ORDERS = ("biggest wins", "biggest losses", "test order")
+EVAL_GPU_SECONDS = 120  # ZeroGPU budget of one evaluation: 140 questions x2 answered in batches
 SCORE_LABELS = {"exact_match": "EM", "f1": "F1", "rouge_l": "ROUGE-L", "similarity": "similarity"}  # short: bar labels
 TABLE_COLUMNS = {
     "delta_f1": "Δ F1",
@@ -177,7 +179,8 @@ def build_eval_tab(settings: AppSettings, pool: ModelPool) -> dict[str, gr.compo
         cancel = cancels[request.session_hash] = threading.Event()
         progress(0, desc="Loading the model and the test split...")
         try:
-            evaluate_run(
+            # ZeroGPU: a GPU while the questions are answered (the model pool is touched only in there).
+            gpu(duration=EVAL_GPU_SECONDS)(evaluate_run)(
                 run_id,
                 limit=int(n) if n else None,
                 pool=pool,
