@@ -222,7 +222,10 @@ def _coerce(value, hint, key: str):
             return int(number)
         return number
     except (TypeError, ValueError):
-        raise _config_error(f"{key} must be {kind.__name__}, not {value!r}.") from None
+        raise _config_error(f"{key} must be {_KIND_WORDS[kind]}, not {value!r}.") from None
+
+
+_KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number"}
 
 
 def _numeric(text: str) -> bool:
