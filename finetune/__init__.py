@@ -6,8 +6,9 @@ The core is plain Python, usable from a notebook or the CLI (`python -m finetune
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from finetune.settings import Settings
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,6 @@ class FinetuneError(Exception):
 
 def home() -> Path:
     """The app's data dir: model cache, runs, votes. `FINETUNE_HOME` overrides the default."""
-    path = Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".cache" / "finetune-workbench")
+    path = Settings.current().home
     path.mkdir(parents=True, exist_ok=True)
     return path

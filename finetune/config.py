@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,33 +50,6 @@ class GenerationParams:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name) or default
-
-
-@dataclass
-class AppSettings:
-    """What the app serves; every field can be set by an environment variable (named in its help)."""
-
-    base_model: str = field(default="gemma-3-270m", metadata={"help": "FINETUNE_BASE_MODEL: the base column."})
-    reference_model: str = field(
-        default="smollm2-135m-instruct", metadata={"help": "FINETUNE_REFERENCE_MODEL: the reference column."}
-    )
-    max_new_tokens: int = field(default=512, metadata={"help": "FINETUNE_MAX_NEW_TOKENS: upper bound per answer."})
-    generation_concurrency: int = field(
-        default=2, metadata={"help": "FINETUNE_GEN_CONCURRENCY: arena requests served at once."}
-    )
-
-    @classmethod
-    def from_env(cls) -> AppSettings:
-        return cls(
-            base_model=_env("FINETUNE_BASE_MODEL", cls.base_model),
-            reference_model=_env("FINETUNE_REFERENCE_MODEL", cls.reference_model),
-            max_new_tokens=int(_env("FINETUNE_MAX_NEW_TOKENS", str(cls.max_new_tokens))),
-            generation_concurrency=int(_env("FINETUNE_GEN_CONCURRENCY", str(cls.generation_concurrency))),
-        )
 
 
 @dataclass

@@ -38,7 +38,8 @@ from datasets import Dataset, DatasetDict
 
 from finetune import FinetuneError, home
 from finetune.config import DataConfig
-from finetune.security import Limits, safe_name
+from finetune.security import safe_name
+from finetune.settings import Settings, offline
 from finetune.templates import Template, encode_row, get_template, render, validate
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # package data: found after `pip install .` too
@@ -59,8 +60,8 @@ MAX_NESTING = 20
 
 
 def max_upload_mb() -> float:
-    """Largest file accepted, in MB: `FINETUNE_MAX_UPLOAD_MB`, default 100 (the app's upload limit too)."""
-    return Limits.from_env().max_upload_mb
+    """Largest file accepted, in MB (`Settings.max_upload_mb`: the app's upload limit too)."""
+    return Settings.current().max_upload_mb
 
 
 def read_file(path: str | Path) -> Dataset:
@@ -238,7 +239,7 @@ def is_hub_id(source: str) -> bool:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub answers (a quick connect, so offline fails in seconds, not after retries)."""
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if offline():
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
     try:

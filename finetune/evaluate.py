@@ -39,6 +39,7 @@ from finetune.config import DataConfig, GenerationParams, ModelSpec, load_train_
 from finetune.generate import BASE_ADAPTER, generate_batch
 from finetune.hardware import inference_dtype, machine
 from finetune.models import ModelPool, resolve_source
+from finetune.settings import offline
 from finetune.templates import IGNORE_INDEX, Template, chat_messages, encode_row, get_template, pad_id, render
 
 COLUMNS = ("base", "tuned")
@@ -479,8 +480,8 @@ def arc_easy(spec: ModelSpec, adapter_dir: str | Path, limit: int | None = None)
         import lm_eval
     except ImportError:
         return {"note": f"{ARC_NEEDS}; the harness is not installed, so it was skipped."}
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return {"note": f"{ARC_NEEDS}; this machine is offline (HF_HUB_OFFLINE=1), so it was skipped."}
+    if offline():
+        return {"note": f"{ARC_NEEDS}; Hugging Face offline mode is on (HF_HUB_OFFLINE), so it was skipped."}
     pretrained = f"pretrained={resolve_source(spec)},dtype={spec.dtype}"
     scores = {}
     for column, extra in (("base", ""), ("tuned", f",peft={Path(adapter_dir).resolve()}")):

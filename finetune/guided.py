@@ -27,7 +27,7 @@ from finetune import FinetuneError
 from finetune.config import RECIPES, TrainConfig, load_train_config
 from finetune.models import ModelPool
 from finetune.runner import Runner
-from finetune.security import Limits
+from finetune.settings import Settings
 from finetune.spaces import gpu
 from finetune.train import ACTIVE_STATES, write_json_atomic
 
@@ -83,7 +83,7 @@ def prepare(cfg: TrainConfig) -> str:
     )
 
 
-def start(runner: Runner, cfg: TrainConfig, owner: str | None = None, limits: Limits | None = None) -> str:
+def start(runner: Runner, cfg: TrainConfig, owner: str | None = None, limits: Settings | None = None) -> str:
     """Queue the training run exactly as the Train tab does (owner, per-user limits); returns the run id."""
     return runner.submit(cfg, owner=owner, limits=limits)
 
@@ -191,7 +191,7 @@ class Guide:
         self._lock = threading.Lock()
 
     def run(
-        self, cfg: TrainConfig | None = None, owner: str | None = None, limits: Limits | None = None
+        self, cfg: TrainConfig | None = None, owner: str | None = None, limits: Settings | None = None
     ) -> Iterator[GuidedStep]:
         """Prepare, start and follow a new guided run."""
         cfg = cfg or self.config()

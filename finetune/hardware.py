@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from finetune.settings import Settings
+
 if TYPE_CHECKING:
     from finetune.config import TrainConfig
     from finetune.models import ModelShape
@@ -106,7 +108,7 @@ class Machine:
 
     def app_device(self) -> str:
         """Where the app's own models (Arena, Evaluate) run: `FINETUNE_APP_DEVICE`, else the first GPU, MPS or CPU."""
-        chosen = os.environ.get("FINETUNE_APP_DEVICE", "auto").strip() or "auto"
+        chosen = Settings.current().app_device
         if chosen != "auto":
             return chosen
         return "cuda:0" if self.gpus else "mps" if self.mps else "cpu"

@@ -2,7 +2,7 @@
 
 The same as `python app.py` in the repository (a Space's entry point, README front matter: `app_file: app.py`).
 `FINETUNE_AUTH` turns on login (see README, "Deploy to Spaces"); limits come from `FINETUNE_MAX_*` env vars
-(`finetune.security.Limits`). This module imports gradio only inside `create_app`, after the Space's install step,
+(`finetune.settings.Settings`). This module imports gradio only inside `create_app`, after the Space's install step,
 so `finetune-workbench --help` is quick and the core stays importable without gradio.
 """
 
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import threading
 from pathlib import Path
 
 from finetune import home
-from finetune.security import Limits, parse_auth
+from finetune.security import parse_auth
+from finetune.settings import Settings
 from finetune.spaces import ensure_nodeps_requirements
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def launch_kwargs(share: bool = False) -> dict:
         "auth_message": "Log in with the name and password the workshop host gave you." if users else None,
         # Only run outputs (adapters, eval tables) and exported splits may be served; not the model cache or votes.
         "allowed_paths": [str(runs), str(exports)],
-        "max_file_size": f"{Limits.from_env().max_upload_mb:g}mb",
+        "max_file_size": f"{Settings.current().max_upload_mb:g}mb",
     }
 
 
@@ -50,10 +50,10 @@ def create_app(settings=None, **parts):
 def preload() -> None:
     """While the page is served: parse the tokenizers and import the model code of the base and reference models,
     which the Data tab and the Arena need first."""
-    from finetune.config import AppSettings, ModelSpec
+    from finetune.config import ModelSpec
     from finetune.models import EMBEDDED, import_model_code, load_tokenizer
 
-    settings = AppSettings.from_env()
+    settings = Settings.current()
     for source in (settings.base_model, settings.reference_model):
         if source not in EMBEDDED and not Path(source).expanduser().is_dir():
             continue  # a Hub model: no network waits (under the load lock) before anyone asked for it
@@ -66,8 +66,9 @@ def preload() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    settings = Settings.current()
+    parser.add_argument("--host", default=settings.server_name)
+    parser.add_argument("--port", type=int, default=settings.server_port)
     parser.add_argument("--share", action="store_true", help="Open a public gradio.live link (off by default).")
     args = parser.parse_args(argv)
     ensure_nodeps_requirements()  # before the UI imports the embedded models' packages

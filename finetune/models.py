@@ -34,6 +34,7 @@ import torch
 from finetune import FinetuneError, home
 from finetune.config import ModelSpec
 from finetune.hardware import machine, torch_dtype
+from finetune.settings import Settings, offline
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ REFERENCE_MODEL = "smollm2-135m-instruct"
 
 def model_cache() -> Path:
     """Where converted models live: `$FINETUNE_MODEL_CACHE`, default `$FINETUNE_HOME/models`."""
-    return Path(os.environ.get("FINETUNE_MODEL_CACHE") or home() / "models")
+    return Settings.current().model_cache or home() / "models"
 
 
 CACHE_SUFFIX = "-bf16"  # the cache's format: a folder written by an older format is not read
@@ -278,7 +279,7 @@ def _load_model(spec: ModelSpec, device: str | None):
 
 
 def _load_error(spec: ModelSpec, e: Exception) -> FinetuneError:
-    hint = "check the id and your connection" if os.environ.get("HF_HUB_OFFLINE") != "1" else "HF_HUB_OFFLINE=1 is set"
+    hint = "Hugging Face offline mode is on" if offline() else "check the id and your connection"
     return FinetuneError(f"Could not load model {spec.source!r} ({hint}): {str(e).splitlines()[0][:300]}")
 
 
@@ -335,7 +336,7 @@ VRAM_SHARE = 0.5  # of the app's GPU for its pooled models: the rest for activat
 
 def default_budget_bytes() -> int | None:
     """`FINETUNE_MODEL_BUDGET_GB`; unset: half the memory of the app's GPU, none on a CPU (the OS pages)."""
-    gb = float(os.environ.get("FINETUNE_MODEL_BUDGET_GB", "0") or 0)
+    gb = Settings.current().model_budget_gb
     if gb > 0:
         return int(gb * 2**30)
     m = machine()

@@ -31,7 +31,8 @@ import psutil
 from finetune import FinetuneError
 from finetune.config import TrainConfig, dump_train_config, load_train_config
 from finetune.hardware import machine
-from finetune.security import Limits, is_admin, saving
+from finetune.security import is_admin, saving
+from finetune.settings import Settings
 from finetune.train import (
     ACTIVE_STATES,
     ADAPTER_DIR,
@@ -140,10 +141,10 @@ class Runner:
 
     # --- public API ---
 
-    def submit(self, cfg: TrainConfig, owner: str | None = None, limits: Limits | None = None) -> str:
+    def submit(self, cfg: TrainConfig, owner: str | None = None, limits: Settings | None = None) -> str:
         """Check the config, create the run folder and queue the run; returns its id.
 
-        `owner`: the logged-in user (None without login). `limits` (the UI passes `Limits.from_env()`): steps per
+        `owner`: the logged-in user (None without login). `limits` (the UI passes `Settings.current()`): steps per
         run, and runs queued or training per logged-in user.
         """
         check_config(cfg)
@@ -251,7 +252,7 @@ class Runner:
             raise FinetuneError(f"No run {run_id!r}: pick one from the list of runs.")
         return run_dir
 
-    def _check_limits(self, cfg: TrainConfig, owner: str | None, limits: Limits) -> None:
+    def _check_limits(self, cfg: TrainConfig, owner: str | None, limits: Settings) -> None:
         if cfg.max_steps > limits.max_train_steps:
             raise FinetuneError(
                 f"{cfg.max_steps} steps is above this box's limit of {limits.max_train_steps} per run "

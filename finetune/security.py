@@ -14,10 +14,10 @@ import sqlite3
 import unicodedata
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune import FinetuneError, home
+from finetune.settings import Settings
 
 MAX_NAME = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -42,7 +42,7 @@ def safe_path(*parts: str, root: Path | None = None) -> Path:
 
 
 def check_upload_size(path: str | Path, limit_mb: float | None = None) -> None:
-    limit_mb = limit_mb if limit_mb is not None else float(os.environ.get("FINETUNE_MAX_UPLOAD_MB", "100"))
+    limit_mb = limit_mb if limit_mb is not None else Settings.current().max_upload_mb
     size = Path(path).stat().st_size
     if size > limit_mb * 2**20:
         raise FinetuneError(f"The file is {size / 2**20:.0f} MB; the limit is {limit_mb:.0f} MB.")
@@ -92,28 +92,9 @@ def saving(what: str) -> Iterator[None]:
         ) from e
 
 
-@dataclass
-class Limits:
-    """Limits that protect a shared box; each set by the env var named in its help (the answer length limit,
-    FINETUNE_MAX_NEW_TOKENS, is `AppSettings.max_new_tokens`)."""
-
-    max_upload_mb: float = field(default=100.0, metadata={"help": "FINETUNE_MAX_UPLOAD_MB"})
-    max_train_steps: int = field(default=2000, metadata={"help": "FINETUNE_MAX_TRAIN_STEPS"})
-    max_queued_runs: int = field(default=2, metadata={"help": "FINETUNE_MAX_QUEUED_RUNS (per user)"})
-
-    @classmethod
-    def from_env(cls) -> Limits:
-        kwargs = {}
-        for name, f in cls.__dataclass_fields__.items():
-            value = os.environ.get(f.metadata["help"].split()[0])
-            if value:
-                kwargs[name] = type(getattr(cls, name))(value)
-        return cls(**kwargs)
-
-
 def parse_auth(spec: str | None = None) -> list[tuple[str, str]]:
     """Users from `FINETUNE_AUTH`: "user:pass,user2:pass2", or a path to a file with one user:pass per line."""
-    spec = spec if spec is not None else os.environ.get("FINETUNE_AUTH", "")
+    spec = spec if spec is not None else Settings.current().auth
     if not spec.strip():
         return []
     if os.path.isfile(spec):
@@ -128,4 +109,4 @@ def parse_auth(spec: str | None = None) -> list[tuple[str, str]]:
 
 
 def is_admin(user: str | None) -> bool:
-    return bool(user) and user in {u.strip() for u in os.environ.get("FINETUNE_ADMINS", "admin").split(",")}
+    return bool(user) and user in Settings.current().admins

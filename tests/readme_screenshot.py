@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from finetune.config import AppSettings
+from finetune.settings import Settings
 from tests.test_browser import ARTIFACTS, ROOT, browser, home, open_page, running_app  # noqa: F401 (fixtures)
 
 
@@ -26,7 +26,7 @@ def test_readme_screenshot(browser, home, free_port):  # noqa: F811 (pytest fixt
     else:
         run_id = runner.submit(load_train_config(RECIPES / "cpu_quick.yaml"))
         assert runner.wait(run_id, timeout=3600)["state"] == "finished"
-    with running_app(AppSettings(max_new_tokens=64), free_port, runner=runner) as url:
+    with running_app(Settings(max_new_tokens=64), free_port, runner=runner) as url:
         page = open_page(browser, url)
         page.get_by_role("tab", name="Arena").click()
         page.get_by_role("textbox", name="Question").fill("What is the capital of France?")

@@ -1,12 +1,12 @@
 import pytest
 
-from finetune.config import AppSettings
+from finetune.settings import Settings
 from finetune.ui import build_app
 
 
 @pytest.fixture
 def tiny_settings(tiny_llama):
-    return AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+    return Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
 
 
 def test_build_app_has_the_four_tabs(tiny_settings):

@@ -31,9 +31,10 @@ from finetune.arena import (
     list_adapters,
     make_backends,
 )
-from finetune.config import AppSettings, GenerationParams
+from finetune.config import GenerationParams
 from finetune.generate import Backend, LocalBackend, OpenAIBackend, TextStream
 from finetune.models import ModelPool
+from finetune.settings import Settings
 from tests.test_generate_backends import make_tiny_adapter
 
 PARAMS = GenerationParams(max_new_tokens=24, stop=())
@@ -251,7 +252,7 @@ def test_arena_vote_and_leaderboard_endpoints(home, trained_adapter, tiny_llama,
     from finetune.ui import build_app
 
     _fake_run(home, trained_adapter, tiny_llama)
-    settings = AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+    settings = Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
     app = build_app(settings).queue()
     app.launch(server_name="127.0.0.1", server_port=free_port, prevent_thread_lock=True, quiet=True)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import AppSettings
+from finetune.settings import Settings
 from tests.test_workshop import ROOT, running_app
 
 pytestmark = pytest.mark.browser
@@ -97,7 +97,7 @@ def arena_answers(page) -> list[str]:
 def test_a_participant_goes_through_every_tab(browser, home, tiny_llama, free_port):
     from finetune.runner import Runner
 
-    settings = AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=48)
+    settings = Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=48)
     runner = Runner(home / "runs", poll_interval=0.2)
     with running_app(settings, free_port, runner=runner) as url:
         page = open_page(browser, url)
@@ -164,7 +164,7 @@ def test_a_participant_goes_through_every_tab(browser, home, tiny_llama, free_po
 
 
 def test_two_browsers_do_not_share_a_screen(browser, home, tiny_llama, free_port):
-    settings = AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+    settings = Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
     with running_app(settings, free_port) as url:
         ann, bob = open_page(browser, url), open_page(browser, url)
         for page, question in ((ann, "Ann asks about LoRA"), (bob, "Bob asks about QLoRA")):

@@ -10,10 +10,11 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from finetune.config import AppSettings, ModelSpec
+from finetune.config import ModelSpec
 from finetune.guided import Guide, guided_config
 from finetune.models import ModelPool
 from finetune.runner import Runner
+from finetune.settings import Settings
 from tests.test_browser import ARTIFACTS, TRAIN_TIMEOUT_MS, browser, home, open_page  # noqa: F401 (fixtures)
 from tests.test_workshop import running_app
 
@@ -29,7 +30,7 @@ def test_guided_start_advances_survives_a_reload_and_opens_the_arena(browser, ho
         cfg.mixed_precision, cfg.logging_steps, cfg.data.max_rows = "no", 1, 60
         return cfg
 
-    settings = AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+    settings = Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
     runner, pool = Runner(home / "runs", poll_interval=0.2), ModelPool()
     guide = Guide(runner, pool, config, poll_interval=0.2)
     with running_app(settings, free_port, runner=runner, pool=pool, guide=guide) as url:

@@ -1,14 +1,14 @@
 import gradio as gr
 import pytest
 
-from finetune.config import AppSettings
+from finetune.settings import Settings
 from finetune.ui import build_app
 from finetune.ui.data_tab import DataTabOutputs, build_data_tab
 
 
 @pytest.fixture
 def tiny_settings(tiny_llama):
-    return AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+    return Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
 
 
 def test_build_app_includes_the_data_tab(tiny_settings):

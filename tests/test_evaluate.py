@@ -307,12 +307,12 @@ def test_tab_frames_put_wins_and_losses_first(runs, pool):
 def test_evaluate_endpoint_runs_from_the_app(tmp_path, tiny_llama, free_port, monkeypatch):
     from gradio_client import Client
 
-    from finetune.config import AppSettings
+    from finetune.settings import Settings
     from finetune.ui import build_app
 
     monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
     make_run(tmp_path, tiny_llama, "tiny-run")
-    app = build_app(AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)).queue()
+    app = build_app(Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)).queue()
     app.launch(server_name="127.0.0.1", server_port=free_port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{free_port}/", verbose=False)

@@ -85,10 +85,10 @@ def test_a_failed_run_ends_the_guided_path_with_its_reason(runner, tiny_llama):
 
 @pytest.fixture
 def tiny_app(runner, tiny_llama):
-    from finetune.config import AppSettings
+    from finetune.settings import Settings
     from finetune.ui import build_app
 
-    settings = AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+    settings = Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
     pool = ModelPool()
     guide = Guide(runner, pool, lambda: tiny_cfg(tiny_llama), poll_interval=0.1)
     return build_app(settings, pool, runner, guide)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import AppSettings
+from finetune.settings import Settings
 from tests.test_arena import _fake_run
 from tests.test_workshop import ROOT, client, running_app
 
@@ -39,7 +39,7 @@ def test_twenty_browsers_are_all_served_in_arrival_order(home, tiny_llama, tmp_p
     from tests.test_generate_backends import make_tiny_adapter
 
     _fake_run(home, make_tiny_adapter(tiny_llama, tmp_path_factory.mktemp("adapter")), tiny_llama)  # a tuned column
-    settings = AppSettings(
+    settings = Settings(
         base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32, generation_concurrency=CONCURRENCY
     )
     with running_app(settings, free_port) as url:

@@ -175,11 +175,11 @@ def test_killed_process_is_reported_with_the_reason(runner, tiny_llama, qa_file)
 def test_train_tab_api_starts_a_run_and_reports_it(tmp_path, tiny_llama, qa_file, free_port):
     from gradio_client import Client
 
-    from finetune.config import AppSettings
+    from finetune.settings import Settings
     from finetune.ui import build_app
 
     runner = Runner(tmp_path / "runs", poll_interval=0.1)
-    app = build_app(AppSettings(base_model=tiny_llama, reference_model=tiny_llama), runner=runner).queue()
+    app = build_app(Settings(base_model=tiny_llama, reference_model=tiny_llama), runner=runner).queue()
     app.launch(server_name="127.0.0.1", server_port=free_port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{free_port}/", verbose=False)

@@ -3,7 +3,8 @@ import zipfile
 import pytest
 
 from finetune import FinetuneError
-from finetune.security import Limits, extract_zip, parse_auth, safe_name, safe_path
+from finetune.security import extract_zip, parse_auth, safe_name, safe_path
+from finetune.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -69,5 +70,5 @@ def test_auth_and_limits_from_env(monkeypatch, tmp_path):
         parse_auth("nopassword")
     monkeypatch.setenv("FINETUNE_MAX_TRAIN_STEPS", "50")
     monkeypatch.setenv("FINETUNE_MAX_UPLOAD_MB", "2.5")
-    limits = Limits.from_env()
+    limits = Settings.current()
     assert limits.max_train_steps == 50 and limits.max_upload_mb == 2.5 and limits.max_queued_runs == 2

@@ -100,16 +100,16 @@ def test_every_handler_that_reaches_the_model_pool_runs_under_spaces_gpu(
 ):
     from gradio_client import Client
 
-    from finetune.config import AppSettings
     from finetune.guided import Guide
     from finetune.runner import Runner
+    from finetune.settings import Settings
     from finetune.ui import build_app
 
     monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
     make_run(tmp_path, tiny_llama, "tiny-run")
     pool = GuardedPool(zero_gpu)
     runner = Runner(tmp_path / "runs", poll_interval=0.1)
-    settings = AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+    settings = Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
     app = build_app(settings, pool=pool, runner=runner).queue()
     app.launch(server_name="127.0.0.1", server_port=free_port, prevent_thread_lock=True, quiet=True)
     try:

@@ -23,8 +23,8 @@ import yaml
 import app as app_module
 from finetune import FinetuneError
 from finetune.arena import VoteStore, install_adapter
-from finetune.config import AppSettings
-from finetune.security import Limits, saving
+from finetune.security import saving
+from finetune.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,12 +38,12 @@ def home(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def tiny_settings(tiny_llama) -> AppSettings:
-    return AppSettings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+def tiny_settings(tiny_llama) -> Settings:
+    return Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
 
 
 @contextlib.contextmanager
-def running_app(settings: AppSettings, port: int, **parts):
+def running_app(settings: Settings, port: int, **parts):
     """The app as `python app.py` serves it (same queue and launch settings), on 127.0.0.1:port."""
     blocks = app_module.create_app(settings, **parts)
     blocks.launch(
@@ -368,7 +368,7 @@ def test_a_run_over_the_step_limit_is_refused_before_it_starts(home, tiny_llama,
     try:
         with pytest.raises(FinetuneError, match="60 steps is above this box's limit of 50"):
             cfg = TrainConfig(model=ModelSpec(tiny_llama), data=DataConfig(max_rows=20), max_steps=60)
-            runner.submit(cfg, limits=Limits.from_env())  # the Train tab passes the box's limits
+            runner.submit(cfg, limits=Settings.current())  # the Train tab passes the box's limits
         assert runner.runs() == []
     finally:
         runner.close()

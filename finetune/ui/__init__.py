@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from finetune.config import AppSettings
 from finetune.guided import Guide, app_guide
 from finetune.models import ModelPool
 from finetune.runner import Runner
+from finetune.settings import Settings
 from finetune.ui.arena_tab import build_arena_tab
 from finetune.ui.data_tab import build_data_tab
 from finetune.ui.eval_tab import build_eval_tab
@@ -19,12 +19,12 @@ TITLE = "Fine-tuning Workbench"
 
 
 def build_app(
-    settings: AppSettings | None = None,
+    settings: Settings | None = None,
     pool: ModelPool | None = None,
     runner: Runner | None = None,
     guide: Guide | None = None,
 ) -> gr.Blocks:
-    settings = settings or AppSettings.from_env()
+    settings = settings or Settings.current()
     pool = pool or ModelPool()
     runner = runner or Runner()
     guide = guide or app_guide(runner, pool, settings.base_model)

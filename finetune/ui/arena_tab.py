@@ -29,10 +29,11 @@ from finetune.arena import (
     list_adapters,
     make_backends,
 )
-from finetune.config import AppSettings, GenerationParams
+from finetune.config import GenerationParams
 from finetune.generate import Column
 from finetune.models import EMBEDDED, ModelPool
 from finetune.security import saving
+from finetune.settings import Settings
 from finetune.spaces import gpu
 from finetune.templates import TEMPLATES
 
@@ -99,7 +100,7 @@ def _leaderboard(store: VoteStore):
 
 
 def build_arena_tab(
-    settings: AppSettings, pool: ModelPool, store: VoteStore | None = None
+    settings: Settings, pool: ModelPool, store: VoteStore | None = None
 ) -> dict[str, gr.components.Component]:
     """Builds the tab; returns the controls the lesson note and the guided path fill, by name."""
     store = store or VoteStore()

@@ -17,8 +17,9 @@ import pandas as pd
 from gradio.utils import get_upload_folder
 
 from finetune import FinetuneError, data
-from finetune.config import AppSettings, DataConfig, ModelSpec
+from finetune.config import DataConfig, ModelSpec
 from finetune.models import load_tokenizer
+from finetune.settings import Settings
 from finetune.templates import IGNORE_INDEX, get_template, render
 from finetune.ui.common import user_errors
 
@@ -83,7 +84,7 @@ def _stats_markdown(stats: dict, lengths: dict | None) -> str:
     return "\n\n".join(lines)
 
 
-def build_data_tab(settings: AppSettings) -> DataTabOutputs:
+def build_data_tab(settings: Settings) -> DataTabOutputs:
     def tokenizer_for(source: str):
         # Parsed once per process and shared with the loaded models (no model, no GPU needed here).
         return load_tokenizer(ModelSpec(source))

@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from finetune import FinetuneError
-from finetune.config import AppSettings, GenerationParams
+from finetune.config import GenerationParams
 from finetune.evaluate import (
     COLUMNS,
     CSV_FILE,
@@ -25,6 +25,7 @@ from finetune.evaluate import (
     loss_curve,
 )
 from finetune.models import ModelPool
+from finetune.settings import Settings
 from finetune.spaces import gpu
 
 ORDERS = ("biggest wins", "biggest losses", "test order")
@@ -94,7 +95,7 @@ def describe(result: dict) -> str:
     return text + "".join(f"\n\n*{note}*" for note in result.get("notes", []))
 
 
-def build_eval_tab(settings: AppSettings, pool: ModelPool) -> dict[str, gr.components.Component]:
+def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.components.Component]:
     """Builds the tab; returns the controls the lesson note's "try this" can fill, by name."""
     cancels: dict[str, threading.Event] = {}  # session -> the cancel switch of its running evaluation
 

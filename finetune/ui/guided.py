@@ -16,7 +16,7 @@ from gradio.context import Context
 
 from finetune import FinetuneError
 from finetune.guided import STEP_TITLES, STEPS, Guide, GuidedStep, current_step
-from finetune.security import Limits
+from finetune.settings import Settings
 from finetune.ui.arena_tab import _adapter_choices as adapter_choices
 from finetune.ui.common import machine_line
 
@@ -105,7 +105,7 @@ def build_guided_panel(guide: Guide, extra_starts: list | None = None) -> Guided
                 steps_ = guide.follow(previous)  # a second click while one runs: follow it, start nothing new
             else:
                 owner = getattr(request, "username", None) if request is not None else None
-                steps_ = guide.run(owner=owner, limits=Limits.from_env())
+                steps_ = guide.run(owner=owner, limits=Settings.current())
             for step in steps_:
                 yield view(step)
         except FinetuneError as e:

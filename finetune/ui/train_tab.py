@@ -15,12 +15,12 @@ import gradio as gr
 import pandas as pd
 
 from finetune import FinetuneError
-from finetune.config import RECIPES, AppSettings, DataConfig, TrainConfig, load_train_config
+from finetune.config import RECIPES, DataConfig, TrainConfig, load_train_config
 from finetune.data import BUNDLED
 from finetune.hardware import machine
 from finetune.models import EMBEDDED, ModelPool
 from finetune.runner import RunInfo, Runner
-from finetune.security import Limits
+from finetune.settings import Settings
 from finetune.templates import TEMPLATES
 from finetune.train import ADAPTER_DIR, LOG_FILE, read_metrics
 from finetune.ui.common import current_user, machine_line, user_errors
@@ -121,7 +121,7 @@ def adapter_zip(run_dir: Path) -> str | None:
 
 
 def build_train_tab(
-    settings: AppSettings, pool: ModelPool, runner: Runner, data_state: gr.State | None = None
+    settings: Settings, pool: ModelPool, runner: Runner, data_state: gr.State | None = None
 ) -> dict[str, gr.components.Component]:
     """Builds the tab; returns the controls the lesson note's "try this" can fill, by name."""
     defaults = default_config()
@@ -219,7 +219,7 @@ def build_train_tab(
     @user_errors
     def start(request: gr.Request, prepared_data: dict | None = None, **values):
         cfg = config_of(values, prepared_data)
-        return runner.submit(cfg, owner=current_user(request), limits=Limits.from_env()), ""
+        return runner.submit(cfg, owner=current_user(request), limits=Settings.current()), ""
 
     def estimate(prepared_data: dict | None = None, **values) -> str:
         try:
