@@ -157,9 +157,30 @@ def encode_splits(cfg: TrainConfig, tokenizer) -> EncodedData:
     return EncodedData(out["train"], out["test"], skipped)
 
 
-def data_vocab(train) -> torch.Tensor:
-    """Sorted ids of every token in the training rows (the `train_vocab: data` softmax)."""
-    return torch.tensor(sorted({t for ids in train["input_ids"] for t in ids}))
+def data_vocab(train, model=None, pad: int = 0, rows: int = 32, top: int = 64) -> torch.Tensor:
+    """Sorted ids of every token in the training rows (the `train_vocab: data` softmax) and, given the model, of its
+    `top` likeliest next tokens at the answer positions of the first `rows` rows: the competitors that a softmax over
+    the data's tokens alone would never push down, so the full-vocabulary loss would fall less than the trained one."""
+    found = {t for ids in train["input_ids"] for t in ids}
+    if model is not None and rows > 0:
+        lm = _causal_lm(model)
+        head = lm.get_output_embeddings()
+        sample = [train[i] for i in range(min(rows, len(train)))]
+        captured = {}
+        hook = lm.get_decoder().register_forward_hook(lambda _m, _i, out: captured.update(h=out[0]))
+        try:
+            with torch.no_grad():
+                for row in sample:  # one row at a time: its answer positions x vocabulary logits stay small
+                    batch = pad_batch([row], pad)
+                    device = head.weight.device
+                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                          logits_to_keep=NO_LOGITS, use_cache=False)  # fmt: skip
+                    keep = batch["labels"][0, 1:] != IGNORE_INDEX
+                    logits = head(captured["h"][0, :-1][keep.to(device)])
+                    found.update(logits.topk(min(top, logits.shape[-1]), dim=-1).indices.flatten().tolist())
+        finally:
+            hook.remove()
+    return torch.tensor(sorted(found))
 
 
 def check_config(cfg: TrainConfig) -> str:
@@ -624,8 +645,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
         skipped = f", {data.skipped} skipped (prompt longer than max_length)" if data.skipped else ""
         log.info("rows: %d train%s, %d held out for the loss", len(data.train), skipped, len(test))
         update_status(run_dir, message=f"{'Resuming' if checkpoint_dir else 'Starting'}: {summary}", summary=summary)
+    vocab = data_vocab(data.train, model, pad) if cfg.train_vocab == "data" and cfg.answer_only_logits else None
     if cfg.max_steps == "auto":
-        cfg.max_steps = _steps_in_budget(cfg, model, data.train, pad, run_dir, rank0)
+        cfg.max_steps = _steps_in_budget(cfg, model, data.train, pad, run_dir, rank0, vocab)
     callback = RunCallback(run_dir, elapsed_before, stop_signal, cfg.max_minutes * 60)
     trainer_cls = AnswerOnlyTrainer if cfg.answer_only_logits else Trainer
     trainer = trainer_cls(
@@ -636,9 +658,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
         eval_dataset=test if has_eval else None,
         callbacks=[callback],
     )
-    if cfg.train_vocab == "data" and isinstance(trainer, AnswerOnlyTrainer):
-        trainer.vocab = data_vocab(data.train)
-        note = f"training loss over the data's {len(trainer.vocab):,} tokens of {vocab_size:,} (held-out: all)"
+    if vocab is not None:
+        trainer.vocab = vocab
+        note = (f"training softmax over {len(vocab):,} of {vocab_size:,} tokens: the data's and the model's likeliest "
+                "competitors (held-out loss: all)")  # fmt: skip
         log.info("%s", note)
         if rank0:
             update_status(run_dir, summary=f"{summary} · {note}")
@@ -716,13 +739,14 @@ def time_step(cfg: TrainConfig, model, train, pad: int, vocab: torch.Tensor | No
     return seconds * cfg.grad_accum
 
 
-def _steps_in_budget(cfg: TrainConfig, model, train, pad: int, run_dir: Path, rank0: bool) -> int:
+def _steps_in_budget(
+    cfg: TrainConfig, model, train, pad: int, run_dir: Path, rank0: bool, vocab: torch.Tensor | None
+) -> int:
     """`max_steps: auto`: the steps whose timed cost fits in max_minutes (at most num_epochs over the data), so the
     learning-rate schedule ends when the budget does, on whatever machine this is. Kept in status.json for resume;
     under accelerate, process 0's count for all."""
     planned = read_status(run_dir).get("planned_steps")
     if not planned:
-        vocab = data_vocab(train) if cfg.train_vocab == "data" else None
         step_s = time_step(cfg, model, train, pad, vocab)
         world = int(os.environ.get("WORLD_SIZE", 1))
         per_epoch = math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum * world))
