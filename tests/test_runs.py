@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from finetune import FinetuneError
 from finetune.runs import RunDir, check_run_id, list_runs, open_run, write_json_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -123,3 +127,13 @@ def test_list_runs_newest_first_and_by_owner(tmp_path):
     assert [i.run_id for i in infos if i.has_adapter] == ["c"] and infos[1].adapter_dir == root / "c" / "adapter"
     assert infos[0].state == "finished" and infos[0].queue_position is None
 
+
+def test_the_run_folder_and_the_runner_need_no_trainer():
+    code = (
+        "import sys, finetune.runs, finetune.runner;"
+        "heavy = [m for m in ('finetune.train', 'transformers', 'gradio') if m in sys.modules];"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    code = "import sys, finetune.runs; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
