@@ -57,16 +57,16 @@ def decisions() -> dict:
 
 def train_run(name: str, recipe: str, sets: list[str], home: Path) -> dict:
     """Train in a child process as the app's runner does (`python -m finetune train`); read its files."""
-    run_dir = home / "runs" / name
-    cmd = [sys.executable, "-m", "finetune", "train", "--config", recipe, "--run-dir", str(run_dir)]
+    from finetune.runs import RunDir, runs_root
+
+    run = RunDir(runs_root() / name)  # main() set FINETUNE_HOME=home, as for the child
+    cmd = [sys.executable, "-m", "finetune", "train", "--config", recipe, "--run-dir", str(run.path)]
     cmd += [a for s in sets for a in ("--set", s)]
     t0 = time.perf_counter()
     env = {**os.environ, "FINETUNE_HOME": str(home)}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
-    from finetune.train import read_metrics, read_status
-
-    status, metrics = read_status(run_dir), read_metrics(run_dir)
+    status, metrics = run.read_status(), run.read_metrics()
     losses = [r["loss"] for r in metrics if "loss" in r]
     elapsed = [r["elapsed"] for r in metrics if "loss" in r]
     steps = status.get("step") or 0
@@ -85,18 +85,18 @@ def train_run(name: str, recipe: str, sets: list[str], home: Path) -> dict:
         "last loss": round(losses[-1], 3) if losses else None,
         "peak GiB": status.get("peak_memory_gb"),
         "wall s": round(seconds, 1),
-        "run_dir": str(run_dir),
+        "run_dir": str(run.path),
     }
 
 
 def reloads_and_answers(run_dir: str) -> bool:
     from finetune.config import GenerationParams
-    from finetune.evaluate import eval_spec, load_run
+    from finetune.evaluate import eval_spec, eval_target
     from finetune.generate import generate_batch
     from finetune.models import ModelPool
 
-    run = load_run(run_dir)
-    entry, adapter = ModelPool().get_with_adapter(eval_spec(run.spec), run.adapter_dir)
+    target = eval_target(Path(run_dir))
+    entry, adapter = ModelPool().get_with_adapter(eval_spec(target.spec), target.run.adapter_dir)
     text = generate_batch(entry.model, entry.tokenizer, ["### Question:\nWhat is Lamini?\n\n### Answer:\n"],
                           GenerationParams(max_new_tokens=16), [adapter])[0]  # fmt: skip
     return check(f"{Path(run_dir).name}: adapter reloads and answers", bool(text.strip()), repr(text[:60]))
@@ -104,11 +104,11 @@ def reloads_and_answers(run_dir: str) -> bool:
 
 def batched_equals_separate(pool, run_dir: str) -> None:
     from finetune.config import GenerationParams
-    from finetune.evaluate import eval_spec, load_run
+    from finetune.evaluate import eval_spec, eval_target
     from finetune.generate import BASE_ADAPTER, generate_batch
 
-    run = load_run(run_dir)
-    entry, adapter = pool.get_with_adapter(eval_spec(run.spec), run.adapter_dir)
+    target = eval_target(Path(run_dir))
+    entry, adapter = pool.get_with_adapter(eval_spec(target.spec), target.run.adapter_dir)
     prompts = [f"### Question:\n{q}\n\n### Answer:\n" for q in ("What is Lamini?", "How do I fine-tune a model?")]
     params = GenerationParams(max_new_tokens=24)
     with entry.lock:
@@ -124,8 +124,9 @@ def arena_streams(pool, run_dir: str) -> dict:
     from finetune.arena import ArenaSession, ArenaSetup, ask, make_backends
     from finetune.config import GenerationParams
     from finetune.models import BASE_MODEL
+    from finetune.runs import RunDir
 
-    backends = make_backends(pool, ArenaSetup(base_model=BASE_MODEL, adapter=str(Path(run_dir) / "adapter")))
+    backends = make_backends(pool, ArenaSetup(base_model=BASE_MODEL, adapter=RunDir(Path(run_dir)).adapter_dir))
     t0, first = time.perf_counter(), None
     for columns in ask(backends, ArenaSession.start(), "What is Lamini?", GenerationParams(max_new_tokens=48)):
         if first is None and any(c.text for c in columns.values()):
@@ -142,7 +143,7 @@ def evaluate_16(pool, run_dir: str) -> dict:
     from finetune.evaluate import evaluate_run
 
     t0 = time.perf_counter()
-    result = evaluate_run(run_dir, limit=16, pool=pool, params=GenerationParams(max_new_tokens=64))
+    result = evaluate_run(Path(run_dir), limit=16, pool=pool, params=GenerationParams(max_new_tokens=64))
     s = result["summary"]
     ok = result["questions"] == 16 and all(math.isfinite(s[c]["loss"]) for c in ("base", "tuned"))
     check("evaluate: 16 held-out questions", ok, f"loss {s['base']['loss']:.3f} -> {s['tuned']['loss']:.3f}")

@@ -78,6 +78,7 @@ def worker(side: str, quant: str, steps: int, out: str) -> None:
     import torch
 
     from finetune import train as ft
+    from finetune.runs import RunDir
 
     cfg = config(quant, steps)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -91,7 +92,7 @@ def worker(side: str, quant: str, steps: int, out: str) -> None:
             ft.RunCallback = Timed  # _train builds its callback from this name
             adapter = ft.train(cfg, run_dir)
             rss = peak_rss_gb()
-            losses = [r["loss"] for r in ft.read_metrics(Path(run_dir)) if "loss" in r]
+            losses = [r["loss"] for r in RunDir(Path(run_dir)).read_metrics() if "loss" in r]
             from peft import PeftModel
 
             from finetune.models import load_model

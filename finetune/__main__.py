@@ -3,7 +3,7 @@
     python -m finetune train --config recipes/lamini_docs_qlora.yaml [--set key=value ...]
     python -m finetune train --run-dir RUN_DIR --resume
     python -m finetune export RUN_DIR OUT_DIR            # adapter merged into its base, as safetensors
-    python -m finetune eval --run runs/<id> [--limit N]  # base vs tuned on held-out questions -> eval.json
+    python -m finetune eval --run runs/<id> [--limit N]  # base vs tuned on held-out questions, kept in the run
 
 Each command is an `add_<name>(subparsers)` function that registers its parser and sets `func`.
 """
@@ -28,17 +28,18 @@ def _same_file(stream, path: Path) -> bool:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from finetune.config import load_train_config
-    from finetune.train import CONFIG_FILE, LOG_FILE, new_run_id, runs_dir, train
+    from finetune.runs import RunDir, new_run_id, runs_root
+    from finetune.train import train
 
     if args.run_dir is None and args.config is None and not args.set:
         raise FinetuneError("Give --config recipes/<name>.yaml (or --run-dir of an existing run).")
     run_dir = Path(args.run_dir) if args.run_dir else None
-    if args.config is None and run_dir is not None and (run_dir / CONFIG_FILE).is_file():
-        cfg = load_train_config(run_dir / CONFIG_FILE, args.set)
+    if args.config is None and run_dir is not None and RunDir(run_dir).config_file.is_file():
+        cfg = RunDir(run_dir).read_config(args.set)
     else:
         cfg = load_train_config(args.config, args.set)
     if run_dir is None:
-        run_dir = runs_dir() / new_run_id(cfg)
+        run_dir = runs_root() / new_run_id(cfg)
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             # Under `accelerate launch` each process would name its own folder: all take process 0's.
             from accelerate import PartialState
@@ -47,8 +48,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             PartialState()  # joins the process group the Trainer would start
             run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     run_dir.mkdir(parents=True, exist_ok=True)
-    # The runner sends our output to train.log; run by hand, we also write it there for the UI's log tail.
-    log_file = run_dir / LOG_FILE
+    # The runner sends our output to the run's log; run by hand, we also write it there for the UI's log tail.
+    log_file = RunDir(run_dir).log_file
     if int(os.environ.get("RANK", 0)) == 0 and not _same_file(sys.stderr, log_file):
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -81,19 +82,20 @@ def add_export(sub) -> None:
     p = sub.add_parser("export", help="Merge a run's adapter into its base model and save it (safetensors).")
     p.add_argument("run", help="Run folder or adapter folder.")
     p.add_argument("out", help="Output folder for the merged model.")
-    p.add_argument("--base", help="Base model (default: the one in the run's config.yaml).")
+    p.add_argument("--base", help="Base model (default: the one in the run's config).")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from finetune.config import GenerationParams
-    from finetune.evaluate import EVAL_FILE, evaluate_run, format_summary
+    from finetune.evaluate import evaluate_run, format_summary
+    from finetune.runs import RunDir
 
     def progress(done: int, total: int, text: str) -> None:
         print(f"[{done}/{total}] {text}", file=sys.stderr, flush=True)
 
     result = evaluate_run(
-        args.run,
+        Path(args.run),  # a folder or an id, as typed (a str would be an id only: what a browser may send)
         limit=args.limit,
         progress=progress,
         params=GenerationParams(max_new_tokens=args.max_new_tokens),
@@ -102,7 +104,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         benchmarks=args.arc_easy,
     )
     print(format_summary(result))
-    print(f"written: {Path(result['run_dir']) / EVAL_FILE}")
+    print(f"written: {RunDir(Path(result['run_dir'])).eval_file}")
     return 0
 
 

@@ -48,6 +48,7 @@ from finetune.generate import (
 )
 from finetune.hardware import inference_dtype
 from finetune.models import ModelPool, embedded_name
+from finetune.runs import RunDir, list_runs
 from finetune.security import check_upload_size, extract_zip, safe_name
 
 ROLES = ("base", "tuned", "reference")
@@ -81,12 +82,13 @@ def _base_from_adapter_config(adapter: Path) -> str:
 
 
 def adapter_info(path: str | Path, name: str | None = None, origin: str = "upload") -> AdapterInfo:
-    """Describe the adapter folder `path`; a run's config.yaml (one level up) gives its model and template."""
+    """Describe the adapter folder `path`; a run's config (one level up) gives its model and template."""
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         raise FinetuneError(f"No LoRA adapter in {path} (adapter_config.json is missing).")
     base_model, template = _base_from_adapter_config(path), "qa"
-    config_file = path.parent / "config.yaml"
+    # Read as plain YAML, not as a TrainConfig: an adapter trained by another version still shows up.
+    config_file = RunDir(path.parent).config_file
     if config_file.is_file():
         config = yaml.safe_load(config_file.read_text()) or {}
         base_model = (config.get("model") or {}).get("source") or base_model
@@ -96,14 +98,9 @@ def adapter_info(path: str | Path, name: str | None = None, origin: str = "uploa
 
 def list_adapters() -> list[AdapterInfo]:
     """Final adapters of training runs (newest first), then uploaded ones."""
-    runs = sorted(
-        (p for p in (home() / "runs").glob("*/adapter") if (p / "adapter_config.json").is_file()),
-        key=lambda p: p.stat().st_mtime,
-        reverse=True,
-    )
+    runs = [adapter_info(i.run.adapter_dir, i.run_id, "run") for i in list_runs() if i.has_adapter]
     uploads = sorted(p for p in uploads_dir().glob("*") if (p / "adapter_config.json").is_file())
-    infos = [adapter_info(p, p.parent.name, "run") for p in runs]
-    return infos + [adapter_info(p, p.name, "upload") for p in uploads]
+    return runs + [adapter_info(p, p.name, "upload") for p in uploads]
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

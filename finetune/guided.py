@@ -9,14 +9,13 @@ or `python bench/quickstart.py`, which times it. Every step uses the manual path
 `load_splits` (Data tab), `Runner.submit` (the Train tab's train_start), the pooled base model with the adapter
 attached and `finetune.evaluate.answer_losses` (Evaluate tab), and the adapter folder the Arena lists.
 
-Everything needed to resume is on disk: the run's status.json tells the step, and the measured losses are kept in
-the run folder (guided.json), so `follow(runner, pool, run_id)` picks a guided run up again after a page reload
-or an app restart, with the training still running in its own process.
+Everything needed to resume is on disk: the run's status tells the step, and the measured losses are kept in
+the run folder (`RunDir.read_guided`), so `follow(runner, pool, run_id)` picks a guided run up again after a page
+reload or an app restart, with the training still running in its own process.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,9 +26,9 @@ from finetune import FinetuneError
 from finetune.config import RECIPES, TrainConfig, load_train_config
 from finetune.models import ModelPool
 from finetune.runner import Runner
+from finetune.runs import ACTIVE_STATES
 from finetune.settings import Settings
 from finetune.spaces import gpu
-from finetune.train import ACTIVE_STATES, write_json_atomic
 
 RECIPE = RECIPES / "quickstart_cpu.yaml"
 STEPS = ("prepare", "train", "evaluate", "arena")
@@ -40,7 +39,6 @@ STEP_TITLES = {
     "arena": "Compare in the Arena",
 }
 HELDOUT_QUESTIONS = 40  # a fixed subset (the first 40) of the 140 held-out lamini_docs questions
-RESULT_FILE = "guided.json"
 MEASURE_GPU_SECONDS = 60  # ZeroGPU budget of the held-out measurement (80 short rows: seconds on a GPU)
 
 
@@ -51,7 +49,7 @@ class GuidedStep:
     step: str
     message: str
     run_id: str | None = None
-    status: dict = field(default_factory=dict)  # the training run's status.json
+    status: dict = field(default_factory=dict)  # the training run's status
     result: dict | None = None  # held-out losses and the adapter, from the evaluate step on
     done: bool = False
     error: bool = False
@@ -88,28 +86,29 @@ def start(runner: Runner, cfg: TrainConfig, owner: str | None = None, limits: Se
     return runner.submit(cfg, owner=owner, limits=limits)
 
 
-def heldout_losses(run_dir: str | Path, pool: ModelPool, limit: int = HELDOUT_QUESTIONS) -> dict:
+def heldout_losses(run_id_or_path: str | Path, pool: ModelPool, limit: int = HELDOUT_QUESTIONS) -> dict:
     """Answer-token loss of the base model and of base + the run's adapter on the first `limit` held-out rows.
 
     Both come from the same batched forward passes on the pooled base model the Arena serves (so this also
-    loads the Arena's model). Written to the run folder as guided.json, and read from there next time.
+    loads the Arena's model). Kept in the run folder, and read from there next time.
     """
     from finetune.data import load_splits
-    from finetune.evaluate import answer_losses, eval_spec, load_run, mean_loss
+    from finetune.evaluate import answer_losses, eval_spec, eval_target, mean_loss
     from finetune.generate import BASE_ADAPTER
     from finetune.templates import encode_row, get_template
 
-    run = load_run(run_dir)
-    cached = read_result(run.run_dir)
+    target = eval_target(run_id_or_path)
+    run = target.run
+    cached = run.read_guided()
     if cached and cached.get("adapter_mtime") == _mtime(run.adapter_dir):
         return cached
-    test = load_splits(run.data)["test"]
+    test = load_splits(target.data)["test"]
     rows = list(test.select(range(min(limit, len(test)))))
     if not rows:
         raise FinetuneError("The test split is empty: raise test_size in the data settings.")
-    template = get_template(run.data.template)
-    entry, adapter = pool.get_with_adapter(eval_spec(run.spec), run.adapter_dir)
-    encoded = [encode_row(entry.tokenizer, template, r, run.max_length) for r in rows]
+    template = get_template(target.data.template)
+    entry, adapter = pool.get_with_adapter(eval_spec(target.spec), run.adapter_dir)
+    encoded = [encode_row(entry.tokenizer, template, r, target.max_length) for r in rows]
     # Rows of similar length in one batch: little padding, and logits from nearly the first answer token only.
     order = sorted(range(len(rows)), key=lambda i: (encoded[i]["prompt_length"], len(encoded[i]["input_ids"])))
     batch = [encoded[i] for i in order]
@@ -129,7 +128,7 @@ def heldout_losses(run_dir: str | Path, pool: ModelPool, limit: int = HELDOUT_QU
         # The Arena opens with a held-out question (the data set has a few junk rows like "???").
         "question": next((r["instruction"] for r in rows if len(str(r.get("instruction", "")).split()) >= 4), ""),
     }
-    write_json_atomic(run.run_dir / RESULT_FILE, result)
+    run.write_guided(result)
     return result
 
 
@@ -137,23 +136,16 @@ def _mtime(path: Path) -> int:
     return max((p.stat().st_mtime_ns for p in Path(path).glob("adapter_model.*")), default=0)
 
 
-def read_result(run_dir: str | Path) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def current_step(runner: Runner, run_id: str) -> GuidedStep:
     """The step a guided run is at, from its files on disk alone (what a reloaded page shows)."""
-    status = runner.status(run_id)
+    run, status = runner.open(run_id), runner.status(run_id)
     state = status.get("state")
     if state in ACTIVE_STATES:
         return GuidedStep("train", _train_message(status), run_id, status)
-    if state == "failed" or not (runner.root / run_id / "adapter" / "adapter_config.json").is_file():
+    if state == "failed" or not run.has_adapter:
         why = status.get("message") or f"The training run ended ({state}) without an adapter."
         return GuidedStep("train", why, run_id, status, error=True)
-    result = read_result(runner.root / run_id)
+    result = run.read_guided()
     if result is None:
         return GuidedStep("evaluate", "Measuring the held-out loss before and after training", run_id, status)
     return GuidedStep("arena", arena_message(result), run_id, status, result, done=True)
@@ -211,7 +203,7 @@ class Guide:
             if step.step == "evaluate":
                 try:
                     with self._lock:  # ZeroGPU: a GPU for the measurement only
-                        gpu(duration=MEASURE_GPU_SECONDS)(heldout_losses)(self.runner.root / run_id, self.pool)
+                        gpu(duration=MEASURE_GPU_SECONDS)(heldout_losses)(self.runner.open(run_id).path, self.pool)
                 except FinetuneError as e:
                     yield GuidedStep("evaluate", str(e), run_id, step.status, error=True)
                     return

@@ -302,11 +302,11 @@ def cached_probe(m: Machine) -> Probe:
     probe = measure_probe()
     log.info("CPU probe (%.2f s): %s", time.perf_counter() - t0, probe)
     known[key] = asdict(probe)
+    from finetune.runs import write_json_atomic
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, path)
+        write_json_atomic(path, known)
     except OSError:
         pass  # a read-only data dir: measure again next time
     return probe

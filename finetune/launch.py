@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from finetune import home
+from finetune.runs import runs_root
 from finetune.security import parse_auth
 from finetune.settings import Settings
 from finetune.spaces import ensure_nodeps_requirements
@@ -23,9 +24,8 @@ log = logging.getLogger(__name__)
 
 def launch_kwargs(share: bool = False) -> dict:
     """Arguments of `launch()` that keep a shared box safe; tests start the app with the same ones."""
-    runs, exports = home() / "runs", home() / "exports"
-    for path in (runs, exports):
-        path.mkdir(parents=True, exist_ok=True)
+    runs, exports = runs_root(), home() / "exports"
+    exports.mkdir(parents=True, exist_ok=True)
     users = parse_auth()
     return {
         "share": share,

@@ -6,12 +6,12 @@ the CPU. The next queued run starts on the first device that is free.
     from finetune.runner import Runner
     runner = Runner()                      # finds the runs already on disk (past ones, queued ones, dead ones)
     run_id = runner.submit(cfg)            # checks the config first: a bad one raises FinetuneError, starts nothing
-    runner.status(run_id)                  # status.json + queue position
+    runner.status(run_id)                  # the run's status + queue position
     runner.stop(run_id)                    # running: save the adapter at this step and stop; queued: cancel
     runner.resume(run_id)                  # continue from the latest checkpoint (also after a crash or kill -9)
 
 The web server never trains in its own process: a run is `python -m finetune train --run-dir DIR`, whose output
-goes to DIR/train.log. The run keeps going when the app restarts; a new Runner finds it by its pid.
+goes to the run's log. The run keeps going when the app restarts; a new Runner finds it by its pid.
 """
 
 from __future__ import annotations
@@ -23,54 +23,30 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 
 from finetune import FinetuneError
-from finetune.config import TrainConfig, dump_train_config, load_train_config
+from finetune.config import TrainConfig
 from finetune.hardware import machine
+from finetune.runs import (
+    ACTIVE_STATES,
+    RunDir,
+    RunInfo,
+    check_run_id,
+    list_runs,
+    new_run_id,
+    open_run,
+    process_fields,
+    run_dirs,
+    runs_root,
+)
 from finetune.security import is_admin, saving
 from finetune.settings import Settings
-from finetune.train import (
-    ACTIVE_STATES,
-    ADAPTER_DIR,
-    CONFIG_FILE,
-    LOG_FILE,
-    STOP_FILE,
-    check_config,
-    latest_checkpoint,
-    new_run_id,
-    process_fields,
-    read_status,
-    runs_dir,
-    update_status,
-)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class RunInfo:
-    run_id: str
-    run_dir: Path
-    state: str
-    step: int = 0
-    total: int | None = None
-    eta_s: float | None = None
-    message: str = ""
-    owner: str | None = None
-    queue_position: int | None = None  # 1 = next to start
-    created: float = 0.0
-    name: str = ""
-    tokens_per_s: float | None = None
-    loss: float | None = None
-
-    @property
-    def adapter_dir(self) -> Path | None:
-        path = self.run_dir / ADAPTER_DIR
-        return path if (path / "adapter_config.json").is_file() else None
 
 
 def _pid_runs(pid: int | None, run_dir: Path, create_time: float | None = None) -> bool:
@@ -103,7 +79,7 @@ def visible_device(device: str) -> str:
     return ours[index] if index < len(ours) else str(index)
 
 
-def _exit_reason(code: int, run_dir: Path) -> str:
+def _exit_reason(code: int, run: RunDir) -> str:
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
         why = " (out of memory?)" if code == -signal.SIGKILL else ""
@@ -112,7 +88,7 @@ def _exit_reason(code: int, run_dir: Path) -> str:
         head = f"The training process exited with code {code}"
     last = ""
     try:
-        lines = [line for line in (run_dir / LOG_FILE).read_text(errors="replace").splitlines() if line.strip()]
+        lines = [line for line in run.log_file.read_text(errors="replace").splitlines() if line.strip()]
         last = next((line for line in reversed(lines) if "Error" in line or "error:" in line), "")
     except OSError:
         pass
@@ -123,7 +99,7 @@ class Runner:
     """Queue and processes of training runs under `root` (default `$FINETUNE_HOME/runs`). Thread-safe."""
 
     def __init__(self, root: str | Path | None = None, python: str = sys.executable, poll_interval: float = 1.0):
-        self.root = Path(root) if root else runs_dir()
+        self.root = Path(root) if root else runs_root()
         self.root.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.poll_interval = poll_interval
@@ -147,16 +123,18 @@ class Runner:
         `owner`: the logged-in user (None without login). `limits` (the UI passes `Settings.current()`): steps per
         run, and runs queued or training per logged-in user.
         """
+        from finetune.train import check_config  # imports transformers' Trainer: not at app start
+
         check_config(cfg)
         if limits is not None:
             self._check_limits(cfg, owner, limits)
         run_id = new_run_id(cfg)
-        run_dir = self.root / run_id
+        run = RunDir(self.root / run_id)
         name = cfg.name or f"{Path(cfg.model.source).name} · {Path(cfg.data.source).stem}"
         with saving("the new run"):
-            run_dir.mkdir(parents=True)
-            dump_train_config(cfg, run_dir / CONFIG_FILE)
-            update_status(run_dir, state="queued", owner=owner, created=time.time(), name=name, message="Queued")
+            run.path.mkdir(parents=True)
+            run.write_config(cfg)
+            run.update_status(state="queued", owner=owner, created=time.time(), name=name, message="Queued")
         with self._lock:
             self._queue.append((run_id, False))
             self._schedule()
@@ -164,16 +142,20 @@ class Runner:
 
     def resume(self, run_id: str, user: str | None = None) -> None:
         """Queue a stopped, failed or finished run again; it continues from its latest checkpoint."""
-        run_dir = self._run_dir(run_id)
-        self._check_owner(run_dir, user, "resume")
+        from finetune.train import check_config  # imports transformers' Trainer: not at app start
+
+        run = self.open(run_id)
+        self._check_owner(run, user, "resume")
         with self._lock:
-            state = read_status(run_dir).get("state")
+            state = run.read_status().get("state")
             if state in ACTIVE_STATES:
                 raise FinetuneError(f"Run {run_id} is {state}: stop it before resuming.")
-            check_config(load_train_config(run_dir / CONFIG_FILE))
-            where = latest_checkpoint(run_dir)
-            message = f"Queued to resume from {where.name}" if where else "Queued (no checkpoint yet: starts over)"
-            update_status(run_dir, state="queued", message=message, resume=True)
+            check_config(run.read_config())
+            where = run.latest_checkpoint()
+            message = (
+                f"Queued to resume from {where.path.name}" if where else "Queued (no checkpoint yet: starts over)"
+            )
+            run.update_status(state="queued", message=message, resume=True)
             self._queue.append((run_id, True))
             self._schedule()
 
@@ -182,42 +164,40 @@ class Runner:
 
         With login on, `user` (the logged-in name) must own the run or be an admin (`FINETUNE_ADMINS`).
         """
-        run_dir = self._run_dir(run_id)
-        self._check_owner(run_dir, user, "stop")
+        run = self.open(run_id)
+        self._check_owner(run, user, "stop")
         with self._lock:
             queued = [item for item in self._queue if item[0] == run_id]
             if queued:
                 self._queue = [item for item in self._queue if item[0] != run_id]
-                update_status(run_dir, state="stopped", message="Cancelled before it started.")
+                run.update_status(state="stopped", message="Cancelled before it started.")
                 return "Cancelled."
             pid = self._pid(run_id)
-            state = read_status(run_dir).get("state")
+            state = run.read_status().get("state")
             if pid is None or state not in ACTIVE_STATES:
                 return f"Run {run_id} is not running ({state})."
-            (run_dir / STOP_FILE).touch()  # the trainer checks this after each step, even if the signal is lost
+            run.request_stop()
             with contextlib.suppress(OSError):  # already gone: the reaper will say how it ended
                 os.kill(pid, signal.SIGTERM)
-            update_status(run_dir, state="stopping", message="Stopping: saving the adapter at the current step")
+            run.update_status(state="stopping", message="Stopping: saving the adapter at the current step")
             return "Stopping after the current step."
 
     def status(self, run_id: str) -> dict:
         with self._lock:
             self._schedule()
-            status = read_status(self._run_dir(run_id))
+            status = self.open(run_id).read_status()
             status["queue_position"] = self._position(run_id)
         return status
 
     def runs(self, owner: str | None = None) -> list[RunInfo]:
-        """All runs on disk, newest first (only `owner`'s when given)."""
+        """All runs on disk, newest first (only `owner`'s when given), with their queue positions."""
         with self._lock:
             self._schedule()
-            infos = []
-            for run_dir in self.root.iterdir():
-                status = read_status(run_dir) if run_dir.is_dir() else {}
-                if not status or (owner is not None and status.get("owner") != owner):
-                    continue
-                infos.append(self._info(run_dir, status))
-        return sorted(infos, key=lambda r: (r.created, r.run_id), reverse=True)
+            return [replace(i, queue_position=self._position(i.run_id)) for i in list_runs(owner, self.root)]
+
+    def open(self, run_id: str) -> RunDir:
+        """The run `run_id` (an id only, never a path: ids come from browsers); FinetuneError when there is none."""
+        return open_run(check_run_id(run_id), self.root)
 
     def active(self) -> str | None:
         """Id of a run holding a device, if any (the first device's first)."""
@@ -246,12 +226,6 @@ class Runner:
 
     # --- internals ---
 
-    def _run_dir(self, run_id: str) -> Path:
-        run_dir = self.root / run_id
-        if "/" in run_id or run_id in ("", ".", "..") or not (run_dir / CONFIG_FILE).is_file():
-            raise FinetuneError(f"No run {run_id!r}: pick one from the list of runs.")
-        return run_dir
-
     def _check_limits(self, cfg: TrainConfig, owner: str | None, limits: Settings) -> None:
         if cfg.max_steps > limits.max_train_steps:
             raise FinetuneError(
@@ -267,10 +241,10 @@ class Runner:
                 )
 
     @staticmethod
-    def _check_owner(run_dir: Path, user: str | None, action: str) -> None:
-        owner = read_status(run_dir).get("owner")
+    def _check_owner(run: RunDir, user: str | None, action: str) -> None:
+        owner = run.read_status().get("owner")
         if user is not None and owner not in (None, user) and not is_admin(user):
-            raise FinetuneError(f"Run {run_dir.name} belongs to {owner}: only its owner or an admin can {action} it.")
+            raise FinetuneError(f"Run {run.run_id} belongs to {owner}: only its owner or an admin can {action} it.")
 
     def _position(self, run_id: str) -> int | None:
         ids = [rid for rid, _ in self._queue]
@@ -281,39 +255,21 @@ class Runner:
             return self._procs[run_id].pid
         return self._adopted[run_id][0] if run_id in self._adopted else None
 
-    def _info(self, run_dir: Path, status: dict) -> RunInfo:
-        return RunInfo(
-            run_id=run_dir.name,
-            run_dir=run_dir,
-            state=status.get("state", "unknown"),
-            step=status.get("step") or 0,
-            total=status.get("total"),
-            eta_s=status.get("eta_s"),
-            message=status.get("message", ""),
-            owner=status.get("owner"),
-            queue_position=self._position(run_dir.name),
-            created=status.get("created") or run_dir.stat().st_mtime,
-            name=status.get("name") or run_dir.name,
-            tokens_per_s=status.get("tokens_per_s"),
-            loss=status.get("loss"),
-        )
-
     def _discover(self) -> None:
         """Adopt runs still training from an earlier app process, re-queue queued ones, fail the dead ones."""
         queued = []
-        for run_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            status = read_status(run_dir)
+        for run in run_dirs(self.root):
+            status = run.read_status()
             state = status.get("state")
             if state == "queued":
-                queued.append((status.get("created", 0.0), run_dir.name, status.get("resume", False)))
+                queued.append((status.get("created", 0.0), run.run_id, status.get("resume", False)))
             elif state in ("running", "stopping"):
-                if _pid_runs(status.get("pid"), run_dir, status.get("pid_create_time")):
-                    self._adopted[run_dir.name] = (status["pid"], status.get("pid_create_time"))
+                if _pid_runs(status.get("pid"), run.path, status.get("pid_create_time")):
+                    self._adopted[run.run_id] = (status["pid"], status.get("pid_create_time"))
                     device = status.get("device")
-                    self._device_of[run_dir.name] = device if device in self.devices else self.devices[0]
+                    self._device_of[run.run_id] = device if device in self.devices else self.devices[0]
                 else:
-                    update_status(
-                        run_dir,
+                    run.update_status(
                         state="failed",
                         eta_s=None,
                         message="The training process is gone (the app or the machine restarted?). "
@@ -328,20 +284,20 @@ class Runner:
                 continue
             del self._procs[run_id]
             self._device_of.pop(run_id, None)
-            run_dir = self.root / run_id
-            if read_status(run_dir).get("state") not in ACTIVE_STATES:
+            run = RunDir(self.root / run_id)
+            if run.read_status().get("state") not in ACTIVE_STATES:
                 continue
-            if (run_dir / STOP_FILE).exists():  # stopped while starting up, before it could save anything
-                update_status(run_dir, state="stopped", eta_s=None, message="Stopped before the first step.")
+            if run.stop_requested:  # stopped while starting up, before it could save anything
+                run.update_status(state="stopped", eta_s=None, message="Stopped before the first step.")
             else:  # it died without saying why
-                update_status(run_dir, state="failed", eta_s=None, message=_exit_reason(code, run_dir))
+                run.update_status(state="failed", eta_s=None, message=_exit_reason(code, run))
         for run_id, (pid, create_time) in list(self._adopted.items()):
-            run_dir = self.root / run_id
-            if not _pid_runs(pid, run_dir, create_time):
+            run = RunDir(self.root / run_id)
+            if not _pid_runs(pid, run.path, create_time):
                 del self._adopted[run_id]
                 self._device_of.pop(run_id, None)
-                if read_status(run_dir).get("state") in ACTIVE_STATES:
-                    update_status(run_dir, state="failed", eta_s=None, message=_exit_reason(-signal.SIGKILL, run_dir))
+                if run.read_status().get("state") in ACTIVE_STATES:
+                    run.update_status(state="failed", eta_s=None, message=_exit_reason(-signal.SIGKILL, run))
 
     def _schedule(self) -> None:
         with self._lock:
@@ -352,14 +308,14 @@ class Runner:
                 self._start(run_id, resume, free.pop(0))
 
     def _start(self, run_id: str, resume: bool, device: str) -> None:
-        run_dir = self.root / run_id
-        (run_dir / STOP_FILE).unlink(missing_ok=True)
-        cmd = [self.python, "-m", "finetune", "train", "--run-dir", str(run_dir)] + (["--resume"] if resume else [])
+        run = RunDir(self.root / run_id)
+        run.clear_stop()
+        cmd = [self.python, "-m", "finetune", "train", "--run-dir", str(run.path)] + (["--resume"] if resume else [])
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if device.startswith("cuda:"):  # the child sees its GPU alone, as cuda:0; two runs never share one
             env["CUDA_VISIBLE_DEVICES"] = visible_device(device)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
-        with open(run_dir / LOG_FILE, "ab") as log_file:
+        with open(run.log_file, "ab") as log_file:
             # Own session: a Ctrl-C of the app does not reach the trainer; the run goes on without the UI.
             proc = subprocess.Popen(
                 cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=PACKAGE_ROOT, start_new_session=True
@@ -367,7 +323,7 @@ class Runner:
         self._procs[run_id] = proc
         self._device_of[run_id] = device
         message = "Starting the training process"
-        update_status(run_dir, state="running", **process_fields(proc.pid), device=device, message=message)
+        run.update_status(state="running", **process_fields(proc.pid), device=device, message=message)
 
     def _loop(self) -> None:
         while not self._closed.wait(self.poll_interval):

@@ -6,8 +6,8 @@
     accelerate launch --num_processes 2 -m finetune train --config ...             # DDP (add --cpu on a CPU)
 
 From Python: `train(cfg, run_dir)`. A run lives in `runs/<run-id>/` (see `finetune.runner`, which starts each run
-in its own process): config.yaml, status.json (atomic), metrics.jsonl (append-only), train.log, checkpoints/
-(Trainer checkpoints, for resume) and adapter/ (the final LoRA adapter, `PeftModel.from_pretrained` loads it).
+in its own process, and `finetune.runs`, which names its files): the config, status (atomic), metrics
+(append-only), log, checkpoints (for resume) and the final LoRA adapter (`PeftModel.from_pretrained` loads it).
 
 Speed: the loss is computed only on answer tokens (prompt labels are -100), so the vocabulary projection (262k
 columns for Gemma-3, most of the compute of a small model) runs only at those positions, in chunks, instead of
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -31,93 +30,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 import torch.nn.functional as F
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from finetune import FinetuneError, home
-from finetune.config import TrainConfig, dump_train_config, load_train_config
+from finetune import FinetuneError
+from finetune.config import TrainConfig, load_train_config
 from finetune.hardware import machine, resolve_auto
+from finetune.runs import RunDir, process_fields
 from finetune.templates import IGNORE_INDEX, encode_row, get_template, pad_id, validate
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, STATUS_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "status.json", "metrics.jsonl", "train.log"
-STOP_FILE, ADAPTER_DIR, CHECKPOINTS_DIR = "STOP", "adapter", "checkpoints"
-ACTIVE_STATES = ("queued", "running", "stopping")
 NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that projects no position
 LOGITS_CHUNK = 128  # answer positions per vocabulary projection: bounds the logits memory (chunk x vocab floats)
-
-
-# --- run folder --------------------------------------------------------------------------------
-
-
-def runs_dir() -> Path:
-    path = home() / "runs"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def new_run_id(cfg: TrainConfig) -> str:
-    """Sortable and readable: 20260101-120000-gemma-3-270m-lamini_docs-1a2b."""
-    model = Path(cfg.model.source.rstrip("/")).name
-    data = Path(cfg.data.source).stem
-    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{cfg.name or model + '-' + data}")[:60]
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{os.urandom(2).hex()}"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Temp file + `os.replace`: readers (the UI, the runner) never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def update_status(run_dir: Path, **fields) -> dict:
-    """Merge `fields` into status.json (keys other writers set, like `owner`, are kept)."""
-    status = read_status(run_dir)
-    status.update(fields, updated=time.time())
-    write_json_atomic(Path(run_dir) / STATUS_FILE, status)
-    return status
-
-
-def process_fields(pid: int) -> dict:
-    """Status fields naming the process `pid`: its id and its start time, which a later process given the same
-    (reused) pid does not share (see `runner._pid_runs`)."""
-    try:
-        created = psutil.Process(pid).create_time()
-    except psutil.Error:  # already gone: the command line alone will decide, as for runs older than this field
-        created = None
-    return {"pid": pid, "pid_create_time": created}
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Rows of metrics.jsonl; a line cut by a crash is skipped."""
-    rows = []
-    try:
-        lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (the Trainer writes trainer_state.json last, so a kill -9 leaves none)."""
-    found = [p for p in (Path(run_dir) / CHECKPOINTS_DIR).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -397,8 +323,8 @@ class AnswerOnlyTrainer(Trainer):
 class RunCallback(TrainerCallback):
     """Writes metrics.jsonl and status.json (process 0), logs a line per logging step, and stops on request."""
 
-    def __init__(self, run_dir: Path, elapsed_before: float, stop_signal: threading.Event, time_limit_s: float = 0):
-        self.run_dir = run_dir
+    def __init__(self, run: RunDir, elapsed_before: float, stop_signal: threading.Event, time_limit_s: float = 0):
+        self.run = run
         self.time_limit_s = time_limit_s  # TrainConfig.max_minutes: end like a finished run, not a stopped one
         self.elapsed_before = elapsed_before  # seconds trained before a resume
         self.stop_signal = stop_signal  # set by SIGTERM
@@ -415,7 +341,7 @@ class RunCallback(TrainerCallback):
 
     def _agreed(self, args) -> tuple[bool, bool]:
         """(stop asked, time budget spent), the same on every process."""
-        wanted = self.stop_signal.is_set() or (self.run_dir / STOP_FILE).exists()
+        wanted = self.stop_signal.is_set() or self.run.stop_requested
         spent = bool(self.time_limit_s) and self.elapsed() >= self.time_limit_s
         if args.world_size > 1 and torch.distributed.is_initialized():
             # Every process must stop at the same step, or the others wait forever in the next all-reduce; their
@@ -429,7 +355,7 @@ class RunCallback(TrainerCallback):
         self.start_step = state.global_step
         self.last_tokens = (time.time(), state.num_input_tokens_seen)
         if state.is_world_process_zero:
-            update_status(self.run_dir, state="running", step=state.global_step, total=state.max_steps)
+            self.run.update_status(state="running", step=state.global_step, total=state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         wanted, spent = self._agreed(args)
@@ -446,9 +372,8 @@ class RunCallback(TrainerCallback):
             self.last_status = time.time()
             done = state.global_step - self.start_step
             eta = (time.time() - self.t0) / done * (state.max_steps - state.global_step) if done else None
-            update_status(
-                self.run_dir,
-                state="stopping" if self.stopped or (self.run_dir / STOP_FILE).exists() else "running",
+            self.run.update_status(
+                state="stopping" if self.stopped or self.run.stop_requested else "running",
                 step=state.global_step,
                 total=state.max_steps,
                 eta_s=eta,
@@ -472,24 +397,14 @@ class RunCallback(TrainerCallback):
             row["eval_loss"] = logs["eval_loss"]
         if len(row) == 2:
             return  # the final summary (train_runtime, ...) is in train.log already
-        with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.run.append_metrics(row)
         if "loss" in logs:  # the status written at this step's end did not have this loss yet
-            update_status(self.run_dir, loss=self.last_loss, tokens_per_s=self.tokens_per_s)
+            self.run.update_status(loss=self.last_loss, tokens_per_s=self.tokens_per_s)
         parts = [f"step {state.global_step}/{state.max_steps}"]
         parts += [f"{k} {row[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate") if row.get(k) is not None]
         if row.get("tokens_per_s"):
             parts.append(f"{row['tokens_per_s']:.0f} tokens/s")
         log.info(" · ".join(parts))
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> float:
-    """Drop metric rows past `step` (written after the checkpoint we resume from); returns elapsed at `step`."""
-    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    tmp = run_dir / f".{METRICS_FILE}.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, run_dir / METRICS_FILE)
-    return max((r.get("elapsed", 0.0) for r in rows), default=0.0)
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -547,7 +462,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, has_eval: bool) -> Train
     """The Trainer's arguments for a config whose `auto` settings are decided (`hardware.resolve_auto`)."""
     precision = cfg.mixed_precision
     return TrainingArguments(
-        output_dir=str(run_dir / CHECKPOINTS_DIR),
+        output_dir=str(RunDir(run_dir).checkpoints_dir),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -585,25 +500,25 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, has_eval: bool) -> Train
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Train one run into `run_dir`; returns the adapter folder. `resume`: continue from the latest checkpoint."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(Path(run_dir))
+    run.path.mkdir(parents=True, exist_ok=True)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     stop_signal = threading.Event()
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop_signal.set()) if on_main_thread else None
     if rank0:
-        dump_train_config(cfg, run_dir / CONFIG_FILE)
-        if read_status(run_dir).get("state") != "stopping":  # a stop asked while we started up still counts
-            (run_dir / STOP_FILE).unlink(missing_ok=True)
-        update_status(
-            run_dir, state="running", **process_fields(os.getpid()), host=socket.gethostname(), message="Loading model"
+        run.write_config(cfg)
+        if run.read_status().get("state") != "stopping":  # a stop asked while we started up still counts
+            run.clear_stop()
+        run.update_status(
+            state="running", **process_fields(os.getpid()), host=socket.gethostname(), message="Loading model"
         )
     try:
-        return _train(cfg, run_dir, resume, rank0, stop_signal)
+        return _train(cfg, run, resume, rank0, stop_signal)
     except BaseException as e:
         if rank0:
             reason = "Interrupted." if isinstance(e, KeyboardInterrupt) else _failure_message(e)
-            update_status(run_dir, state="failed", message=reason, eta_s=None)
+            run.update_status(state="failed", message=reason, eta_s=None)
         raise
     finally:
         if on_main_thread:
@@ -617,7 +532,7 @@ def _failure_message(e: BaseException) -> str:
     return text if isinstance(e, FinetuneError) else f"{type(e).__name__}: {text}"
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_signal: threading.Event) -> Path:
+def _train(cfg: TrainConfig, run: RunDir, resume: bool, rank0: bool, stop_signal: threading.Event) -> Path:
     from transformers import set_seed
 
     from finetune.models import forget_tokenizers, load_tokenizer
@@ -635,24 +550,24 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
     if cfg.eval_rows is not None and len(test) > cfg.eval_rows:
         test = test.select(range(cfg.eval_rows))
     has_eval = len(test) > 0 and cfg.eval_rows != 0
-    checkpoint_dir = latest_checkpoint(run_dir) if resume else None
+    checkpoint = run.latest_checkpoint() if resume else None
     elapsed_before = 0.0
     if rank0:
-        if checkpoint_dir is not None:
-            elapsed_before = _truncate_metrics(run_dir, int(checkpoint_dir.name.rsplit("-", 1)[1]))
+        if checkpoint is not None:
+            elapsed_before = run.truncate_metrics(checkpoint.step)
         elif not resume:
-            (run_dir / METRICS_FILE).unlink(missing_ok=True)
+            run.clear_metrics()
         skipped = f", {data.skipped} skipped (prompt longer than max_length)" if data.skipped else ""
         log.info("rows: %d train%s, %d held out for the loss", len(data.train), skipped, len(test))
-        update_status(run_dir, message=f"{'Resuming' if checkpoint_dir else 'Starting'}: {summary}", summary=summary)
+        run.update_status(message=f"{'Resuming' if checkpoint else 'Starting'}: {summary}", summary=summary)
     vocab = data_vocab(data.train, model, pad) if cfg.train_vocab == "data" and cfg.answer_only_logits else None
     if cfg.max_steps == "auto":
-        cfg.max_steps = _steps_in_budget(cfg, model, data.train, pad, run_dir, rank0, vocab)
-    callback = RunCallback(run_dir, elapsed_before, stop_signal, cfg.max_minutes * 60)
+        cfg.max_steps = _steps_in_budget(cfg, model, data.train, pad, run, rank0, vocab)
+    callback = RunCallback(run, elapsed_before, stop_signal, cfg.max_minutes * 60)
     trainer_cls = AnswerOnlyTrainer if cfg.answer_only_logits else Trainer
     trainer = trainer_cls(
         model=model,
-        args=training_arguments(cfg, run_dir, has_eval),
+        args=training_arguments(cfg, run.path, has_eval),
         data_collator=lambda features: pad_batch(features, pad),
         train_dataset=data.train,
         eval_dataset=test if has_eval else None,
@@ -664,37 +579,35 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, rank0: bool, stop_sign
                 "competitors (held-out loss: all)")  # fmt: skip
         log.info("%s", note)
         if rank0:
-            update_status(run_dir, summary=f"{summary} · {note}")
+            run.update_status(summary=f"{summary} · {note}")
     trainer.remove_callback(PrinterCallback)  # RunCallback logs one readable line per logging step instead
-    trainer.train(resume_from_checkpoint=str(checkpoint_dir) if checkpoint_dir else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
     if has_eval and not callback.stopped and cfg.eval_steps <= 0:
         trainer.evaluate()  # the held-out loss after training, next to the one at step 0
-    adapter = run_dir / ADAPTER_DIR
+    adapter = run.adapter_dir
     _save_adapter(trainer, adapter)
     step, total = trainer.state.global_step, trainer.state.max_steps
     del trainer, model
     gc.collect()
     if not rank0:
         return adapter
-    update_status(run_dir, peak_memory_gb=round(peak_memory_gb(), 2))
+    run.update_status(peak_memory_gb=round(peak_memory_gb(), 2))
     if callback.stopped:
-        update_status(
-            run_dir, state="stopped", step=step, eta_s=None, message=f"Stopped at step {step}; adapter saved."
-        )
+        run.update_status(state="stopped", step=step, eta_s=None, message=f"Stopped at step {step}; adapter saved.")
         return adapter
     if cfg.eval_at_end and importlib.util.find_spec("finetune.evaluate") is not None:
-        update_status(run_dir, message="Evaluating the adapter on held-out data")
+        run.update_status(message="Evaluating the adapter on held-out data")
         from finetune.evaluate import evaluate_run
 
         evaluate_run(
-            run_dir, progress=lambda done, total, what: update_status(run_dir, message=f"{what} ({done}/{total})")
+            run.path, progress=lambda done, total, what: run.update_status(message=f"{what} ({done}/{total})")
         )
     if cfg.push_to_hub:
-        update_status(run_dir, message=f"Pushing the adapter to {cfg.push_to_hub}")
-        push_adapter(run_dir, cfg.push_to_hub)
-    final = next((r["eval_loss"] for r in reversed(read_metrics(run_dir)) if "eval_loss" in r), None)
+        run.update_status(message=f"Pushing the adapter to {cfg.push_to_hub}")
+        push_adapter(run.path, cfg.push_to_hub)
+    final = next((r["eval_loss"] for r in reversed(run.read_metrics()) if "eval_loss" in r), None)
     note = f", held-out loss {final:.3f}" if final is not None else ""
-    update_status(run_dir, state="finished", step=step, total=total, eta_s=0, message=f"Finished {step} steps{note}.")
+    run.update_status(state="finished", step=step, total=total, eta_s=0, message=f"Finished {step} steps{note}.")
     return adapter
 
 
@@ -740,12 +653,12 @@ def time_step(cfg: TrainConfig, model, train, pad: int, vocab: torch.Tensor | No
 
 
 def _steps_in_budget(
-    cfg: TrainConfig, model, train, pad: int, run_dir: Path, rank0: bool, vocab: torch.Tensor | None
+    cfg: TrainConfig, model, train, pad: int, run: RunDir, rank0: bool, vocab: torch.Tensor | None
 ) -> int:
     """`max_steps: auto`: the steps whose timed cost fits in max_minutes (at most num_epochs over the data), so the
     learning-rate schedule ends when the budget does, on whatever machine this is. Kept in status.json for resume;
     under accelerate, process 0's count for all."""
-    planned = read_status(run_dir).get("planned_steps")
+    planned = run.read_status().get("planned_steps")
     if not planned:
         step_s = time_step(cfg, model, train, pad, vocab)
         world = int(os.environ.get("WORLD_SIZE", 1))
@@ -762,7 +675,7 @@ def _steps_in_budget(
             planned = broadcast_object_list([planned])[0]
         log.info("one step takes %.2f s here: %d steps fit in %.1f min", step_s, planned, cfg.max_minutes)
         if rank0:
-            update_status(run_dir, planned_steps=planned, step_s=round(step_s, 3))
+            run.update_status(planned_steps=planned, step_s=round(step_s, 3))
     return int(planned)
 
 
@@ -780,12 +693,12 @@ def _save_adapter(trainer: Trainer, adapter: Path) -> None:
 
 def _adapter_and_config(path: str | Path) -> tuple[Path, TrainConfig]:
     path = Path(path)
-    if (path / ADAPTER_DIR).is_dir():
-        path = path / ADAPTER_DIR
+    if RunDir(path).adapter_dir.is_dir():
+        path = RunDir(path).adapter_dir
     if not (path / "adapter_config.json").is_file():
         raise FinetuneError(f"No LoRA adapter in {path}: give a run folder or an adapter folder.")
-    cfg_file = path.parent / CONFIG_FILE
-    return path, load_train_config(cfg_file if cfg_file.is_file() else None)
+    run = RunDir(path.parent)  # an adapter folder inside a run: its config says which base model
+    return path, run.read_config() if run.config_file.is_file() else load_train_config()
 
 
 def export_merged(path: str | Path, out_dir: str | Path, base: str | None = None) -> Path:

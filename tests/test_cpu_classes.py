@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.train import read_metrics, read_status
+from finetune.runs import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
@@ -40,10 +40,10 @@ def test_quick_start_and_arena_on_the_avx2_class(tmp_path):
     cmd += ["--set", "max_minutes=0.5", "--set", "logging_steps=1", "--set", "data.max_rows=400"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    status = read_status(run_dir)
+    status = RunDir(run_dir).read_status()
     assert "cpu: float32 weights, no autocast" in status["summary"]
     assert status["planned_steps"] >= 2 and status["state"] == "finished"
-    assert status["step"] >= 2 and all(r["loss"] > 0 for r in read_metrics(run_dir) if "loss" in r)
+    assert status["step"] >= 2 and all(r["loss"] > 0 for r in RunDir(run_dir).read_metrics() if "loss" in r)
 
     arena = subprocess.run(
         [sys.executable, "-c", ARENA.format(adapter=str(run_dir / "adapter"))],

@@ -12,19 +12,15 @@ from conftest import QA, make_run  # tests/ is on sys.path (pytest prepends the 
 from finetune import FinetuneError
 from finetune.config import GenerationParams, ModelSpec
 from finetune.evaluate import (
-    EVAL_FILE,
     EvalCancelled,
     answer_losses,
     arc_easy,
     default_embedding_model,
+    eval_target,
     evaluate_run,
     exact_match,
-    export_rows,
     lcs_length,
-    list_runs,
     load_embedder,
-    load_run,
-    loss_curve,
     mean_loss,
     normalize_answer,
     perplexity,
@@ -33,6 +29,7 @@ from finetune.evaluate import (
 )
 from finetune.generate import BASE_ADAPTER
 from finetune.models import ModelPool, load_model
+from finetune.runs import RunDir, export_rows, list_runs
 from finetune.templates import TEMPLATES, encode_row
 
 # --- metrics on hand-made cases ---------------------------------------------------------------------
@@ -154,7 +151,7 @@ def test_evaluate_run_writes_eval_json_with_base_and_tuned_columns(runs, pool):
     result = evaluate_run(
         run, pool=pool, params=GenerationParams(max_new_tokens=6), batch_size=3, progress=lambda *a: reports.append(a)
     )
-    saved = json.loads((run / EVAL_FILE).read_text())
+    saved = json.loads(RunDir(run).eval_file.read_text())
     assert saved["summary"] == result["summary"]
     assert saved["questions"] == 4 and len(saved["rows"]) == 4  # 8 rows, test_size 0.5
     for column in ("base", "tuned"):
@@ -199,7 +196,7 @@ def test_cancel_stops_after_the_first_batch_and_writes_nothing(tmp_path, tiny_ll
             run, pool=pool, params=GenerationParams(max_new_tokens=4), batch_size=2, progress=progress, cancel=cancel
         )
     assert reports == [1]
-    assert not (run / EVAL_FILE).exists()
+    assert not RunDir(run).eval_file.exists()
     with pytest.raises(EvalCancelled):
         evaluate_run(run, pool=pool, cancel=lambda: True)  # a callable works too
 
@@ -207,27 +204,27 @@ def test_cancel_stops_after_the_first_batch_and_writes_nothing(tmp_path, tiny_ll
 def test_runs_without_an_adapter_or_config_are_clear_errors(tmp_path, tiny_llama, monkeypatch):
     run = make_run(tmp_path, tiny_llama, adapter=False)
     with pytest.raises(FinetuneError, match="no adapter yet"):
-        load_run(run)
+        eval_target(run)
     with pytest.raises(FinetuneError, match="No training run"):
-        load_run(tmp_path / "nowhere")
+        eval_target(tmp_path / "nowhere")
 
 
 def test_runs_are_found_by_id_and_listed_when_they_have_an_adapter(tmp_path, tiny_llama, monkeypatch):
     monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
     make_run(tmp_path, tiny_llama, "with-adapter")
     make_run(tmp_path, tiny_llama, "still-training", adapter=False)
-    assert list_runs() == ["with-adapter"]
-    info = load_run("with-adapter")
-    assert info.run_id == "with-adapter" and info.data.test_size == 0.5 and info.max_length == 128
-    assert load_run("runs/with-adapter").run_dir == info.run_dir
+    assert [i.run_id for i in list_runs() if i.has_adapter] == ["with-adapter"]
+    info = eval_target("with-adapter")
+    assert info.run.run_id == "with-adapter" and info.data.test_size == 0.5 and info.max_length == 128
+    assert eval_target(Path("runs/with-adapter")).run == info.run
 
 
 def test_loss_curve_reads_train_and_eval_loss_and_skips_bad_lines(runs):
     _, run = runs
-    assert loss_curve(run) == [
+    assert RunDir(run).loss_curve() == [
         {"step": 1, "loss": 3.5, "series": "train"},
         {"step": 2, "loss": 2.5, "series": "train"},
-        {"step": 2, "loss": 2.9, "series": "eval"},
+        {"step": 2, "loss": 2.9, "series": "held-out"},  # the name the Train tab's chart uses too
     ]
 
 
@@ -279,7 +276,7 @@ def test_cli_eval_prints_base_vs_tuned_and_writes_eval_json(tmp_path, tiny_llama
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "2 held-out questions" in out and "perplexity" in out and "Similarity skipped" in out
-    assert json.loads((run / EVAL_FILE).read_text())["questions"] == 2
+    assert json.loads(RunDir(run).eval_file.read_text())["questions"] == 2
     assert main(["eval", "--run", str(tmp_path / "missing")]) == 2
     assert "No training run" in capsys.readouterr().err
 
@@ -325,4 +322,4 @@ def test_evaluate_endpoint_runs_from_the_app(tmp_path, tiny_llama, free_port, mo
     assert summary["headers"] == ["metric", "base", "tuned", "change"] and len(summary["data"]) == 6
     assert len(table["data"]) == 2 and "tuned answer" in table["headers"]
     assert sorted(Path(f).name for f in files) == ["eval_questions.csv", "eval_questions.jsonl"]
-    assert (tmp_path / "runs" / "tiny-run" / EVAL_FILE).is_file()
+    assert RunDir(tmp_path / "runs" / "tiny-run").eval_file.is_file()

@@ -8,9 +8,10 @@ import pytest
 
 from finetune.arena import list_adapters
 from finetune.config import ModelSpec
-from finetune.guided import STEPS, Guide, current_step, guided_config, read_result
+from finetune.guided import STEPS, Guide, current_step, guided_config
 from finetune.models import ModelPool
 from finetune.runner import Runner
+from finetune.runs import RunDir
 
 
 def tiny_cfg(model: str, **overrides):
@@ -50,7 +51,7 @@ def test_guided_run_goes_through_every_step(runner, tiny_llama):
     assert result["adapter"] in [str(a.path) for a in list_adapters()]  # the Arena lists the new adapter
     # A reloaded page finds the same place from the files alone; the measurement is not repeated.
     again = current_step(runner, last.run_id)
-    assert again.step == "arena" and again.done and again.result == read_result(runner.root / last.run_id)
+    assert again.step == "arena" and again.done and again.result == RunDir(runner.root / last.run_id).read_guided()
 
 
 def test_a_reloaded_page_lands_on_the_training_step(runner, tiny_llama):

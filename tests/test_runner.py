@@ -13,14 +13,7 @@ import pytest
 from finetune import FinetuneError
 from finetune.config import DataConfig, ModelSpec, TrainConfig, load_train_config
 from finetune.runner import Runner
-from finetune.train import (
-    ADAPTER_DIR,
-    latest_checkpoint,
-    process_fields,
-    read_metrics,
-    read_status,
-    update_status,
-)
+from finetune.runs import RunDir, process_fields
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +58,7 @@ def test_second_run_waits_in_queue_then_both_finish(runner, tiny_llama, qa_file)
     infos = {i.run_id: i for i in runner.runs()}
     assert infos[first].owner == "ada" and infos[second].owner is None
     assert [i.run_id for i in runner.runs(owner="ada")] == [first]
-    assert infos[second].adapter_dir == runner.root / second / ADAPTER_DIR
+    assert infos[second].adapter_dir == RunDir(runner.root / second).adapter_dir
     assert "trainable parameters" in (runner.root / first / "train.log").read_text()
 
 
@@ -74,13 +67,13 @@ def test_cancel_queued_and_stop_running(runner, tiny_llama, qa_file):
     queued = runner.submit(cfg_for(tiny_llama, qa_file))
     assert runner.stop(queued) == "Cancelled."
     assert runner.status(queued)["state"] == "stopped" and runner.status(queued)["queue_position"] is None
-    _wait_for(lambda: any("loss" in r for r in read_metrics(runner.root / long)))
+    _wait_for(lambda: any("loss" in r for r in RunDir(runner.root / long).read_metrics()))
     runner.stop(long)
     status = runner.wait(long)
     assert status["state"] == "stopped", status
-    assert (runner.root / long / ADAPTER_DIR / "adapter_config.json").is_file()
+    assert (RunDir(runner.root / long).adapter_dir / "adapter_config.json").is_file()
     stopped_at = status["step"]
-    assert latest_checkpoint(runner.root / long).name == f"checkpoint-{stopped_at}"
+    assert RunDir(runner.root / long).latest_checkpoint().path.name == f"checkpoint-{stopped_at}"
 
 
 def test_bad_configs_fail_before_any_process_starts(runner, tiny_llama, qa_file, tmp_path):
@@ -106,7 +99,7 @@ def test_dead_process_is_marked_failed_on_discovery(tmp_path, tiny_llama, qa_fil
     # Pretend the app died while this run trained: its status says running, with a pid that is gone.
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    update_status(runs / run_id, state="running", pid=gone.pid)
+    RunDir(runs / run_id).update_status(state="running", pid=gone.pid)
     second = Runner(runs, poll_interval=0.1)
     try:
         status = second.status(run_id)
@@ -120,10 +113,10 @@ def test_dead_process_is_marked_failed_on_discovery(tmp_path, tiny_llama, qa_fil
 def _discovered(runs, run_id: str, **status) -> tuple[str | None, str]:
     """(the run a new Runner holds the device for, the run's state) after a status that says it is training."""
     (runs / run_id).mkdir(parents=True, exist_ok=True)
-    update_status(runs / run_id, state="running", **status)
+    RunDir(runs / run_id).update_status(state="running", **status)
     runner = Runner(runs, poll_interval=0.1)
     try:
-        return runner.active(), read_status(runs / run_id)["state"]
+        return runner.active(), RunDir(runs / run_id).read_status()["state"]
     finally:
         runner.close()
 
@@ -166,8 +159,8 @@ def test_killed_process_is_reported_with_the_reason(runner, tiny_llama, qa_file)
     import signal
 
     run_id = runner.submit(cfg_for(tiny_llama, qa_file, max_steps=100000, save_steps=1000))
-    _wait_for(lambda: read_status(runner.root / run_id).get("step", 0) > 0)
-    os.kill(read_status(runner.root / run_id)["pid"], signal.SIGKILL)
+    _wait_for(lambda: RunDir(runner.root / run_id).read_status().get("step", 0) > 0)
+    os.kill(RunDir(runner.root / run_id).read_status()["pid"], signal.SIGKILL)
     status = runner.wait(run_id)
     assert status["state"] == "failed" and "SIGKILL" in status["message"]
 
@@ -217,11 +210,14 @@ def test_one_training_process_per_gpu(tmp_path, monkeypatch, tiny_llama, qa_file
         _wait_for(lambda: all((runner.root / i / "visible").is_file() for i in ids[:2]))
         seen = sorted((runner.root / i / "visible").read_text().strip() for i in ids[:2])
         assert seen == ["0", "1"]
-        assert {read_status(runner.root / i)["device"] for i in ids[:2]} == {"cuda:0", "cuda:1"}
+        assert {RunDir(runner.root / i).read_status()["device"] for i in ids[:2]} == {"cuda:0", "cuda:1"}
         assert runner.status(ids[2])["queue_position"] == 1 and set(runner.busy_devices()) == {"cuda:0", "cuda:1"}
         runner.stop(ids[0])
         _wait_for(lambda: (runner.root / ids[2] / "visible").is_file())
-        assert read_status(runner.root / ids[2])["device"] == read_status(runner.root / ids[0])["device"]
+        assert (
+            RunDir(runner.root / ids[2]).read_status()["device"]
+            == RunDir(runner.root / ids[0]).read_status()["device"]
+        )
     finally:
         for i in ids:
             runner.stop(i)

@@ -16,10 +16,9 @@ import torch
 
 from finetune import FinetuneError
 from finetune.config import RECIPES, DataConfig, ModelSpec, TrainConfig, load_train_config
+from finetune.runs import RunDir
 from finetune.templates import IGNORE_INDEX
 from finetune.train import (
-    ADAPTER_DIR,
-    STOP_FILE,
     AnswerOnlyTrainer,
     ChunkedLoss,
     RunCallback,
@@ -28,10 +27,7 @@ from finetune.train import (
     check_config,
     data_vocab,
     encode_splits,
-    latest_checkpoint,
     pad_batch,
-    read_metrics,
-    read_status,
     train,
     training_arguments,
 )
@@ -228,18 +224,18 @@ def test_few_steps_train_lora_only_and_adapter_reloads(tiny_llama, qa_file, tmp_
 def test_train_writes_run_folder(tiny_llama, qa_file, tmp_path):
     run_dir = tmp_path / "run"
     adapter = train(tiny_config(tiny_llama, qa_file), run_dir)
-    assert adapter == run_dir / ADAPTER_DIR and (adapter / "adapter_model.safetensors").is_file()
-    status = read_status(run_dir)
+    assert adapter == RunDir(run_dir).adapter_dir and (adapter / "adapter_model.safetensors").is_file()
+    status = RunDir(run_dir).read_status()
     assert status["state"] == "finished" and status["step"] == status["total"] == 4
     assert "trainable parameters" in status["summary"]
-    metrics = read_metrics(run_dir)
+    metrics = RunDir(run_dir).read_metrics()
     losses = [r["loss"] for r in metrics if "loss" in r]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     evals = [r for r in metrics if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 4]  # before and after training
     assert all(r["tokens_per_s"] > 0 for r in metrics if "loss" in r and r["step"] > 1)
     assert load_train_config(run_dir / "config.yaml") == tiny_config(tiny_llama, qa_file)
-    assert latest_checkpoint(run_dir).name == "checkpoint-4"
+    assert RunDir(run_dir).latest_checkpoint().path.name == "checkpoint-4"
 
 
 def test_stop_file_saves_adapter_at_current_step(tiny_llama, qa_file, tmp_path, monkeypatch):
@@ -248,14 +244,14 @@ def test_stop_file_saves_adapter_at_current_step(tiny_llama, qa_file, tmp_path, 
 
     def begin_then_ask_to_stop(self, args, state, control, **kwargs):
         begin(self, args, state, control, **kwargs)
-        (self.run_dir / STOP_FILE).touch()  # what the runner's Stop does
+        self.run.request_stop()  # what the runner's Stop does
 
     monkeypatch.setattr(RunCallback, "on_train_begin", begin_then_ask_to_stop)
     train(tiny_config(tiny_llama, qa_file, max_steps=50), run_dir)
-    status = read_status(run_dir)
+    status = RunDir(run_dir).read_status()
     assert status["state"] == "stopped" and status["step"] == 1
-    assert (run_dir / ADAPTER_DIR / "adapter_config.json").is_file()
-    assert latest_checkpoint(run_dir).name == "checkpoint-1"  # so Resume continues from step 1
+    assert (RunDir(run_dir).adapter_dir / "adapter_config.json").is_file()
+    assert RunDir(run_dir).latest_checkpoint().path.name == "checkpoint-1"  # so Resume continues from step 1
 
 
 def _cli(*args: str) -> list[str]:
@@ -270,19 +266,20 @@ def test_kill9_then_resume_continues_from_checkpoint(tiny_llama, qa_file, tmp_pa
     proc = subprocess.Popen(_cli("train", "--run-dir", str(run_dir), *sets), cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while latest_checkpoint(run_dir) is None or latest_checkpoint(run_dir).name == "checkpoint-3":
+        run = RunDir(run_dir)
+        while run.latest_checkpoint() is None or run.latest_checkpoint().path.name == "checkpoint-3":
             assert proc.poll() is None and time.monotonic() < deadline, "the trainer should still be running"
             time.sleep(0.02)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert read_status(run_dir)["state"] == "running"  # killed: nobody wrote a final state
-    step = int(latest_checkpoint(run_dir).name.split("-")[1])
+    assert RunDir(run_dir).read_status()["state"] == "running"  # killed: nobody wrote a final state
+    step = int(RunDir(run_dir).latest_checkpoint().path.name.split("-")[1])
     cfg = load_train_config(run_dir / "config.yaml", [f"max_steps={step + 2}"])
     train(cfg, run_dir, resume=True)
-    status = read_status(run_dir)
+    status = RunDir(run_dir).read_status()
     assert status["state"] == "finished" and status["step"] == step + 2
-    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    steps = [r["step"] for r in RunDir(run_dir).read_metrics() if "loss" in r]
     # Rows written after the checkpoint by the killed process were dropped; training went on from `step`.
     assert steps == sorted(set(steps)) and steps[-3:] == [step, step + 1, step + 2]
 
@@ -313,7 +310,7 @@ def test_cli_train_and_bad_override(tiny_llama, qa_file, tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     run_dir = Path(ok.stdout.split("run folder: ")[1].splitlines()[0])
     assert run_dir.parent == tmp_path / "runs"
-    assert read_status(run_dir)["state"] == "finished"
+    assert RunDir(run_dir).read_status()["state"] == "finished"
     assert "step 2/2" in (run_dir / "train.log").read_text()
 
 
@@ -344,10 +341,10 @@ def test_accelerate_launch_two_cpu_processes(tiny_llama, qa_file, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
-    status = read_status(run_dir)
+    status = RunDir(run_dir).read_status()
     assert status["state"] == "finished" and status["step"] == 3
-    assert (run_dir / ADAPTER_DIR / "adapter_model.safetensors").is_file()
-    assert sum(1 for r in read_metrics(run_dir) if "loss" in r) == 3  # one writer, not two
+    assert (RunDir(run_dir).adapter_dir / "adapter_model.safetensors").is_file()
+    assert sum(1 for r in RunDir(run_dir).read_metrics() if "loss" in r) == 3  # one writer, not two
 
 
 def test_accelerate_agrees_on_one_folder_and_on_the_time_budget(tiny_llama, qa_file, tmp_path):
@@ -373,7 +370,7 @@ def test_accelerate_agrees_on_one_folder_and_on_the_time_budget(tiny_llama, qa_f
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
     (run_dir,) = (home / "runs").iterdir()
-    status = read_status(run_dir)
+    status = RunDir(run_dir).read_status()
     assert status["state"] == "finished" and 0 < status["step"] < 100000
     assert "time budget" in (run_dir / "train.log").read_text()
 
@@ -391,10 +388,10 @@ def test_embedded_gemma_trains_with_4bit_on_cpu(tmp_path):
         save_steps=10,
     )
     train(cfg, tmp_path / "run")
-    status = read_status(tmp_path / "run")
+    status = RunDir(tmp_path / "run").read_status()
     assert status["state"] == "finished" and status["step"] == 2
     assert "4bit" in status["summary"]
-    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run") if "loss" in r)
+    assert all(math.isfinite(r["loss"]) for r in RunDir(tmp_path / "run").read_metrics() if "loss" in r)
 
 
 def test_4bit_keeps_the_vocabulary_layers_in_the_compute_dtype(tiny_llama, qa_file):

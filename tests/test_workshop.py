@@ -383,7 +383,7 @@ def test_restart_mid_run_then_a_killed_trainer_loses_nothing_saved(home, tiny_ll
 
     from finetune.config import DataConfig, ModelSpec, TrainConfig
     from finetune.runner import Runner
-    from finetune.train import latest_checkpoint, read_metrics, read_status
+    from finetune.runs import RunDir
 
     cfg = TrainConfig(
         model=ModelSpec(tiny_llama),
@@ -399,8 +399,9 @@ def test_restart_mid_run_then_a_killed_trainer_loses_nothing_saved(home, tiny_ll
     first = Runner(home / "runs", poll_interval=0.1)
     run_id = first.submit(cfg, owner="ann")
     run_dir = home / "runs" / run_id
+    run = RunDir(run_dir)
     deadline = time.monotonic() + 120
-    while latest_checkpoint(run_dir) is None:  # trained far enough to have saved something
+    while run.latest_checkpoint() is None:  # trained far enough to have saved something
         assert time.monotonic() < deadline and first.status(run_id)["state"] in ("queued", "running")
         time.sleep(0.1)
     first.close()  # the app goes away; the trainer does not
@@ -410,21 +411,21 @@ def test_restart_mid_run_then_a_killed_trainer_loses_nothing_saved(home, tiny_ll
         status = second.status(run_id)
         assert status["state"] == "running" and second.active() == run_id and status["owner"] == "ann"
         pid = status["pid"]
-        assert read_status(run_dir)["step"] < cfg.max_steps
-        saved = latest_checkpoint(run_dir)
-        metrics_before = read_metrics(run_dir)
+        assert run.read_status()["step"] < cfg.max_steps
+        saved = run.latest_checkpoint().path
+        metrics_before = run.read_metrics()
         os.kill(pid, signal.SIGKILL)  # out of memory, or a careless kill -9
         status = second.wait(run_id, timeout=60)
         assert status["state"] == "failed" and "SIGKILL" in status["message"] and "Resume" in status["message"]
-        assert saved.is_dir() and read_metrics(run_dir)[: len(metrics_before)] == metrics_before
+        assert saved.is_dir() and run.read_metrics()[: len(metrics_before)] == metrics_before
         assert second.active() is None  # the device is free for the next run
 
         second.resume(run_id)  # continues from the last checkpoint, not from step 0
         deadline = time.monotonic() + 120
-        while read_status(run_dir).get("step", 0) <= int(saved.name.split("-")[1]):
+        while run.read_status().get("step", 0) <= int(saved.name.split("-")[1]):
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert "Resuming" in (run_dir / "train.log").read_text() or "resum" in str(read_status(run_dir)).lower()
+        assert "Resuming" in (run_dir / "train.log").read_text() or "resum" in str(run.read_status()).lower()
         second.stop(run_id)
         assert second.wait(run_id, timeout=60)["state"] == "stopped"
         assert (run_dir / "adapter" / "adapter_config.json").is_file()

@@ -1,4 +1,4 @@
-"""Small pieces every tab uses: user errors as popups, the logged-in user."""
+"""Small pieces every tab uses: user errors as popups, the logged-in user, the machine line, a run's loss chart."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import functools
 import inspect
 
 import gradio as gr
+import pandas as pd
 
 from finetune import FinetuneError
 from finetune.config import TrainConfig
 from finetune.hardware import estimate_run, machine
+from finetune.runs import RunDir
 
 
 def user_errors(fn):
@@ -47,3 +49,10 @@ def machine_line(cfg: TrainConfig) -> str:
         return estimate_run(cfg).line
     except Exception as e:  # noqa: BLE001 - a half-typed form (unknown model, missing file): say why no estimate
         return f"{machine().describe()} · no estimate for this form yet: {str(e).splitlines()[0][:160]}"
+
+
+def loss_frame(run: RunDir | None) -> pd.DataFrame:
+    """The run's training and held-out loss against step, long format for `gr.LinePlot(color="series")`."""
+    rows = run.loss_curve() if run is not None else []
+    # Typed even when empty: the chart keeps the axis types of its first value (object columns = categories).
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})

@@ -1,32 +1,24 @@
 """Evaluate tab: pick a training run, score base vs tuned on its held-out questions, see where the adapter helps.
 
-The work is `finetune.evaluate.evaluate_run`; this module only turns its result (eval.json) into tables and charts.
+The work is `finetune.evaluate.evaluate_run`; this module only turns its result (kept in the run folder) into tables
+and charts.
 """
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from finetune import FinetuneError
 from finetune.config import GenerationParams
-from finetune.evaluate import (
-    COLUMNS,
-    CSV_FILE,
-    JSONL_FILE,
-    METRIC_LABELS,
-    EvalCancelled,
-    evaluate_run,
-    list_runs,
-    load_last_eval,
-    loss_curve,
-)
+from finetune.evaluate import COLUMNS, METRIC_LABELS, EvalCancelled, evaluate_run
 from finetune.models import ModelPool
+from finetune.runs import list_runs, open_run
 from finetune.settings import Settings
 from finetune.spaces import gpu
+from finetune.ui.common import loss_frame
 
 ORDERS = ("biggest wins", "biggest losses", "test order")
 EVAL_GPU_SECONDS = 120  # ZeroGPU budget of one evaluation: 140 questions x2 answered in batches
@@ -79,8 +71,9 @@ def question_frame(result: dict, order: str = ORDERS[0]) -> pd.DataFrame:
     return df.rename(columns=TABLE_COLUMNS).round(3)
 
 
-def curve_frame(run_id: str) -> pd.DataFrame:
-    return pd.DataFrame(loss_curve(run_id), columns=["step", "loss", "series"])
+def run_choices() -> list[str]:
+    """Ids of the runs with an adapter to evaluate, newest first."""
+    return [i.run_id for i in list_runs() if i.has_adapter]
 
 
 def describe(result: dict) -> str:
@@ -105,7 +98,7 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
         "the generated answers (exact match, token F1, ROUGE-L, embedding similarity)."
     )
     with gr.Row():
-        run = gr.Dropdown(label="Training run", choices=list_runs(), scale=3)
+        run = gr.Dropdown(label="Training run", choices=run_choices(), scale=3)
         refresh = gr.Button("Refresh", scale=0, min_width=100)
         limit = gr.Number(20, label="Questions (0 = the whole test split)", precision=0, minimum=0, scale=1)
         max_new_tokens = gr.Slider(
@@ -141,10 +134,10 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
             empty = pd.DataFrame()
             return "No trained run yet: train an adapter in the Train tab.", empty, empty, empty, empty, None
         try:
-            result = load_last_eval(run_id)
-            curve_df = curve_frame(run_id)
+            run_dir = open_run(run_id)  # a str: checked as an id, never taken as a path
         except FinetuneError as e:
             raise gr.Error(str(e)) from e
+        result, curve_df = run_dir.read_eval(), loss_frame(run_dir)
         if result is None:
             empty = pd.DataFrame()
             return (
@@ -155,8 +148,7 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
                 empty,
                 None,
             )
-        run_dir = Path(result["run_dir"])
-        downloads = [str(run_dir / name) for name in (CSV_FILE, JSONL_FILE) if (run_dir / name).is_file()]
+        downloads = [str(path) for path in run_dir.eval_exports if path.is_file()]
         return (
             (note + "\n\n" if note else "") + describe(result),
             summary_frame(result),
@@ -206,7 +198,7 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
         return "Cancelling after the current batch of questions..."
 
     def refresh_runs(current: str | None = None):
-        choices = list_runs()
+        choices = run_choices()
         return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
 
     # On page load (runs trained since the app started) and on Refresh: update the list, then show the choice.

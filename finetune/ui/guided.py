@@ -126,9 +126,12 @@ def build_guided_panel(guide: Guide, extra_starts: list | None = None) -> Guided
 
 
 def _exists(guide: Guide, run_id: str) -> bool:
-    """The browser's stored id names a run folder (it comes from the client: no paths)."""
-    safe = isinstance(run_id, str) and "/" not in run_id and "\\" not in run_id and run_id not in (".", "..")
-    return safe and (guide.runner.root / run_id / "config.yaml").is_file()
+    """The browser's stored id names a run (it comes from the client: `Runner.open` takes ids only, no paths)."""
+    try:
+        guide.runner.open(run_id)
+    except FinetuneError:
+        return False
+    return True
 
 
 def _ended(guide: Guide, run_id: str) -> bool:

@@ -1,15 +1,13 @@
 """Train tab: a form for one LoRA/QLoRA run, Train/Stop/Resume, and a live view of the selected run.
 
-Everything shown is read from the run folders (status.json, metrics.jsonl, train.log) on a `gr.Timer`, so a page
+Everything shown is read from the run folders (status, metrics, log: `finetune.runs`) on a `gr.Timer`, so a page
 reload, a second browser or an app restart shows the same runs; the training itself runs in a subprocess started
 by `finetune.runner.Runner`. Named API endpoints: train_start (returns the run id), train_status, train_stop, runs.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -19,14 +17,12 @@ from finetune.config import RECIPES, DataConfig, TrainConfig, load_train_config
 from finetune.data import BUNDLED
 from finetune.hardware import machine
 from finetune.models import EMBEDDED, ModelPool
-from finetune.runner import RunInfo, Runner
+from finetune.runner import Runner
+from finetune.runs import ACTIVE_STATES, RunInfo
 from finetune.settings import Settings
 from finetune.templates import TEMPLATES
-from finetune.train import ADAPTER_DIR, LOG_FILE, read_metrics
-from finetune.ui.common import current_user, machine_line, user_errors
+from finetune.ui.common import current_user, loss_frame, machine_line, user_errors
 from finetune.ui.forms import component, form_config, get_dotted, more_settings
-
-LOG_LINES = 40
 
 
 def default_config() -> TrainConfig:
@@ -66,31 +62,6 @@ def status_markdown(status: dict) -> str:
     return "\n\n".join(lines)
 
 
-def loss_frame(run_dir: Path | None) -> pd.DataFrame:
-    """Train and held-out loss against step, long format for `gr.LinePlot(color="series")`."""
-    rows = []
-    for r in read_metrics(run_dir) if run_dir else []:
-        if r.get("loss") is not None:
-            rows.append({"step": r["step"], "loss": r["loss"], "series": "train"})
-        if r.get("eval_loss") is not None:
-            rows.append({"step": r["step"], "loss": r["eval_loss"], "series": "held-out"})
-    # Typed even when empty: the chart keeps the axis types of its first value (object columns = categories).
-    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
-
-
-def log_tail(run_dir: Path | None, lines: int = LOG_LINES) -> str:
-    try:
-        with open(run_dir / LOG_FILE, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 16384))
-            text = f.read().decode(errors="replace")
-    except (OSError, TypeError):
-        return ""
-    # Progress bars redraw with carriage returns: keep what each line finally showed.
-    shown = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
-    return "\n".join([line for line in shown if line.strip()][-lines:])
-
-
 def runs_frame(infos: list[RunInfo]) -> pd.DataFrame:
     rows = [
         {
@@ -99,25 +70,12 @@ def runs_frame(infos: list[RunInfo]) -> pd.DataFrame:
             "state": i.state + (f" (#{i.queue_position})" if i.queue_position else ""),
             "step": f"{i.step}/{i.total}" if i.total else str(i.step),
             "loss": round(i.loss, 3) if i.loss is not None else None,
-            "adapter": "yes" if i.adapter_dir else "",
+            "adapter": "yes" if i.has_adapter else "",
             "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created)) if i.created else "",
         }
         for i in infos
     ]
     return pd.DataFrame(rows, columns=["run", "name", "state", "step", "loss", "adapter", "started"])
-
-
-def adapter_zip(run_dir: Path) -> str | None:
-    """adapter.zip of a run (rebuilt when the adapter is newer), or None while there is no adapter."""
-    adapter = run_dir / ADAPTER_DIR
-    weights = adapter / "adapter_model.safetensors"
-    if not weights.is_file():
-        return None
-    target = run_dir / f"{run_dir.name}-adapter.zip"
-    if not target.is_file() or target.stat().st_mtime < weights.stat().st_mtime:
-        tmp = shutil.make_archive(str(run_dir / ".adapter-zip"), "zip", adapter)
-        Path(tmp).replace(target)
-    return str(target)
 
 
 def build_train_tab(
@@ -247,13 +205,16 @@ def build_train_tab(
 
     def show(run_id: str | None):
         infos = runner.runs()
-        if not run_id or not (runner.root / run_id).is_dir():
+        try:
+            run = runner.open(run_id) if run_id else None
+        except FinetuneError:  # a typed name that is no run (the dropdown takes any value)
+            run = None
+        if run is None:
             return status_markdown({}), loss_frame(None), "", runs_frame(infos), gr.update(visible=False)
-        run_dir = runner.root / run_id
         status = runner.status(run_id)
-        zipped = adapter_zip(run_dir) if status.get("state") not in ("running", "stopping", "queued") else None
-        button = gr.update(value=zipped, visible=zipped is not None)
-        return status_markdown(status), loss_frame(run_dir), log_tail(run_dir), runs_frame(infos), button
+        zipped = run.adapter_zip() if status.get("state") not in ACTIVE_STATES else None
+        button = gr.update(value=str(zipped) if zipped else None, visible=zipped is not None)
+        return status_markdown(status), loss_frame(run), run.log_tail(), runs_frame(infos), button
 
     def pick(event: gr.SelectData, table: pd.DataFrame):
         row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
@@ -279,7 +240,7 @@ def build_train_tab(
     runs_table.select(pick, runs_table, run, api_visibility="private")
 
     def train_status(run_id: str) -> dict:
-        """status.json of a run, with its queue position."""
+        """The status of a run, with its queue position."""
         try:
             return runner.status(run_id)
         except FinetuneError as e:

@@ -1,0 +1,392 @@
+"""The run folder's one owner: every file name in `runs/<run-id>/`, how each file is read and written, and the list.
+
+    from finetune.runs import RunDir, list_runs, open_run
+    run = open_run("20260101-120000-quickstart-1a2b")  # an id under $FINETUNE_HOME/runs (checked: ids come from users)
+    run.update_status(state="running", step=3)      # merged into status.json, written atomically
+    run.read_metrics(), run.latest_checkpoint(), run.has_adapter, run.read_eval()
+    [(i.run_id, i.state) for i in list_runs(owner="ada")]  # newest first
+
+A run folder holds config.yaml (the TrainConfig), status.json (state, step, ETA, owner, pid; written atomically
+so readers never see half of it), metrics.jsonl (one row per logging step, append-only), train.log, STOP (asks
+the trainer to stop), checkpoints/ (Trainer checkpoints, for resume), adapter/ (the final LoRA adapter),
+eval.json with the per-question table as CSV and JSONL, and guided.json (the guided path's measured losses).
+No torch here: the UI and the runner read runs without importing the trainer.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import psutil
+
+from finetune import FinetuneError, home
+from finetune.config import TrainConfig, dump_train_config, load_train_config
+
+CONFIG_FILE, STATUS_FILE, METRICS_FILE, LOG_FILE, STOP_FILE = (
+    "config.yaml", "status.json", "metrics.jsonl", "train.log", "STOP"
+)  # fmt: skip
+ADAPTER_DIR, CHECKPOINTS_DIR = "adapter", "checkpoints"
+EVAL_FILE, EVAL_EXPORTS = "eval.json", ("eval_questions.csv", "eval_questions.jsonl")
+GUIDED_FILE = "guided.json"
+ACTIVE_STATES = ("queued", "running", "stopping")
+LOG_TAIL_LINES = 40
+
+
+# --- atomic writes -------------------------------------------------------------------------------
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file + `os.replace`: readers (the UI, the runner) never see a half-written file."""
+    # Named per process and thread: two writers of one file never share a temp file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="")  # newline="": CSV rows keep their \r\n
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))
+
+
+def _read_json(path: Path) -> dict | None:
+    """The file's JSON object; None when it is missing or unreadable (a crash can leave no file, never half of one)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def export_rows(rows: list[dict], path: Path) -> Path:
+    """Write a table (a list of flat dicts) as .csv or .jsonl, by the file's suffix; returns `path`."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    elif path.suffix == ".csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["question"])
+        writer.writeheader()
+        writer.writerows(rows)
+        text = out.getvalue()
+    else:
+        raise FinetuneError(f"Cannot export to {path.name}: use a .csv or .jsonl file name.")
+    write_text_atomic(path, text)
+    return path
+
+
+# --- the run folder ------------------------------------------------------------------------------
+
+
+class Checkpoint(NamedTuple):
+    step: int
+    path: Path
+
+
+def process_fields(pid: int) -> dict:
+    """Status fields naming the process `pid`: its id and its start time, which a later process given the same
+    (reused) pid does not share (see `runner._pid_runs`)."""
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.Error:  # already gone: the command line alone will decide, as for runs older than this field
+        created = None
+    return {"pid": pid, "pid_create_time": created}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run folder; every file of it is named and read or written here."""
+
+    path: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / STATUS_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / LOG_FILE
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
+
+    @property
+    def eval_file(self) -> Path:
+        return self.path / EVAL_FILE
+
+    @property
+    def eval_exports(self) -> tuple[Path, ...]:
+        """The per-question table of the last evaluation, as CSV and JSONL (for downloads)."""
+        return tuple(self.path / name for name in EVAL_EXPORTS)
+
+    @property
+    def is_run(self) -> bool:
+        # A config (a run the runner queued, or one a test built) or a status (a trainer started it) makes a run.
+        return self.config_file.is_file() or self.status_file.is_file()
+
+    # --- config and status ---
+
+    def read_config(self, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+        return load_train_config(self.config_file, overrides)
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        write_text_atomic(self.config_file, dump_train_config(cfg))
+
+    def read_status(self) -> dict:
+        return _read_json(self.status_file) or {}
+
+    def update_status(self, **fields) -> dict:
+        """Merge `fields` into status.json (keys other writers set, like `owner`, are kept); returns the status."""
+        status = self.read_status()
+        status.update(fields, updated=time.time())
+        write_json_atomic(self.status_file, status)
+        return status
+
+    # --- metrics ---
+
+    def read_metrics(self) -> list[dict]:
+        """Rows of metrics.jsonl; a line cut by a crash (or being written while we read) is skipped."""
+        try:
+            lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+        rows = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def clear_metrics(self) -> None:
+        self.metrics_file.unlink(missing_ok=True)
+
+    def truncate_metrics(self, step: int) -> float:
+        """Drop the rows past `step` (written after the checkpoint a resume starts from); returns elapsed at `step`."""
+        rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        write_text_atomic(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
+        return max((r.get("elapsed", 0.0) for r in rows), default=0.0)
+
+    def loss_curve(self) -> list[dict]:
+        """Training and held-out loss against step as long rows {step, loss, series}, for one line per series."""
+        points = []
+        for row in self.read_metrics():
+            for key, series in (("loss", "train"), ("eval_loss", "held-out")):
+                value = row.get(key)
+                if "step" in row and isinstance(value, (int, float)) and math.isfinite(value):
+                    points.append({"step": row["step"], "loss": float(value), "series": series})
+        return points
+
+    # --- adapter and checkpoints ---
+
+    @property
+    def has_adapter(self) -> bool:
+        return (self.adapter_dir / "adapter_config.json").is_file()
+
+    def adapter_zip(self) -> Path | None:
+        """<run-id>-adapter.zip (rebuilt when the adapter is newer), or None while there is no adapter."""
+        weights = self.adapter_dir / "adapter_model.safetensors"
+        if not weights.is_file():
+            return None
+        target = self.path / f"{self.run_id}-adapter.zip"
+        if not target.is_file() or target.stat().st_mtime < weights.stat().st_mtime:
+            tmp = shutil.make_archive(str(self.path / ".adapter-zip"), "zip", self.adapter_dir)
+            Path(tmp).replace(target)
+        return target
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """The complete checkpoints, oldest first: the Trainer writes trainer_state.json last, so a kill -9 in the
+        middle of a save leaves a checkpoint without it, which a resume must not start from."""
+        found = []
+        for path in self.checkpoints_dir.glob("checkpoint-*"):
+            step = path.name.rsplit("-", 1)[1]
+            if step.isdigit() and (path / "trainer_state.json").is_file():
+                found.append(Checkpoint(int(step), path))
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    # --- stop request ---
+
+    def request_stop(self) -> None:
+        """Ask the trainer to stop after this step (it checks the file even when a signal is lost)."""
+        (self.path / STOP_FILE).touch()
+
+    def clear_stop(self) -> None:
+        (self.path / STOP_FILE).unlink(missing_ok=True)
+
+    @property
+    def stop_requested(self) -> bool:
+        return (self.path / STOP_FILE).exists()
+
+    # --- results ---
+
+    def read_eval(self) -> dict | None:
+        return _read_json(self.eval_file)
+
+    def write_eval(self, result: dict) -> None:
+        """eval.json, and its per-question table (`result["rows"]`) as CSV and JSONL."""
+        write_json_atomic(self.eval_file, result)
+        for path in self.eval_exports:
+            export_rows(result["rows"], path)
+
+    def read_guided(self) -> dict | None:
+        return _read_json(self.path / GUIDED_FILE)
+
+    def write_guided(self, result: dict) -> None:
+        write_json_atomic(self.path / GUIDED_FILE, result)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines of train.log (its last 16 KiB only: the log of a long run grows)."""
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - 16384))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        # Progress bars redraw with carriage returns: keep what each line finally showed (splitlines() would split
+        # at each \r and keep every redraw).
+        shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+        return "\n".join([line for line in shown if line.strip()][-lines:])
+
+
+# --- ids and the list of runs --------------------------------------------------------------------
+
+
+def runs_root() -> Path:
+    """Where runs live: `$FINETUNE_HOME/runs`."""
+    path = home() / "runs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_run_id(cfg: TrainConfig) -> str:
+    """Sortable and readable: 20260101-120000-gemma-3-270m-lamini_docs-1a2b."""
+    model = Path(cfg.model.source.rstrip("/")).name
+    data = Path(cfg.data.source).stem
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{cfg.name or model + '-' + data}")[:60]
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{os.urandom(2).hex()}"
+
+
+def check_run_id(run_id: object) -> str:
+    """`run_id` when it names one folder under the runs folder; a browser sends it, so it must not be a path."""
+    if not isinstance(run_id, str) or run_id in ("", ".", "..") or any(c in run_id for c in "/\\\0"):
+        raise FinetuneError(f"{run_id!r} is not a run id (a folder name, not a path): pick a run from the list.")
+    return run_id
+
+
+def open_run(run: str | Path, root: Path | None = None) -> RunDir:
+    """An existing run. A str is a run id under `root` (default `runs_root()`), checked by `check_run_id`: browsers
+    send ids. A Path is a folder given by code or on the command line (`--run runs/<id>`): as given, under
+    `home()`, or under the runs folder."""
+    root = root or runs_root()
+    if isinstance(run, Path):
+        path = run.expanduser()
+        candidates = [path, home() / path, root / path]
+    else:
+        candidates = [root / check_run_id(run)]
+    for candidate in candidates:
+        if (candidate / CONFIG_FILE).is_file():
+            return RunDir(candidate.resolve())
+    raise FinetuneError(f"No training run at {run}: pick one from the list of runs, or give a run folder.")
+
+
+@dataclass
+class RunInfo:
+    """A run as the lists show it: its folder and the fields of its status.json."""
+
+    run_id: str
+    run_dir: Path
+    state: str
+    step: int = 0
+    total: int | None = None
+    eta_s: float | None = None
+    message: str = ""
+    owner: str | None = None
+    queue_position: int | None = None  # 1 = next to start; only the Runner knows it
+    created: float = 0.0
+    name: str = ""
+    tokens_per_s: float | None = None
+    loss: float | None = None
+
+    @classmethod
+    def read(cls, run: RunDir) -> RunInfo:
+        status = run.read_status()
+        return cls(
+            run_id=run.run_id,
+            run_dir=run.path,
+            state=status.get("state", "unknown"),
+            step=status.get("step") or 0,
+            total=status.get("total"),
+            eta_s=status.get("eta_s"),
+            message=status.get("message", ""),
+            owner=status.get("owner"),
+            created=status.get("created") or run.path.stat().st_mtime,
+            name=status.get("name") or run.run_id,
+            tokens_per_s=status.get("tokens_per_s"),
+            loss=status.get("loss"),
+        )
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.run_dir)
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.run.has_adapter
+
+    @property
+    def adapter_dir(self) -> Path | None:
+        return self.run.adapter_dir if self.has_adapter else None
+
+
+def run_dirs(root: Path | None = None) -> list[RunDir]:
+    """Every run folder under `root` (default `runs_root()`), in name order (oldest id first)."""
+    root = root or runs_root()
+    found = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return [run for run in map(RunDir, found) if run.is_run]
+
+
+def list_runs(owner: str | None = None, root: Path | None = None) -> list[RunInfo]:
+    """All runs under `root` (default `runs_root()`), newest first; only `owner`'s when given."""
+    infos = [RunInfo.read(run) for run in run_dirs(root)]
+    mine = [i for i in infos if owner is None or i.owner == owner]
+    return sorted(mine, key=lambda i: (i.created, i.run_id), reverse=True)

@@ -1,0 +1,139 @@
+"""The run folder: status merged and written atomically, metrics that survive a cut line, the checkpoint a resume
+starts from, run ids that are never paths, and the one list of runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune import FinetuneError
+from finetune.runs import RunDir, check_run_id, list_runs, open_run, write_json_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def run(tmp_path) -> RunDir:
+    path = tmp_path / "runs" / "run-1"
+    path.mkdir(parents=True)
+    return RunDir(path)
+
+
+def test_status_updates_merge_and_leave_no_temp_file(run, monkeypatch):
+    run.update_status(state="queued", owner="ada")
+    status = run.update_status(state="running", step=3)
+    assert status["owner"] == "ada" and status["state"] == "running" and status["step"] == 3
+    assert run.read_status() == status
+    assert [p.name for p in run.path.iterdir()] == [run.status_file.name]
+
+    def no_space(*_):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(OSError):
+        run.update_status(step=4)
+    assert run.read_status() == status  # the last complete status, never half of one
+    assert [p.name for p in run.path.iterdir()] == [run.status_file.name]
+
+
+def test_write_json_atomic_replaces_the_whole_file(tmp_path):
+    path = tmp_path / "x.json"
+    write_json_atomic(path, {"a": "é" * 1000})
+    write_json_atomic(path, {"b": 1})
+    assert json.loads(path.read_text()) == {"b": 1} and sorted(os.listdir(tmp_path)) == ["x.json"]
+
+
+def test_metrics_skip_a_cut_line_and_truncate_after_a_step(run):
+    for step in (1, 2, 3, 4):
+        run.append_metrics({"step": step, "loss": 5.0 - step, "elapsed": 10.0 * step})
+    with open(run.metrics_file, "a") as f:
+        f.write('{"step": 5, "lo')  # the trainer was killed in the middle of a line
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3, 4]
+    assert run.truncate_metrics(2) == 20.0  # the time trained up to the checkpoint a resume starts from
+    assert [r["step"] for r in run.read_metrics()] == [1, 2]
+    run.clear_metrics()
+    assert run.read_metrics() == [] and run.truncate_metrics(0) == 0.0
+
+
+def test_loss_curve_names_its_series_train_and_held_out(run):
+    rows = [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 2.5}, {"step": 2, "loss": float("nan")}]
+    run.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run.loss_curve() == [
+        {"step": 0, "loss": 3.0, "series": "held-out"},
+        {"step": 1, "loss": 2.5, "series": "train"},
+    ]
+
+
+def test_the_latest_checkpoint_is_the_newest_complete_one(run):
+    assert run.latest_checkpoint() is None
+    for step in (2, 10, 12):
+        (run.checkpoints_dir / f"checkpoint-{step}").mkdir(parents=True)
+    for step in (2, 10):  # checkpoint-12: killed while saving, trainer_state.json (written last) missing
+        (run.checkpoints_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert [c.step for c in run.checkpoints()] == [2, 10]  # by number, not by name (10 sorts before 2)
+    assert run.latest_checkpoint() == (10, run.checkpoints_dir / "checkpoint-10")
+
+
+def test_stop_request_eval_result_and_log_tail(run):
+    assert not run.stop_requested
+    run.request_stop()
+    assert run.stop_requested
+    run.clear_stop()
+    assert not run.stop_requested
+    rows = [{"question": "q, with comma", "delta_f1": 0.5}]
+    run.write_eval({"questions": 1, "rows": rows})
+    assert run.read_eval() == {"questions": 1, "rows": rows}
+    csv, jsonl = run.eval_exports
+    assert '"q, with comma",0.5' in csv.read_text() and json.loads(jsonl.read_text()) == rows[0]
+    run.log_file.write_text("one\nprogress 10%\rprogress 100%\n\ntwo\n")
+    assert run.log_tail() == "one\nprogress 100%\ntwo" and run.log_tail(1) == "two"
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "..", "", ".", "a\\b", "a\0b", None])
+def test_run_ids_are_never_paths(bad, tmp_path):
+    with pytest.raises(FinetuneError, match="is not a run id .*: pick a run from the list"):
+        check_run_id(bad)
+    with pytest.raises(FinetuneError, match="is not a run id"):
+        open_run(bad, tmp_path)
+
+
+def test_open_run_by_id_or_by_folder(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
+    with pytest.raises(FinetuneError, match="No training run"):
+        open_run("run-1")  # no config yet
+    run.config_file.write_text("max_steps: 3\n")
+    assert open_run("run-1") == open_run(run.path) == open_run(Path("runs/run-1")) == RunDir(run.path.resolve())
+    assert open_run("run-1").read_config().max_steps == 3
+    with pytest.raises(FinetuneError, match="is not a run id"):
+        open_run("runs/run-1")  # a str is an id: what a browser sends is never taken as a path
+
+
+def test_list_runs_newest_first_and_by_owner(tmp_path):
+    root = tmp_path / "runs"
+    for run_id, created, owner in (("b", 30.0, "ada"), ("a", 10.0, "bob"), ("c", 20.0, "ada")):
+        (root / run_id).mkdir(parents=True)
+        RunDir(root / run_id).update_status(state="finished", created=created, owner=owner)
+    (root / "c" / "adapter").mkdir()
+    (root / "c" / "adapter" / "adapter_config.json").write_text("{}")
+    (root / "not-a-run").mkdir()  # no config, no status
+    infos = list_runs(root=root)
+    assert [i.run_id for i in infos] == ["b", "c", "a"]
+    assert [i.run_id for i in list_runs("ada", root)] == ["b", "c"]
+    assert [i.run_id for i in infos if i.has_adapter] == ["c"] and infos[1].adapter_dir == root / "c" / "adapter"
+    assert infos[0].state == "finished" and infos[0].queue_position is None
+
+
+def test_the_run_folder_and_the_runner_need_no_trainer():
+    code = (
+        "import sys, finetune.runs, finetune.runner;"
+        "heavy = [m for m in ('finetune.train', 'transformers', 'gradio') if m in sys.modules];"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    code = "import sys, finetune.runs; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
