@@ -16,22 +16,22 @@ from gradio.context import Context
 from finetune import FinetuneError
 from finetune.arena import (
     LABELS,
-    LEADERBOARD_COLUMNS,
     ROLES,
     ArenaSession,
     ArenaSetup,
     VoteStore,
     ask,
+    battles,
     example_questions,
     install_adapter,
-    leaderboard,
-    leaderboard_csv,
     list_adapters,
     make_backends,
+    vote_counts,
 )
 from finetune.config import AppSettings, GenerationParams
 from finetune.generate import Column
 from finetune.models import EMBEDDED, ModelPool
+from finetune.ratings import LEADERBOARD_COLUMNS, leaderboard, leaderboard_csv
 from finetune.security import saving
 from finetune.spaces import gpu
 from finetune.templates import TEMPLATES
@@ -91,7 +91,8 @@ def _adapter_choices() -> list[tuple[str, str]]:
 
 
 def _leaderboard(store: VoteStore):
-    rows = leaderboard(store.votes())
+    votes = store.votes()
+    rows = leaderboard(battles(votes), vote_counts(votes))
     path = os.path.join(tempfile.mkdtemp(prefix="arena-"), "arena_leaderboard.csv")
     with open(path, "w", newline="") as f:
         f.write(leaderboard_csv(rows))
