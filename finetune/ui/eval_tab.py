@@ -11,7 +11,6 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from finetune import FinetuneError
 from finetune.config import AppSettings, GenerationParams
 from finetune.evaluate import (
     COLUMNS,
@@ -26,6 +25,7 @@ from finetune.evaluate import (
 )
 from finetune.models import ModelPool
 from finetune.spaces import gpu
+from finetune.ui.common import user_errors
 
 ORDERS = ("biggest wins", "biggest losses", "test order")
 EVAL_GPU_SECONDS = 120  # ZeroGPU budget of one evaluation: 140 questions x2 answered in batches
@@ -135,15 +135,13 @@ def build_eval_tab(settings: AppSettings, pool: ModelPool) -> dict[str, gr.compo
     files = gr.File(label="Per-question table (CSV, JSONL)", file_count="multiple", interactive=False)
     outputs = [status, summary, bars, curve, table, files]
 
+    @user_errors
     def show(run_id: str | None, how: str, note: str = ""):
         if not run_id:
             empty = pd.DataFrame()
             return "No trained run yet: train an adapter in the Train tab.", empty, empty, empty, empty, None
-        try:
-            result = load_last_eval(run_id)
-            curve_df = curve_frame(run_id)
-        except FinetuneError as e:
-            raise gr.Error(str(e)) from e
+        result = load_last_eval(run_id)
+        curve_df = curve_frame(run_id)
         if result is None:
             empty = pd.DataFrame()
             return (
@@ -165,6 +163,7 @@ def build_eval_tab(settings: AppSettings, pool: ModelPool) -> dict[str, gr.compo
             downloads or None,
         )
 
+    @user_errors
     def run_eval(
         run_id: str | None,
         n: float | None,
@@ -191,8 +190,6 @@ def build_eval_tab(settings: AppSettings, pool: ModelPool) -> dict[str, gr.compo
             )
         except EvalCancelled as e:
             return show(run_id, how, f"{e} The last finished evaluation (if any) is shown.")
-        except FinetuneError as e:
-            raise gr.Error(str(e)) from e
         finally:
             cancels.pop(request.session_hash, None)
         return show(run_id, how)
