@@ -1,4 +1,4 @@
-"""Small pieces every tab uses: user errors as popups, the logged-in user."""
+"""Small pieces every tab uses: user errors as popups, the logged-in user, the adapters to choose from."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import inspect
 import gradio as gr
 
 from finetune import FinetuneError
+from finetune.arena import list_adapters
 from finetune.config import TrainConfig
 from finetune.hardware import estimate_run, machine
 
@@ -39,6 +40,11 @@ def user_errors(fn):
 def current_user(request: gr.Request | None) -> str | None:
     """The logged-in name (FINETUNE_AUTH), None without login: it owns the runs it starts."""
     return getattr(request, "username", None) if request is not None else None
+
+
+def adapter_choices() -> list[tuple[str, str]]:
+    """(label, folder) of each adapter the tuned column can use: the Arena's dropdown, and the guided path's pick."""
+    return [(f"{a.name} ({a.origin}; {a.base_model}; {a.template} template)", str(a.path)) for a in list_adapters()]
 
 
 def machine_line(cfg: TrainConfig) -> str:
