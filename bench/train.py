@@ -58,8 +58,9 @@ def heldout_loss(model, tokenizer, cfg) -> float:
     """Mean answer-token cross-entropy on the first test rows: the same code and rows for both sides."""
     import torch
 
+    from finetune.loss import answer_loss_sum
     from finetune.templates import pad_id
-    from finetune.train import answer_loss_sum, encode_splits, pad_batch
+    from finetune.train import encode_splits, pad_batch
 
     test = encode_splits(cfg, tokenizer).test.select(range(EVAL_ROWS))
     pad = pad_id(tokenizer)

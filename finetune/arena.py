@@ -7,31 +7,26 @@
     for columns in ask(backends, session, "What is Lamini?", GenerationParams(stop=())):
         print({role: col.text for role, col in columns.items()})
     VoteStore().add(session.vote("A"))  # "A", "B", "C", "tie" or "bad"
-    for row in leaderboard(VoteStore().votes()): print(row)
+    votes = VoteStore().votes()
+    for row in leaderboard(battles(votes), vote_counts(votes)): print(row)  # finetune.ratings.leaderboard
 
-Votes live in SQLite (`$FINETUNE_HOME/arena.sqlite`). The leaderboard turns each vote into pairwise battles
-(the best answer beats the two others; tie and all-bad are ties between every pair) and rates models with
-online Elo and with Bradley-Terry (maximum likelihood), both with bootstrap 95% intervals, as LMSYS's
-Chatbot Arena (FastChat) does.
+Votes live in SQLite (`$FINETUNE_HOME/arena.sqlite`). Each vote becomes pairwise battles (the best answer beats
+the two others; tie and all-bad are ties between every pair), which `finetune.ratings` rates.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import random
 import shutil
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from finetune import FinetuneError, home
@@ -48,6 +43,7 @@ from finetune.generate import (
 )
 from finetune.hardware import inference_dtype
 from finetune.models import ModelPool, embedded_name
+from finetune.ratings import Battle
 from finetune.runs import RunDir, list_runs
 from finetune.security import check_upload_size, extract_zip, safe_name
 
@@ -361,9 +357,7 @@ class VoteStore:
         ]
 
 
-# --- ratings ----------------------------------------------------------------------------------------
-
-Battle = tuple[str, str, str]  # (model a, model b, winner: "a", "b" or "tie")
+# --- votes as battles ---------------------------------------------------------------------------------
 
 
 def battles(votes: list[Vote]) -> list[Battle]:
@@ -381,110 +375,11 @@ def battles(votes: list[Vote]) -> list[Battle]:
     return out
 
 
-def compute_elo(battles: list[Battle], k: float = 32, scale: float = 400, base: float = 10, init: float = 1000):
-    """Online Elo in battle order (FastChat's `compute_online_elo`); k=32 suits the few votes of a local arena."""
-    ratings: dict[str, float] = defaultdict(lambda: init)
-    for a, b, winner in battles:
-        expected_a = 1 / (1 + base ** ((ratings[b] - ratings[a]) / scale))
-        score_a = {"a": 1.0, "b": 0.0, "tie": 0.5}[winner]
-        ratings[a] += k * (score_a - expected_a)
-        ratings[b] -= k * (score_a - expected_a)
-    return dict(ratings)
-
-
-def bradley_terry(
-    battles: list[Battle], scale: float = 400, base: float = 10, init: float = 1000, prior: float = 1.0
-) -> dict[str, float]:
-    """Bradley-Terry ratings on the Elo scale, by maximum likelihood (Hunter's MM iterations).
-
-    A tie counts half a win for each side. `prior` adds that many virtual ties to every pair that met,
-    so a model that never lost (or never won) still gets a finite rating.
-    """
-    models = sorted({m for a, b, _ in battles for m in (a, b)})
-    if not models:
-        return {}
-    index = {m: i for i, m in enumerate(models)}
-    wins = np.zeros((len(models), len(models)))
-    for a, b, winner in battles:
-        i, j = index[a], index[b]
-        w = {"a": 1.0, "b": 0.0, "tie": 0.5}[winner]
-        wins[i, j] += w
-        wins[j, i] += 1 - w
-    games = wins + wins.T
-    played = games > 0
-    wins = wins + prior / 2 * played
-    games = games + prior * played
-    p = np.ones(len(models))
-    for _ in range(10_000):
-        denom = (games / (p[:, None] + p[None, :])).sum(axis=1)
-        new = np.where(denom > 0, wins.sum(axis=1) / np.where(denom > 0, denom, 1), 1.0)
-        new /= np.exp(np.log(new).mean())  # fix the scale: geometric mean 1, so the mean rating is `init`
-        if np.abs(new - p).max() < 1e-10:
-            p = new
-            break
-        p = new
-    return {m: init + scale * math.log(p[index[m]], base) for m in models}
-
-
-def bootstrap_intervals(
-    battles: list[Battle], rate: Callable[[list[Battle]], dict[str, float]], rounds: int = 200, seed: int = 0
-) -> dict[str, tuple[float, float]]:
-    """95% intervals of `rate` over `rounds` resamples (with replacement) of the battles."""
-    rng = random.Random(seed)
-    samples: dict[str, list[float]] = defaultdict(list)
-    for _ in range(rounds if battles else 0):
-        for model, rating in rate(rng.choices(battles, k=len(battles))).items():
-            samples[model].append(rating)
-    return {m: (float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))) for m, s in samples.items()}
-
-
-def leaderboard(votes: list[Vote], rounds: int = 200) -> list[dict]:
-    """One row per model, best first: Elo and Bradley-Terry with 95% bootstrap intervals, and vote counts."""
-    fights = battles(votes)
-    elo, bt = compute_elo(fights), bradley_terry(fights)
-    elo_ci, bt_ci = (
-        bootstrap_intervals(fights, compute_elo, rounds),
-        bootstrap_intervals(fights, bradley_terry, rounds),
-    )
+def vote_counts(votes: list[Vote]) -> dict[str, dict[str, int]]:
+    """Per model label: the votes it took part in, and how often it was the best answer."""
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {"votes": 0, "best": 0})
     for v in votes:
         for role, model in v.models.items():
             counts[model]["votes"] += 1
             counts[model]["best"] += v.winner == role
-    rows = [
-        {
-            "model": m,
-            "elo": round(elo[m], 1),
-            "elo_95_low": round(elo_ci.get(m, (elo[m],) * 2)[0], 1),
-            "elo_95_high": round(elo_ci.get(m, (elo[m],) * 2)[1], 1),
-            "bradley_terry": round(bt[m], 1),
-            "bt_95_low": round(bt_ci.get(m, (bt[m],) * 2)[0], 1),
-            "bt_95_high": round(bt_ci.get(m, (bt[m],) * 2)[1], 1),
-            "battles": sum(m in (a, b) for a, b, _ in fights),
-            **counts[m],
-        }
-        for m in bt
-    ]
-    return sorted(rows, key=lambda r: -r["bradley_terry"])
-
-
-LEADERBOARD_COLUMNS = (
-    "model",
-    "elo",
-    "elo_95_low",
-    "elo_95_high",
-    "bradley_terry",
-    "bt_95_low",
-    "bt_95_high",
-    "battles",
-    "votes",
-    "best",
-)
-
-
-def leaderboard_csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=LEADERBOARD_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
+    return dict(counts)

@@ -760,13 +760,13 @@ def persist_source(source: str) -> str:
     return str(dest)
 
 
-def prepare_for_training(cfg: DataConfig, tokenizer=None) -> tuple[DataConfig, DatasetDict]:
+def persist_and_split(cfg: DataConfig, tokenizer=None) -> tuple[DataConfig, DatasetDict]:
     """The config the Train tab gets: a lasting source, the mapping made explicit; checked by splitting and,
     with a tokenizer, by rendering the first row (the chat template needs one)."""
     mapping = cfg.mapping or detect_mapping(load_dataset_source(cfg.source).column_names)
-    prepared = replace(cfg, source=persist_source(cfg.source), mapping=mapping)
-    splits = load_splits(prepared)
+    ready = replace(cfg, source=persist_source(cfg.source), mapping=mapping)
+    splits = load_splits(ready)
     if tokenizer is not None:
         check_chat_rows(splits["train"][0], tokenizer)
-        render(get_template(prepared.template), splits["train"][0], tokenizer)
-    return prepared, splits
+        render(get_template(ready.template), splits["train"][0], tokenizer)
+    return ready, splits

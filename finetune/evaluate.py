@@ -35,7 +35,7 @@ from finetune import FinetuneError
 from finetune.config import DataConfig, GenerationParams, ModelSpec
 from finetune.generate import BASE_ADAPTER, generate_batch
 from finetune.hardware import inference_dtype, machine
-from finetune.models import ModelPool, resolve_source
+from finetune.models import LoadedModel, ModelPool, resolve_source
 from finetune.runs import RunDir, open_run
 from finetune.settings import offline
 from finetune.templates import IGNORE_INDEX, Template, chat_messages, encode_row, get_template, pad_id, render
@@ -276,6 +276,98 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+@dataclass
+class Answers:
+    """Per column ("base", "tuned"), in question order: the greedy answers and (summed loss, answer tokens)."""
+
+    texts: dict[str, list[str]]
+    losses: dict[str, list[tuple[float, int]]]
+
+
+def answer_questions(
+    entry: LoadedModel,
+    adapter: str,
+    template: Template,
+    rows: list[dict],
+    max_length: int,
+    params: GenerationParams,
+    batch_size: int = 8,
+    progress: Callable[[int, str], None] | None = None,
+    cancel: Cancel | None = None,
+) -> Answers:
+    """Base and tuned answers and answer-token losses, `batch_size` questions at a time on the pooled model.
+
+    Each chunk runs base and tuned rows together (row i names its adapter: "__base__" or `adapter`), one loss pass
+    and one `generate`. `progress(chunks done, text)` is called after each chunk; `cancel` is checked before each.
+    """
+    tok = entry.tokenizer
+    texts: dict[str, list[str]] = {c: [] for c in COLUMNS}
+    losses: dict[str, list[tuple[float, int]]] = {c: [] for c in COLUMNS}
+    for k in range(0, len(rows), batch_size):
+        if _is_cancelled(cancel):
+            raise EvalCancelled(f"Evaluation cancelled after {k} of {len(rows)} questions.")
+        chunk = rows[k : k + batch_size]
+        n = len(chunk)
+        names = [BASE_ADAPTER] * n + [adapter] * n
+        encoded = [encode_row(tok, template, r, max_length) for r in chunk]
+        prompts = [render(template, r, tok)[0] for r in chunk]
+        with entry.lock:  # one user of the pooled model at a time (the Arena shares it)
+            chunk_losses = answer_losses(entry.model, tok, encoded + encoded, names)
+            answers = generate_batch(entry.model, tok, prompts + prompts, params, names)
+        for c, part in zip(COLUMNS, (slice(0, n), slice(n, 2 * n))):
+            losses[c] += chunk_losses[part]
+            texts[c] += [t.strip() for t in answers[part]]
+        if progress:
+            progress(k // batch_size + 1, f"Answered {k + n} of {len(rows)} questions")
+    return Answers(texts, losses)
+
+
+def embedder_for(embedding_model: str | None) -> Embedder | None:
+    """"auto": the bundled all-MiniLM-L6-v2 if installed; a folder or Hub id; None: no similarity scores."""
+    source = default_embedding_model() if embedding_model == "auto" else embedding_model
+    return load_embedder(source) if source else None
+
+
+def score_rows(template: Template, rows: list[dict], answers: Answers, embedder: Embedder | None) -> list[dict]:
+    """The per-question table: question, reference, both answers, and per column loss and answer scores."""
+    questions, references = zip(*(_question_reference(template, r) for r in rows))
+    table = [
+        {
+            "index": i,
+            "question": q,
+            "reference": ref,
+            "base_answer": answers.texts["base"][i],
+            "tuned_answer": answers.texts["tuned"][i],
+        }
+        for i, (q, ref) in enumerate(zip(questions, references))
+    ]
+    for c in COLUMNS:
+        texts = answers.texts[c]
+        sims = embedder.similarity(texts, list(references)) if embedder else [None] * len(rows)
+        for row, (loss_sum, count), answer, ref, sim in zip(table, answers.losses[c], texts, references, sims):
+            row[f"{c}_loss"] = loss_sum / count if count else None
+            row[f"{c}_exact_match"] = exact_match(answer, ref)
+            row[f"{c}_f1"] = token_f1(answer, ref)
+            row[f"{c}_rouge_l"] = rouge_l(answer, ref)
+            row[f"{c}_similarity"] = sim
+    for row in table:
+        row["delta_f1"] = row["tuned_f1"] - row["base_f1"]  # > 0: the adapter helped on this question
+    return table
+
+
+def summarise(table: list[dict], losses: dict[str, list[tuple[float, int]]]) -> dict[str, dict]:
+    """Per column: held-out loss over all answer tokens, its perplexity, and the mean of each answer score."""
+    summary = {}
+    for c in COLUMNS:
+        loss = mean_loss(losses[c])
+        summary[c] = {
+            "loss": loss,
+            "perplexity": perplexity(loss) if loss is not None else None,
+            **{s: _mean([row[f"{c}_{s}"] for row in table]) for s in SCORES},
+        }
+    return summary
+
+
 def evaluate_run(
     run_dir: str | Path,
     limit: int | None = None,
@@ -308,68 +400,16 @@ def evaluate_run(
         raise FinetuneError("The test split is empty: raise test_size in the run's data settings.")
     template = get_template(target.data.template)
     params = replace(params or GenerationParams(), temperature=0.0, stop=template.stop)  # greedy: reproducible
-    pool = pool or ModelPool()
-    entry, adapter = pool.get_with_adapter(eval_spec(target.spec), target.run.adapter_dir)
-    tok = entry.tokenizer
+    entry, adapter = (pool or ModelPool()).get_with_adapter(eval_spec(target.spec), target.run.adapter_dir)
+    total = math.ceil(len(rows) / batch_size) + 1  # the answer chunks, then scoring
+    chunk_done = (lambda done, text: progress(done, total, text)) if progress else None
+    answers = answer_questions(
+        entry, adapter, template, rows, target.max_length, params, batch_size, chunk_done, cancel
+    )
 
-    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    total = len(chunks) + 1  # + scoring
-    losses: dict[str, list] = {c: [] for c in COLUMNS}
-    answers: dict[str, list[str]] = {c: [] for c in COLUMNS}
-    for k, chunk in enumerate(chunks):
-        if _is_cancelled(cancel):
-            raise EvalCancelled(f"Evaluation cancelled after {k * batch_size} of {len(rows)} questions.")
-        n = len(chunk)
-        names = [BASE_ADAPTER] * n + [adapter] * n
-        encoded = [encode_row(tok, template, r, target.max_length) for r in chunk]
-        prompts = [render(template, r, tok)[0] for r in chunk]
-        with entry.lock:  # one user of the pooled model at a time (the Arena shares it)
-            chunk_losses = answer_losses(entry.model, tok, encoded + encoded, names)
-            texts = generate_batch(entry.model, tok, prompts + prompts, params, names)
-        for c, part in zip(COLUMNS, (slice(0, n), slice(n, 2 * n))):
-            losses[c] += chunk_losses[part]
-            answers[c] += [t.strip() for t in texts[part]]
-        if progress:
-            progress(k + 1, total, f"Answered {min((k + 1) * batch_size, len(rows))} of {len(rows)} questions")
-
-    questions, references = zip(*(_question_reference(template, r) for r in rows))
-    notes: list[str] = []
-    embedder = None
-    source = default_embedding_model() if embedding_model == "auto" else embedding_model
-    if source:
-        embedder = load_embedder(source)
-    else:
-        notes.append(NO_EMBEDDER_NOTE)
-
-    table = [
-        {
-            "index": i,
-            "question": q,
-            "reference": ref,
-            "base_answer": answers["base"][i],
-            "tuned_answer": answers["tuned"][i],
-        }
-        for i, (q, ref) in enumerate(zip(questions, references))
-    ]
-    for c in COLUMNS:
-        sims = embedder.similarity(answers[c], list(references)) if embedder else [None] * len(rows)
-        for row, (loss_sum, count), answer, ref, sim in zip(table, losses[c], answers[c], references, sims):
-            row[f"{c}_loss"] = loss_sum / count if count else None
-            row[f"{c}_exact_match"] = exact_match(answer, ref)
-            row[f"{c}_f1"] = token_f1(answer, ref)
-            row[f"{c}_rouge_l"] = rouge_l(answer, ref)
-            row[f"{c}_similarity"] = sim
-    for row in table:
-        row["delta_f1"] = row["tuned_f1"] - row["base_f1"]  # > 0: the adapter helped on this question
-
-    summary = {}
-    for c in COLUMNS:
-        loss = mean_loss(losses[c])
-        summary[c] = {
-            "loss": loss,
-            "perplexity": perplexity(loss) if loss is not None else None,
-            **{s: _mean([row[f"{c}_{s}"] for row in table]) for s in SCORES},
-        }
+    embedder = embedder_for(embedding_model)
+    table = score_rows(template, rows, answers, embedder)
+    notes = [] if embedder else [NO_EMBEDDER_NOTE]
     result = {
         "run_id": target.run.run_id,
         "run_dir": str(target.run.path),
@@ -377,10 +417,10 @@ def evaluate_run(
         "adapter": str(target.run.adapter_dir),
         "data": asdict(target.data),
         "questions": len(rows),
-        "answer_tokens": sum(n for _, n in losses["base"]),
+        "answer_tokens": sum(n for _, n in answers.losses["base"]),
         "generation": {"max_new_tokens": params.max_new_tokens, "greedy": True, "batch_size": batch_size},
         "embedding_model": embedder.source if embedder else None,
-        "summary": summary,
+        "summary": summarise(table, answers.losses),
         "rows": table,
         "notes": notes,
     }

@@ -28,6 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from finetune import FinetuneError
 from finetune.config import GenerationParams, ModelSpec
-from finetune.models import ModelPool
+from finetune.models import LoadedModel, ModelPool
 from finetune.templates import Template, build_prompt, get_template, pad_id
 
 
@@ -294,8 +295,9 @@ CORES = CoreShare()
 
 
 @dataclass
-class Loaded:
-    """A model with its tokenizer and the lock held while generating with it (`models.LoadedModel` fits too).
+class ModelHandle:
+    """A model with its tokenizer and the lock held while generating with it (a pooled `models.LoadedModel` has
+    these fields too, and is passed in its place).
 
     `model` is read only while holding `lock`: attaching an adapter to a pooled model swaps it for a PeftModel.
     """
@@ -307,10 +309,10 @@ class Loaded:
 
 @dataclass
 class BatchJob:
-    """What one batched `generate` needs: built by a `prepare` function in the generation thread."""
+    """What one batched `generate` needs: made by `stream_batch`'s `build_job`, in the generation thread."""
 
-    loaded: Loaded
-    prompts: list[str | None]  # one per row; None for a row that failed to prepare (see `errors`)
+    handle: ModelHandle | LoadedModel
+    prompts: list[str | None]  # one per row; None for a row whose prompt failed (see `errors`)
     params: GenerationParams
     adapter_names: list[str | None] | None = None  # per row; None: the base model without adapter
     stops: list[tuple[str, ...]] | None = None  # per row; default params.stop
@@ -334,8 +336,8 @@ def _run_batch(job: BatchJob, rows: list[RowText]) -> None:
         rows[i].filter = StopFilter(stops[i])
     live_rows = [rows[i] for i in live]
     # One generation per model at a time; other requests for it queue here (not counted as running).
-    with job.loaded.lock, CORES.running():
-        model, tokenizer = job.loaded.model, job.loaded.tokenizer
+    with job.handle.lock, CORES.running():
+        model, tokenizer = job.handle.model, job.handle.tokenizer
         names = None
         if hasattr(model, "peft_config"):
             names = [(job.adapter_names or [None] * len(rows))[i] or BASE_ADAPTER for i in live]
@@ -352,10 +354,10 @@ def _run_batch(job: BatchJob, rows: list[RowText]) -> None:
             )
 
 
-def stream_batch(prepare: Callable[[], BatchJob], n_rows: int, threads: int | None = None) -> list[TextStream]:
+def stream_batch(build_job: Callable[[], BatchJob], n_rows: int, threads: int | None = None) -> list[TextStream]:
     """`n_rows` text streams fed by one batched `generate`, which starts when any stream is first read.
 
-    `prepare` runs in the generation thread, so loading a model blocks no caller; an exception there or in
+    `build_job` runs in the generation thread, so loading a model blocks no caller; an exception there or in
     `generate` ends every row's stream with that exception. Closing every stream stops generation.
     `threads`: torch intra-op threads of this generation at its start (default: all, `CPU_THREADS`); from the
     first step on it takes its share of the cores (`CORES`).
@@ -367,7 +369,7 @@ def stream_batch(prepare: Callable[[], BatchJob], n_rows: int, threads: int | No
     def run() -> None:
         torch.set_num_threads(threads or CPU_THREADS)  # counts per calling thread (OpenMP)
         try:
-            _run_batch(prepare(), rows)
+            _run_batch(build_job(), rows)
         except BaseException as e:  # raised again in each reader's thread
             for row in rows:
                 row.finish(e)
@@ -405,7 +407,7 @@ def stream_rows(
     stops: list[tuple[str, ...]] | None = None,
 ) -> list[TextStream]:
     """One text stream per prompt, all from one batched `generate` (row i with adapter `adapter_names[i]`)."""
-    job = BatchJob(Loaded(model, tokenizer), list(prompts), params or GenerationParams(), adapter_names, stops)
+    job = BatchJob(ModelHandle(model, tokenizer), list(prompts), params or GenerationParams(), adapter_names, stops)
     return stream_batch(lambda: job, len(prompts))
 
 
@@ -484,25 +486,23 @@ class LocalBackend(Backend):
         return stream_all({"answer": self}, {"answer": messages}, params)["answer"]
 
 
-def _local_batch(backends: list[LocalBackend], conversations: list[list[dict]], params: GenerationParams):
-    """A `prepare` for `stream_batch`: loads the shared model, attaches adapters, builds each row's prompt."""
+def _build_local_job(
+    backends: list[LocalBackend], conversations: list[list[dict]], params: GenerationParams
+) -> BatchJob:
+    """A `build_job` for `stream_batch`: loads the shared model, attaches adapters, builds each row's prompt."""
     pool, spec = backends[0].pool, backends[0].spec
-
-    def prepare() -> BatchJob:
-        entry = pool.get(spec)
-        job = BatchJob(entry, [None] * len(backends), params, [None] * len(backends), [()] * len(backends))
-        for i, (backend, messages) in enumerate(zip(backends, conversations)):
-            try:  # a broken adapter or template fails its own row only
-                if backend.adapter is not None:
-                    job.adapter_names[i] = pool.get_with_adapter(spec, backend.adapter)[1]
-                template = get_template(backend.template)
-                job.prompts[i] = conversation_prompt(template, messages, entry.tokenizer)
-                job.stops[i] = tuple(dict.fromkeys(template.stop + params.stop)) if not template.chat else ()
-            except Exception as e:  # noqa: BLE001 (whatever breaks one row's adapter must not fail the others)
-                job.errors[i] = e
-        return job
-
-    return prepare
+    entry = pool.get(spec)
+    job = BatchJob(entry, [None] * len(backends), params, [None] * len(backends), [()] * len(backends))
+    for i, (backend, messages) in enumerate(zip(backends, conversations)):
+        try:  # a broken adapter or template fails its own row only
+            if backend.adapter is not None:
+                job.adapter_names[i] = pool.get_with_adapter(spec, backend.adapter)[1]
+            template = get_template(backend.template)
+            job.prompts[i] = conversation_prompt(template, messages, entry.tokenizer)
+            job.stops[i] = tuple(dict.fromkeys(template.stop + params.stop)) if not template.chat else ()
+        except Exception as e:  # noqa: BLE001 (whatever breaks one row's adapter must not fail the others)
+            job.errors[i] = e
+    return job
 
 
 class OpenAIBackend(Backend):
@@ -637,8 +637,8 @@ def stream_all(
             streams[name] = backend.stream(conversations[name], params)
     threads = threads_per_generation(len(groups))  # local generations run at once: share the cores
     for names in groups.values():
-        prepare = _local_batch([backends[n] for n in names], [conversations[n] for n in names], params)
-        streams.update(zip(names, stream_batch(prepare, len(names), threads)))
+        build_job = partial(_build_local_job, [backends[n] for n in names], [conversations[n] for n in names], params)
+        streams.update(zip(names, stream_batch(build_job, len(names), threads)))
     return {name: streams[name] for name in backends}
 
 

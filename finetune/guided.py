@@ -68,7 +68,7 @@ def guided_config(**overrides) -> TrainConfig:
     return cfg
 
 
-def prepare(cfg: TrainConfig) -> str:
+def check_and_split(cfg: TrainConfig) -> str:
     """Load lamini_docs with the Q/A template and split it, as the Data tab does; a sentence for the user."""
     from finetune.data import load_splits
     from finetune.train import check_config
@@ -188,7 +188,7 @@ class Guide:
         """Prepare, start and follow a new guided run."""
         cfg = cfg or self.config()
         yield GuidedStep("prepare", f"Loading {cfg.data.source} and splitting it into training and test rows")
-        summary = prepare(cfg)
+        summary = check_and_split(cfg)
         run_id = start(self.runner, cfg, owner, limits)
         yield GuidedStep("train", f"{summary} Training started.", run_id, self.runner.status(run_id))
         yield from self.follow(run_id)

@@ -315,6 +315,7 @@ class Runner:
         if device.startswith("cuda:"):  # the child sees its GPU alone, as cuda:0; two runs never share one
             env["CUDA_VISIBLE_DEVICES"] = visible_device(device)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
+        run.update_status(device=device)  # before the child starts writing its own status: no lost update
         with open(run.log_file, "ab") as log_file:
             # Own session: a Ctrl-C of the app does not reach the trainer; the run goes on without the UI.
             proc = subprocess.Popen(
@@ -323,7 +324,7 @@ class Runner:
         self._procs[run_id] = proc
         self._device_of[run_id] = device
         message = "Starting the training process"
-        run.update_status(state="running", **process_fields(proc.pid), device=device, message=message)
+        run.update_status(state="running", **process_fields(proc.pid), message=message)
 
     def _loop(self) -> None:
         while not self._closed.wait(self.poll_interval):

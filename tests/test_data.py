@@ -25,8 +25,8 @@ from finetune.data import (
     load_splits,
     normalize_messages,
     page_rows,
+    persist_and_split,
     persist_source,
-    prepare_for_training,
     pretraining_sample,
     read_file,
     row_stats,
@@ -403,9 +403,9 @@ def test_export_writes_text_plus_original_fields(tmp_path):
     assert default["test"].parent.parent == home() / "exports"
 
 
-def test_prepare_copies_an_upload_into_the_data_dir(tmp_path):
+def test_persist_and_split_copies_an_upload_into_the_data_dir(tmp_path):
     upload = write(tmp_path, "mine.csv", "question,answer\n" + "".join(f"q{i},a{i}\n" for i in range(10)))
-    ready, splits = prepare_for_training(DataConfig(str(upload)))
+    ready, splits = persist_and_split(DataConfig(str(upload)))
     assert ready.source.startswith(str(home() / "datasets")) and ready.source.endswith("-mine.csv")
     assert Path(ready.source).read_text() == upload.read_text()
     assert ready.mapping == {"instruction": "question", "output": "answer"}

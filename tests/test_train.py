@@ -16,13 +16,12 @@ import torch
 
 from finetune import FinetuneError
 from finetune.config import RECIPES, DataConfig, ModelSpec, TrainConfig, load_train_config
+from finetune.loss import answer_loss_sum
 from finetune.runs import RunDir
 from finetune.templates import IGNORE_INDEX
 from finetune.train import (
     AnswerOnlyTrainer,
-    ChunkedLoss,
     RunCallback,
-    answer_loss_sum,
     build_model,
     check_config,
     data_vocab,
@@ -91,7 +90,7 @@ def _batch(tokenizer, cfg):
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_answer_only_loss_equals_reference_loss(tiny_llama, qa_file, smol_tokenizer, softcap, monkeypatch):
     """Projecting only answer positions (in chunks) gives the loss and gradients of the full causal-LM loss."""
-    monkeypatch.setattr("finetune.train.LOGITS_CHUNK", 7)  # several chunks, one of them partial
+    monkeypatch.setattr("finetune.loss.LOGITS_CHUNK", 7)  # several chunks, one of them partial
     cfg = tiny_config(tiny_llama, qa_file)
     model, tokenizer, _ = build_model(cfg)
     model.get_base_model().config.final_logit_softcapping = softcap  # Gemma's cap (Llama's forward ignores it)
@@ -114,45 +113,6 @@ def test_answer_only_loss_equals_reference_loss(tiny_llama, qa_file, smol_tokeni
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
-
-
-def test_chunked_loss_gradients_under_fp16_autocast_match_float32(monkeypatch):
-    """float16 (GPUs below compute capability 8): the softmax gradient over a big vocabulary is mostly below fp16's
-    normal range; kept in float32 until the loss scale multiplies it, the gradients match a float32 reference."""
-    monkeypatch.setattr("finetune.train.LOGITS_CHUNK", 16)
-    torch.manual_seed(0)
-    vocab, width, rows = 65_536, 64, 40
-    weight = torch.randn(vocab, width) * 0.05
-    hidden = torch.randn(rows, width, requires_grad=True)
-    targets = torch.randint(0, vocab, (rows,))
-    reference = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
-    (ref_grad,) = torch.autograd.grad(reference / rows, hidden)
-    scale = 2.0**16  # what a GradScaler multiplies the loss by
-    with torch.autocast("cpu", dtype=torch.float16):
-        ours = ChunkedLoss.apply(hidden, targets, weight, None, None)
-    (grad,) = torch.autograd.grad(ours / rows * scale, hidden)
-    assert grad.dtype == torch.float32  # the input's dtype
-    torch.testing.assert_close(ours, reference, rtol=2e-3, atol=0)
-    torch.testing.assert_close(grad / scale, ref_grad, rtol=0, atol=2e-4)
-
-
-@pytest.mark.parametrize("cap", [None, 2.0])
-def test_chunked_loss_gradients_include_a_trainable_output_layer(monkeypatch, cap):
-    """Gradients worked out chunk by chunk in forward equal plain autograd, for the inputs and the layer's weights."""
-    monkeypatch.setattr("finetune.train.LOGITS_CHUNK", 3)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(8, 50)
-    hidden = torch.randn(10, 8, requires_grad=True)
-    targets = torch.randint(0, 50, (10,))
-
-    ours = ChunkedLoss.apply(hidden, targets, head.weight, head.bias, cap) * 0.5
-    grads = torch.autograd.grad(ours, [hidden, *head.parameters()])
-    logits = torch.tanh(head(hidden) / cap) * cap if cap else head(hidden)
-    reference = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") * 0.5
-    ref_grads = torch.autograd.grad(reference, [hidden, *head.parameters()])
-    torch.testing.assert_close(ours, reference)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
 
 
 def test_data_vocab_loss_is_the_softmax_over_those_tokens(tiny_llama, qa_file, smol_tokenizer):

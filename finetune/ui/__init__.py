@@ -34,7 +34,7 @@ def build_app(
             # Each tab opens with the course's lesson note; its "try this" fills the tab's controls.
             with gr.Tab("Start", id="start"):
                 start_note = lesson_note("start")
-                guided = build_guided_panel(guide, extra_starts=[start_note.button])
+                guided = build_guided_panel(guide, app, extra_starts=[start_note.button])
             with gr.Tab("Data", id="data"):
                 note = lesson_note("data")
                 data_tab = build_data_tab(settings)
@@ -45,9 +45,9 @@ def build_app(
             with gr.Tab("Evaluate", id="evaluate"):
                 note = lesson_note("evaluate")
                 note.fill(build_eval_tab(settings, pool))
-            with gr.Tab("Arena", id="arena"):
+            with gr.Tab("Arena", id="arena") as arena_tab:
                 note = lesson_note("arena")
-                arena = build_arena_tab(settings, pool)
+                arena = build_arena_tab(settings, pool, tab=arena_tab)
                 note.fill(arena)
         guided.opens_arena(tabs, "arena", arena["adapter"], arena["question"])
     return app

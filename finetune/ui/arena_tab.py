@@ -11,31 +11,30 @@ import tempfile
 
 import gradio as gr
 import pandas as pd
-from gradio.context import Context
 
 from finetune import FinetuneError
 from finetune.arena import (
     LABELS,
-    LEADERBOARD_COLUMNS,
     ROLES,
     ArenaSession,
     ArenaSetup,
     VoteStore,
     ask,
+    battles,
     example_questions,
     install_adapter,
-    leaderboard,
-    leaderboard_csv,
-    list_adapters,
     make_backends,
+    vote_counts,
 )
 from finetune.config import GenerationParams
 from finetune.generate import Column
 from finetune.models import EMBEDDED, ModelPool
+from finetune.ratings import LEADERBOARD_COLUMNS, leaderboard, leaderboard_csv
 from finetune.security import saving
 from finetune.settings import Settings
 from finetune.spaces import gpu
 from finetune.templates import TEMPLATES
+from finetune.ui.common import adapter_choices, user_errors
 
 AUTO_TEMPLATE = "auto (the adapter's)"
 VOTES = [("A is best", "A"), ("B is best", "B"), ("C is best", "C"), ("Tie", "tie"), ("All bad", "bad")]
@@ -87,12 +86,9 @@ def _chats(session: ArenaSession, columns: dict[str, Column] | None = None, labe
     return chats + stats
 
 
-def _adapter_choices() -> list[tuple[str, str]]:
-    return [(f"{a.name} ({a.origin}; {a.base_model}; {a.template} template)", str(a.path)) for a in list_adapters()]
-
-
 def _leaderboard(store: VoteStore):
-    rows = leaderboard(store.votes())
+    votes = store.votes()
+    rows = leaderboard(battles(votes), vote_counts(votes))
     path = os.path.join(tempfile.mkdtemp(prefix="arena-"), "arena_leaderboard.csv")
     with open(path, "w", newline="") as f:
         f.write(leaderboard_csv(rows))
@@ -100,11 +96,14 @@ def _leaderboard(store: VoteStore):
 
 
 def build_arena_tab(
-    settings: Settings, pool: ModelPool, store: VoteStore | None = None
+    settings: Settings, pool: ModelPool, store: VoteStore | None = None, tab: gr.Tab | None = None
 ) -> dict[str, gr.components.Component]:
-    """Builds the tab; returns the controls the lesson note and the guided path fill, by name."""
+    """Builds the tab; returns the controls the lesson note and the guided path fill, by name.
+
+    `tab`: the Tab it sits in; opening it picks up adapters trained (and votes cast) since the page loaded.
+    """
     store = store or VoteStore()
-    adapters = _adapter_choices()
+    adapters = adapter_choices()
     gr.Markdown(
         "Ask one question; the **base** model (pretrained), the **tuned** model (the same base + your LoRA "
         "adapter) and a **reference** instruct model answer side by side. Base and tuned run in one batched "
@@ -180,24 +179,32 @@ def build_arena_tab(
             refresh_board = gr.Button("Refresh", size="sm")
             csv_file = gr.DownloadButton("Export CSV", size="sm")
 
-    # The parameter names are the `/arena` API's; question and settings come first, so a caller can pass just
-    # those: client.predict("What is Lamini?", 64, api_name="/arena"), or by name: question=..., greedy=False.
+    # The names are the `/arena` API's parameters, in this order: question and settings first, so a caller can pass
+    # just those: client.predict("What is Lamini?", 64, api_name="/arena"), or by name: question=..., greedy=False.
+    form = dict(
+        question=question, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
+        blind=blind, base_model=base_model, adapter=adapter, template=template, reference_model=reference_model,
+        endpoint_url=endpoint_url, endpoint_model=endpoint_model, api_key_env=key_env, api_key=api_key, state=session,
+    )  # fmt: skip
+
+    @user_errors
     def run(
-        question,
-        max_new_tokens,
-        temperature,
-        top_p,
-        greedy,
-        blind,
-        base_model,
-        adapter,
-        template,
-        reference_model,
-        endpoint_url,
-        endpoint_model,
-        api_key_env,
-        api_key,
-        state,
+        *,
+        question: str,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+        greedy: bool,
+        blind: bool,
+        base_model: str,
+        adapter: str | None,
+        template: str | None,
+        reference_model: str,
+        endpoint_url: str | None,
+        endpoint_model: str | None,
+        api_key_env: str | None,
+        api_key: str | None,
+        state: ArenaSession | None,
     ):
         if state is None or state.blind != blind:
             state = ArenaSession.start(blind)
@@ -217,20 +224,17 @@ def build_arena_tab(
             top_p=float(top_p),
             stop=(),  # each column stops at its own template's header (see generate.LocalBackend)
         )
-        try:
-            backends = make_backends(pool, setup)
-            for i, columns in enumerate(ask(backends, state, question or "", params)):
-                chats_and_stats = _chats(state, columns, labels=i == 0)
-                yield *chats_and_stats, state, _settings_line(params), "", gr.Group(visible=state.blind), ""
-        except FinetuneError as e:
-            raise gr.Error(str(e)) from e
+        backends = make_backends(pool, setup)
+        for i, columns in enumerate(ask(backends, state, question or "", params)):
+            chats_and_stats = _chats(state, columns, labels=i == 0)
+            yield *chats_and_stats, state, _settings_line(params), "", gr.Group(visible=state.blind), ""
 
     gr.on(
         [send.click, question.submit],
         gpu(duration=60)(run),  # ZeroGPU: a GPU for the length of one answer; elsewhere `run` itself
-        [question, max_new_tokens, temperature, top_p, greedy, blind, base_model, adapter, template, reference_model]
-        + [endpoint_url, endpoint_model, key_env, api_key, session],
+        None,
         [*chats, *stats, session, settings_line, question, vote_box, verdict],
+        inputs_kwargs=form,
         api_name="arena",
         concurrency_limit=settings.generation_concurrency,
         concurrency_id="arena",
@@ -243,21 +247,19 @@ def build_arena_tab(
     clear.click(reset, blind, [*chats, *stats, session, vote_box, verdict], api_name="arena_clear")
     blind.change(reset, blind, [*chats, *stats, session, vote_box, verdict], api_visibility="private")
 
+    @user_errors
     def cast(choice_: str | None, state: ArenaSession | None):
         if state is None or not state.blind:
             raise gr.Error("Votes are for blind mode: turn it on and ask a question.")
         if not choice_:
             raise gr.Error("Pick the best answer (or tie / all bad) first.")
-        try:
-            ballot = state.vote(choice_)
-        except FinetuneError as e:
-            raise gr.Error(str(e)) from e
+        ballot = state.vote(choice_)
         try:
             with saving("your vote"):
                 store.add(ballot)
-        except FinetuneError as e:
+        except FinetuneError:
             state.voted = False  # not saved: the same vote can be cast again once the disk is fixed
-            raise gr.Error(str(e)) from e
+            raise
         names = ", ".join(f"**{LABELS[i]}** = {r} ({state.models.get(r, '')})" for i, r in enumerate(state.order))
         thanks = f"Thanks! {names}. Ask a new question for the next round."
         return *_chats(state)[:3], state, thanks, *_leaderboard(store)
@@ -265,26 +267,23 @@ def build_arena_tab(
     vote.click(cast, [choice, session], [*chats, session, verdict, board, csv_file], api_name="vote")
     refresh_board.click(lambda: _leaderboard(store), None, [board, csv_file], api_name="leaderboard")
 
+    @user_errors
     def add_adapter(files, name):
         if not files:
             raise gr.Error("Choose the adapter files (or a .zip) to upload.")
-        try:
-            with saving("the adapter"):
-                info = install_adapter([getattr(f, "name", f) for f in files], name or "")
-        except FinetuneError as e:
-            raise gr.Error(str(e)) from e
-        return gr.Dropdown(choices=_adapter_choices(), value=str(info.path)), None
+        with saving("the adapter"):
+            info = install_adapter([getattr(f, "name", f) for f in files], name or "")
+        return gr.Dropdown(choices=adapter_choices(), value=str(info.path)), None
 
     add.click(add_adapter, [upload, upload_name], [adapter, upload], api_visibility="private")
 
     def refresh_adapters(current: str | None):
         """New choices; with none chosen yet, the newest adapter (a participant's first trained run)."""
-        choices = _adapter_choices()
+        choices = adapter_choices()
         return gr.Dropdown(choices=choices, value=current or (choices[0][1] if choices else ""))
 
     refresh.click(refresh_adapters, adapter, adapter, api_visibility="private")
-    tab = Context.block  # the enclosing Arena tab: opening it picks up adapters trained since the page loaded
-    if isinstance(tab, gr.Tab):
+    if tab is not None:
         tab.select(refresh_adapters, adapter, adapter, api_visibility="private")
         tab.select(lambda: _leaderboard(store), None, [board, csv_file], api_visibility="private")
     return {"question": question, "adapter": adapter}

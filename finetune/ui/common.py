@@ -1,4 +1,5 @@
-"""Small pieces every tab uses: user errors as popups, the logged-in user, the machine line, a run's loss chart."""
+"""Small pieces every tab uses: user errors as popups, the logged-in user, the machine line, a run's loss chart, the
+adapters to choose from."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from finetune import FinetuneError
+from finetune.arena import list_adapters
 from finetune.config import TrainConfig
 from finetune.hardware import estimate_run, machine
 from finetune.runs import RunDir
@@ -41,6 +43,11 @@ def user_errors(fn):
 def current_user(request: gr.Request | None) -> str | None:
     """The logged-in name (FINETUNE_AUTH), None without login: it owns the runs it starts."""
     return getattr(request, "username", None) if request is not None else None
+
+
+def adapter_choices() -> list[tuple[str, str]]:
+    """(label, folder) of each adapter the tuned column can use: the Arena's dropdown, and the guided path's pick."""
+    return [(f"{a.name} ({a.origin}; {a.base_model}; {a.template} template)", str(a.path)) for a in list_adapters()]
 
 
 def machine_line(cfg: TrainConfig) -> str:

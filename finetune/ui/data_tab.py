@@ -383,7 +383,7 @@ def build_data_tab(settings: Settings) -> DataTabOutputs:
 
     def dataset_prepare(tokenizer_model: str, **values):
         """Check the whole set splits and renders, and hand its DataConfig to the Train tab."""
-        ready, splits = data.prepare_for_training(make_config(values), tokenizer_for(tokenizer_model))
+        ready, splits = data.persist_and_split(make_config(values), tokenizer_for(tokenizer_model))
         counts = f"{len(splits['train']):,} train / {len(splits['test']):,} test rows"
         gr.Info(f"Ready for training: {counts}.")
         return asdict(ready), asdict(ready), f"Handed to the Train tab: **{counts}**."

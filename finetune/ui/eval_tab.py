@@ -11,14 +11,13 @@ import threading
 import gradio as gr
 import pandas as pd
 
-from finetune import FinetuneError
 from finetune.config import GenerationParams
 from finetune.evaluate import COLUMNS, METRIC_LABELS, EvalCancelled, evaluate_run
 from finetune.models import ModelPool
 from finetune.runs import list_runs, open_run
 from finetune.settings import Settings
 from finetune.spaces import gpu
-from finetune.ui.common import loss_frame
+from finetune.ui.common import loss_frame, user_errors
 
 ORDERS = ("biggest wins", "biggest losses", "test order")
 EVAL_GPU_SECONDS = 120  # ZeroGPU budget of one evaluation: 140 questions x2 answered in batches
@@ -129,14 +128,12 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
     files = gr.File(label="Per-question table (CSV, JSONL)", file_count="multiple", interactive=False)
     outputs = [status, summary, bars, curve, table, files]
 
+    @user_errors
     def show(run_id: str | None, how: str, note: str = ""):
         if not run_id:
             empty = pd.DataFrame()
             return "No trained run yet: train an adapter in the Train tab.", empty, empty, empty, empty, None
-        try:
-            run_dir = open_run(run_id)  # a str: checked as an id, never taken as a path
-        except FinetuneError as e:
-            raise gr.Error(str(e)) from e
+        run_dir = open_run(run_id)  # a str: checked as an id, never taken as a path
         result, curve_df = run_dir.read_eval(), loss_frame(run_dir)
         if result is None:
             empty = pd.DataFrame()
@@ -158,6 +155,7 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
             downloads or None,
         )
 
+    @user_errors
     def run_eval(
         run_id: str | None,
         n: float | None,
@@ -184,8 +182,6 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
             )
         except EvalCancelled as e:
             return show(run_id, how, f"{e} The last finished evaluation (if any) is shown.")
-        except FinetuneError as e:
-            raise gr.Error(str(e)) from e
         finally:
             cancels.pop(request.session_hash, None)
         return show(run_id, how)

@@ -12,13 +12,11 @@ import html
 from dataclasses import dataclass
 
 import gradio as gr
-from gradio.context import Context
 
 from finetune import FinetuneError
 from finetune.guided import STEP_TITLES, STEPS, Guide, GuidedStep, current_step
 from finetune.settings import Settings
-from finetune.ui.arena_tab import _adapter_choices as adapter_choices
-from finetune.ui.common import machine_line
+from finetune.ui.common import adapter_choices, current_user, machine_line, user_errors
 
 STORAGE_KEY = "finetune-guided-run"
 _COLORS = {"done": "#15803d", "current": "#1d4ed8", "error": "#b91c1c", "todo": "#6b7280"}
@@ -72,8 +70,9 @@ class GuidedPanel:
         self.open_arena.click(*args, api_visibility="private")
 
 
-def build_guided_panel(guide: Guide, extra_starts: list | None = None) -> GuidedPanel:
-    """The panel; `extra_starts`: more buttons that start the guided run (the Start lesson's "try this")."""
+def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None = None) -> GuidedPanel:
+    """The panel; `page`: the app, whose load event resumes the browser's run; `extra_starts`: more buttons that
+    start the guided run (the Start lesson's "try this")."""
     with gr.Group():
         gr.Markdown("## Fine-tune in 5 minutes\n" + IDLE)
         # Evaluated on each page load: the machine, what `auto` chose here, and the steps that fit the budget.
@@ -99,17 +98,14 @@ def build_guided_panel(guide: Guide, extra_starts: list | None = None) -> Guided
             gr.Button(visible=step.done),
         )
 
+    @user_errors
     def start_guided(previous: str | None, request: gr.Request | None = None):
-        try:
-            if previous and _exists(guide, previous) and not _ended(guide, previous):
-                steps_ = guide.follow(previous)  # a second click while one runs: follow it, start nothing new
-            else:
-                owner = getattr(request, "username", None) if request is not None else None
-                steps_ = guide.run(owner=owner, limits=Settings.current())
-            for step in steps_:
-                yield view(step)
-        except FinetuneError as e:
-            raise gr.Error(str(e)) from e
+        if previous and _exists(guide, previous) and not _ended(guide, previous):
+            steps_ = guide.follow(previous)  # a second click while one runs: follow it, start nothing new
+        else:
+            steps_ = guide.run(owner=current_user(request), limits=Settings.current())
+        for step in steps_:
+            yield view(step)
 
     def resume(previous: str | None):
         if not previous or not _exists(guide, previous):
@@ -121,7 +117,7 @@ def build_guided_panel(guide: Guide, extra_starts: list | None = None) -> Guided
     outputs = [run_id, steps, message, adapter, question, open_arena]
     triggers = [start.click, *(b.click for b in extra_starts or [])]
     started = gr.on(triggers, start_guided, run_id, outputs, api_name="guided_start", concurrency_limit=None)
-    resumed = Context.root_block.load(resume, run_id, outputs, api_visibility="private", concurrency_limit=None)
+    resumed = page.load(resume, run_id, outputs, api_visibility="private", concurrency_limit=None)
     return GuidedPanel(start, run_id, steps, message, adapter, question, open_arena, [started, resumed])
 
 

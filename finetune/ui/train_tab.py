@@ -186,21 +186,17 @@ def build_train_tab(
             return f"{machine().describe()} · no estimate for this form yet: {e}"
         return machine_line(cfg)
 
+    @user_errors
     def stop(run_id: str | None, request: gr.Request | None = None) -> str:
         if not run_id:
             raise gr.Error("Pick a run first.")
-        try:
-            return runner.stop(run_id, user=current_user(request))
-        except FinetuneError as e:
-            raise gr.Error(str(e)) from e
+        return runner.stop(run_id, user=current_user(request))
 
+    @user_errors
     def resume(run_id: str | None, request: gr.Request | None = None) -> str:
         if not run_id:
             raise gr.Error("Pick a run first.")
-        try:
-            runner.resume(run_id, user=current_user(request))
-        except FinetuneError as e:
-            raise gr.Error(str(e)) from e
+        runner.resume(run_id, user=current_user(request))
         return "Queued to resume."
 
     def show(run_id: str | None):
@@ -239,12 +235,10 @@ def build_train_tab(
     timer.tick(show, run, view, api_visibility="private", show_progress="hidden", queue=False)
     runs_table.select(pick, runs_table, run, api_visibility="private")
 
+    @user_errors
     def train_status(run_id: str) -> dict:
         """The status of a run, with its queue position."""
-        try:
-            return runner.status(run_id)
-        except FinetuneError as e:
-            raise gr.Error(str(e)) from e
+        return runner.status(run_id)
 
     def runs() -> list[dict]:
         """All runs, newest first."""
