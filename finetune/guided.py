@@ -24,6 +24,7 @@ from pathlib import Path
 
 from finetune import FinetuneError
 from finetune.config import RECIPES, TrainConfig, load_train_config
+from finetune.hardware import Machine, estimate_run, forward_seconds, machine, torch_dtype
 from finetune.models import ModelPool
 from finetune.runner import Runner
 from finetune.runs import ACTIVE_STATES
@@ -39,6 +40,9 @@ STEP_TITLES = {
     "arena": "Compare in the Arena",
 }
 HELDOUT_QUESTIONS = 40  # a fixed subset (the first 40) of the 140 held-out lamini_docs questions
+TOTAL_MINUTES = 5.0  # from the click to the adapter in the Arena
+SETUP_SECONDS = 20.0  # processes, imports, model and data loads, polling: 15 s measured on a 2-core CPU
+BUDGET_MARGIN = 1.15  # the estimates are within 10-15% (bench/eta.py)
 MEASURE_GPU_SECONDS = 60  # ZeroGPU budget of the held-out measurement (80 short rows: seconds on a GPU)
 
 
@@ -60,11 +64,35 @@ class GuidedStep:
 
 
 def guided_config(**overrides) -> TrainConfig:
-    """The quickstart recipe; `overrides` replace top-level fields (tests: model, max_steps)."""
+    """The quickstart recipe, its training minutes fitted to this machine (`fit_budget`); `overrides` replace
+    top-level fields (tests: model, max_steps)."""
     cfg = load_train_config(RECIPE)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     cfg.name = cfg.name or "quickstart"
+    return fit_budget(cfg)
+
+
+def fit_budget(cfg: TrainConfig, m: Machine | None = None) -> TrainConfig:
+    """The training minutes that leave room, on this machine, for the rest of the path (set-up, the competitor tokens
+    of `train_vocab: data`, the timed step, the held-out measurement before and after), so that it all ends within
+    TOTAL_MINUTES; the recipe's max_minutes is the most. Unchanged where there is no estimate (a GPU: fast anyway)."""
+    from finetune.train import COMPETITOR_ROWS
+
+    m = m or machine()
+    estimate = estimate_run(cfg, m)
+    if estimate.step_s is None or estimate.shape is None:
+        return cfg
+    shape, decided = estimate.shape, estimate.cfg
+
+    def forward(rows: int, dtype) -> float:  # rows of the data's mean length, logits over the whole vocabulary
+        return forward_seconds(m, shape, rows * estimate.row_tokens, rows * estimate.row_answers, shape.vocab, dtype)
+
+    data_vocab = decided.train_vocab == "data"
+    competitors = forward(COMPETITOR_ROWS, torch_dtype(decided.model.dtype, "cpu")) if data_vocab else 0.0
+    measure = forward(2 * HELDOUT_QUESTIONS, m.inference_dtype())  # base and tuned rows
+    other = BUDGET_MARGIN * (SETUP_SECONDS + competitors + 2 * estimate.step_s + measure)
+    cfg.max_minutes = round(max(0.5, min(cfg.max_minutes, (TOTAL_MINUTES * 60 - other) / 60)), 2)
     return cfg
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
-import math
 import os
 import shutil
 import signal
@@ -33,7 +32,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from finetune import FinetuneError
 from finetune.config import TrainConfig, load_train_config
-from finetune.hardware import machine, resolve_auto
+from finetune.hardware import epoch_steps, machine, planned_steps, resolve_auto
 from finetune.loss import NO_LOGITS, answer_loss_sum, causal_lm
 from finetune.runs import RunDir, process_fields
 from finetune.templates import IGNORE_INDEX, encode_row, get_template, pad_id, validate
@@ -79,7 +78,10 @@ def encode_splits(cfg: TrainConfig, tokenizer) -> EncodedData:
     return EncodedData(out["train"], out["test"], skipped)
 
 
-def data_vocab(train, model=None, pad: int = 0, rows: int = 32, top: int = 64) -> torch.Tensor:
+COMPETITOR_ROWS, COMPETITORS = 32, 64  # rows and top tokens per answer position: +6k tokens for the quick start
+
+
+def data_vocab(train, model=None, pad: int = 0, rows: int = COMPETITOR_ROWS, top: int = COMPETITORS) -> torch.Tensor:
     """Sorted ids of every token in the training rows (the `train_vocab: data` softmax) and, given the model, of its
     `top` likeliest next tokens at the answer positions of the first `rows` rows: the competitors that a softmax over
     the data's tokens alone would never push down, so the full-vocabulary loss would fall less than the trained one."""
@@ -529,11 +531,7 @@ def _steps_in_budget(
     if not planned:
         step_s = time_step(cfg, model, train, pad, vocab)
         world = int(os.environ.get("WORLD_SIZE", 1))
-        per_epoch = math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum * world))
-        cap = max(1, math.floor(per_epoch * cfg.num_epochs)) if cfg.num_epochs > 0 else 10**9
-        # The first steps are slower (new shapes, allocations: ~3 steps' worth) and the timed batch is a typical one,
-        # not each: 5% to spare, measured 2-5% on the quick start on both CPU classes.
-        planned = max(1, min(cap, int((cfg.max_minutes * 60 - 3 * step_s) * 0.95 / step_s)))
+        planned = planned_steps(cfg.max_minutes * 60, step_s, epoch_steps(len(train), cfg, world))
         if world > 1:
             from accelerate import PartialState
             from accelerate.utils import broadcast_object_list
