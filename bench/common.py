@@ -33,7 +33,8 @@ def per_cpu_class(default: str = "native,avx2") -> str:
     unknown = [c for c in names if c not in CPU_CLASSES]
     if unknown:
         sys.exit(f"unknown CPU class {unknown[0]!r}: use {', '.join(CPU_CLASSES)}")
-    if len(names) == 1:
+    in_class = len(names) == 1 and all(os.environ.get(k) == v for k, v in CPU_CLASSES[names[0]].items())
+    if in_class:
         sys.argv = [sys.argv[0], *argv]
         return names[0]
     for name in names:

@@ -65,10 +65,21 @@ class GPU:
 
 @dataclass(frozen=True)
 class Probe:
-    """Measured GFLOP/s of a Linear forward+backward in each dtype on this CPU."""
+    """Measured on this CPU: GFLOP/s of a Linear forward+backward in each dtype (training, prefill), and GB/s of
+    weights read by a two-row product with a big weight (decoding, memory-bound) in each dtype."""
 
     float32: float
     bfloat16: float
+    gemv_float32: float = 0.0
+    gemv_bfloat16: float = 0.0
+
+    @property
+    def bf16_gemv_fast(self) -> bool:
+        """Decoding reads weights faster in bfloat16, even where bfloat16 products of many rows are slow: an AVX2
+        CPU multiplies 2 rows by Gemma's 262k x 640 output layer in 27 ms in bfloat16, 90 ms in float32."""
+        if not (self.gemv_float32 and self.gemv_bfloat16):
+            return False
+        return BF16_FAST * 2 / self.gemv_bfloat16 <= 4 / self.gemv_float32  # seconds per weight: bytes over GB/s
 
     @property
     def bf16_fast(self) -> bool:
@@ -272,8 +283,27 @@ def _gflops(dtype: torch.dtype, budget_s: float) -> float:
     return 3 * 2 * rows * d_in * d_out / best / 1e9
 
 
+GEMV_SHAPE = (2, 640, 32768)  # rows x in x out: base and tuned decoding through a slice of an output layer (84 MB)
+
+
+def _gemv_gbs(dtype: torch.dtype) -> float:
+    """GB/s of weights read by a `GEMV_SHAPE` product in `dtype` (the best of 3, after one warm-up)."""
+    rows, d_in, d_out = GEMV_SHAPE
+    weight = torch.full((d_out, d_in), 0.01, dtype=dtype)  # the values do not matter to the time; random ones cost
+    x = torch.full((rows, d_in), 0.5, dtype=dtype)
+    torch.nn.functional.linear(x, weight)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        best = min(best, time.perf_counter() - t0)
+    return weight.numel() * weight.element_size() / best / 1e9
+
+
 def measure_probe(budget_s: float = 0.1) -> Probe:
-    return Probe(*(round(_gflops(dtype, budget_s), 1) for dtype in (torch.float32, torch.bfloat16)))
+    dtypes = (torch.float32, torch.bfloat16)
+    flops = (round(_gflops(dtype, budget_s), 1) for dtype in dtypes)
+    return Probe(*flops, *(round(_gemv_gbs(dtype), 1) for dtype in dtypes))
 
 
 def _probe_key(m: Machine) -> str:

@@ -1,6 +1,7 @@
 import time
 
 import pytest
+import torch
 
 from finetune.config import GenerationParams, ModelSpec
 from finetune.generate import StopFilter, generate_batch, merge_streams, stream
@@ -95,3 +96,32 @@ def test_prompt_inputs_pads_left_without_touching_the_shared_tokenizer(smol_toke
     assert out["attention_mask"][0].tolist() == [0] * (width - len(short)) + [1] * len(short)
     assert out["attention_mask"][1].all()
     assert smol_tokenizer.backend_tokenizer.padding is None
+
+
+def test_float32_output_layer_decodes_with_a_bfloat16_copy_where_that_is_faster(monkeypatch):
+    """AVX2 CPUs multiply a few rows by a big weight 3x faster in bfloat16 (Probe.bf16_gemv_fast): decoding uses a
+    bfloat16 copy of the output layer; products of more rows (held-out losses) keep the exact float32 weight."""
+    from finetune.generate import DECODE_ROWS, prepare_head
+    from finetune.hardware import GEMV_SHAPE, Machine, Probe
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(GEMV_SHAPE[1], GEMV_SHAPE[2], bias=False)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    fast = Machine(isa=("avx2",), probe=Probe(100.0, 3.0, gemv_float32=8.0, gemv_bfloat16=24.0))
+    slow = Machine(isa=("avx2",), probe=Probe(100.0, 3.0, gemv_float32=8.0, gemv_bfloat16=3.0))
+    torch.manual_seed(0)
+    for m, patched in ((fast, True), (slow, False)):
+        monkeypatch.setattr("finetune.generate.machine", lambda m=m: m)
+        model = Model()
+        prepare_head(model)
+        few, many = torch.randn(2, GEMV_SHAPE[1]), torch.randn(DECODE_ROWS + 1, GEMV_SHAPE[1])
+        exact = torch.nn.functional.linear(few, model.head.weight)
+        out = model.head(few)
+        assert out.dtype == torch.float32 and torch.equal(out, exact) != patched
+        torch.testing.assert_close(out, exact, rtol=0.02, atol=0.02)
+        assert torch.equal(model.head(many), torch.nn.functional.linear(many, model.head.weight))
