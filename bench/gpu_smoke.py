@@ -74,7 +74,8 @@ def train_run(name: str, recipe: str, sets: list[str], home: Path) -> dict:
     finite = bool(losses) and all(math.isfinite(x) for x in losses)
     k = max(1, len(losses) // 4)
     falling = finite and sum(losses[-k:]) / k < sum(losses[:k]) / k
-    check(f"{name}: trains", done.returncode == 0 and status.get("state") == "finished", done.stderr[-300:])
+    trained = done.returncode == 0 and status.get("state") == "finished"
+    check(f"{name}: trains", trained, "" if trained else done.stderr[-300:])
     check(f"{name}: loss finite and falling", falling, f"{losses[:1]} -> {losses[-1:]}")
     return {
         "run": name,
@@ -103,12 +104,16 @@ def reloads_and_answers(run_dir: str) -> bool:
 
 
 def batched_equals_separate(pool, run_dir: str) -> None:
+    """In float32: lower precisions round differently for different batch shapes, so greedy answers may part."""
+    from dataclasses import replace
+
     from finetune.config import GenerationParams
     from finetune.evaluate import eval_spec, eval_target
     from finetune.generate import BASE_ADAPTER, generate_batch
 
     target = eval_target(Path(run_dir))
-    entry, adapter = pool.get_with_adapter(eval_spec(target.spec), target.run.adapter_dir)
+    spec = replace(eval_spec(target.spec), dtype="float32")
+    entry, adapter = pool.get_with_adapter(spec, target.run.adapter_dir)
     prompts = [f"### Question:\n{q}\n\n### Answer:\n" for q in ("What is Lamini?", "How do I fine-tune a model?")]
     params = GenerationParams(max_new_tokens=24)
     with entry.lock:
