@@ -119,3 +119,34 @@ def make_run(root, tiny_llama, run_id="run-1", adapter=True):
         lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         get_peft_model(model, lora).save_pretrained(run / "adapter")
     return run
+
+
+def trained_spans(enc: dict) -> list[tuple[int, int]]:
+    """[start, end) token positions of each run of trained labels."""
+    from finetune.templates import IGNORE_INDEX
+
+    spans, start = [], None
+    for i, label in enumerate(enc["labels"] + [IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = i
+        elif label == IGNORE_INDEX and start is not None:
+            spans, start = spans + [(start, i)], None
+    return spans
+
+
+def assert_trained_exactly(tokenizer, enc: dict, pieces: list[tuple[str, bool]]) -> None:
+    """The row's ids are its whole text's, and exactly the `True` pieces' tokens are trained (labels = ids there)."""
+    from finetune.templates import IGNORE_INDEX
+
+    text = "".join(piece for piece, _ in pieces)
+    assert enc["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    expected, at, prefix = [], 0, ""
+    for piece, trained in pieces:
+        prefix += piece
+        end = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        expected += [(at, end)] if trained else []
+        at = end
+    assert trained_spans(enc) == expected
+    assert [tokenizer.decode(enc["input_ids"][a:b]) for a, b in expected] == [p for p, t in pieces if t]
+    trained = {i for a, b in expected for i in range(a, b)}
+    assert enc["labels"] == [t if i in trained else IGNORE_INDEX for i, t in enumerate(enc["input_ids"])]
