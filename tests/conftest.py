@@ -6,9 +6,14 @@ so only the first test run pays for the GGUF conversion.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -150,3 +155,35 @@ def assert_trained_exactly(tokenizer, enc: dict, pieces: list[tuple[str, bool]])
     assert [tokenizer.decode(enc["input_ids"][a:b]) for a, b in expected] == [p for p, t in pieces if t]
     trained = {i for a, b in expected for i in range(a, b)}
     assert enc["labels"] == [t if i in trained else IGNORE_INDEX for i, t in enumerate(enc["input_ids"])]
+
+
+@contextlib.contextmanager
+def transformers_serve(model_dir: str | Path, log_dir: Path) -> Iterator[str]:
+    """A real `transformers serve` of `model_dir` on 127.0.0.1 (the OpenAI-compatible server of transformers); yields
+    its URL once it answers, stops it after."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = log_dir / "serve.log"
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"transformers serve did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
