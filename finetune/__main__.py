@@ -2,7 +2,7 @@
 
     python -m finetune train --config recipes/lamini_docs_qlora.yaml [--set key=value ...]
     python -m finetune train --run-dir RUN_DIR --resume
-    python -m finetune export RUN_DIR OUT_DIR            # adapter merged into its base, as safetensors
+    python -m finetune export RUN_DIR OUT_DIR            # adapter merged into its base, + how to serve it
     python -m finetune eval --run runs/<id> [--limit N]  # base vs tuned on held-out questions, kept in the run
 
 Each command is an `add_<name>(subparsers)` function that registers its parser and sets `func`.
@@ -72,9 +72,14 @@ def add_train(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from finetune.serving import serve_commands
     from finetune.train import export_merged
 
-    print(f"merged model: {export_merged(args.run, args.out, base=args.base)}")
+    out = export_merged(args.run, args.out, base=args.base)
+    print(f"merged model: {out}")
+    if not (out / "chat_template.jinja").is_file():
+        print("note: no chat template written (a custom template): servers will prompt it with the base's format")
+    print(f"serve it and ask it (OpenAI-compatible, prompted with the training template):\n{serve_commands(out)}")
     return 0
 
 

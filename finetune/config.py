@@ -64,7 +64,9 @@ class DataConfig:
         default=None,
         metadata={"help": "Canonical field -> column, e.g. {instruction: question, output: answer}. None: detect."},
     )
-    template: str = field(default="qa", metadata={"help": "alpaca, qa, chat, text, or a custom text with {columns}."})
+    template: str = field(
+        default="qa", metadata={"help": "alpaca, qa, chat, tools, text, or a custom text with {columns}."}
+    )
     test_size: float = field(default=0.1, metadata={"help": "Held-out fraction (the course uses 0.1)."})
     seed: int = field(default=123, metadata={"help": "Split seed (the course uses 123)."})
     max_rows: int | None = field(default=None, metadata={"help": "Use only the first N rows (quick experiments)."})

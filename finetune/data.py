@@ -3,8 +3,9 @@
 A source is a bundled name (`lamini_docs`, `alpaca_sample`), a `.jsonl`/`.json`/`.csv`/`.parquet` file, or a
 Hub id (`owner/name`, optionally `owner/name:config`) when online. Columns are detected and mapped to the
 canonical fields `instruction`, `input`, `output` (prompt/answer pairs), `messages` (chat lists, OpenAI
-role/content or ShareGPT from/value) or `text` (plain text, trained on whole); the original columns stay
-beside them. Every user mistake raises `FinetuneError` with one sentence saying what to fix.
+role/content or ShareGPT from/value, with tool calls: OpenAI `tool_calls` and `tool` turns, ShareGPT `function_call`
+and `observation` turns), `tools` (the JSON schemas a chat may call) or `text` (plain text, trained on whole); the
+original columns stay beside them. Every user mistake raises `FinetuneError` with one sentence saying what to fix.
 
     from finetune.config import DataConfig
     from finetune.data import load_splits, row_stats
@@ -34,13 +35,13 @@ from urllib.parse import urlparse
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Features, List, Value
 
 from finetune import FinetuneError, home
 from finetune.config import DataConfig
 from finetune.security import safe_name
 from finetune.settings import Settings, offline
-from finetune.templates import Template, encode_row, get_template, render, validate
+from finetune.templates import IGNORE_INDEX, Template, encode_row, get_template, render, validate
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # package data: found after `pip install .` too
 BUNDLED: dict[str, Path] = {
@@ -49,7 +50,7 @@ BUNDLED: dict[str, Path] = {
 }
 PRETRAINING_SAMPLE = ASSETS / "c4_demo.jsonl"
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
-CANONICAL = ("instruction", "input", "output", "messages", "text")
+CANONICAL = ("instruction", "input", "output", "messages", "tools", "text")
 # Levels of objects and lists in one row, the row's own object being the first. Real data sets need under 10
 # (a chat with content parts: 4). Turning rows into Arrow recurses ~20 Python frames per level and fails past
 # ~45 levels from a bare stack (Arrow itself stops at 64), so the limit leaves room for the caller's frames.
@@ -202,12 +203,31 @@ def _kind(value) -> str:
     return {str: "text", list: "list", dict: "object"}.get(type(value), type(value).__name__)
 
 
+def _json_text(value):
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+
+
+def _freeze_tool_json(row: dict) -> None:
+    """Tool schemas and call arguments as JSON text: Arrow merges the keys of all objects in a column, so each tool
+    would come back with every other tool's parameters as nulls (and parameters of differing types would not load)."""
+    if "tools" in row:
+        row["tools"] = _json_text(row["tools"])
+    for value in row.values():
+        for message in value if isinstance(value, list) else ():
+            calls = message.get("tool_calls") if isinstance(message, dict) else None
+            for call in calls if isinstance(calls, list) else ():
+                function = call.get("function", call) if isinstance(call, dict) else None
+                if isinstance(function, dict) and "arguments" in function:
+                    function["arguments"] = _json_text(function["arguments"])
+
+
 def _to_dataset(rows: list[dict], name: str) -> Dataset:
     """Rows -> Dataset, after checking each column holds one type (Arrow would fail with a cryptic message)."""
     first_seen: dict[str, tuple[str, int]] = {}
     for number, row in enumerate(rows, 1):
         if _depth(row) > MAX_NESTING:  # deeper rows break the Arrow conversion with a RecursionError
             raise _too_deep(name, f" in row {number}")
+        _freeze_tool_json(row)
         for column, value in row.items():
             if value is None:
                 continue
@@ -386,7 +406,11 @@ def detect_format(columns: list[str]) -> Detection:
                 )
                 if extra:  # Q/A ignores an input; Alpaca shows it when a row has one
                     mapping["input"], template = extra, "alpaca"
-            return Detection(fmt.name, mapping, template)
+            name = fmt.name
+            if "messages" in mapping and "tools" in by_lower:  # the schemas of the functions a chat may call
+                # Tool calls need a chat template that knows tools; the plain `tools` template fits any model.
+                mapping["tools"], name, template = by_lower["tools"], f"{name} with tools", "tools"
+            return Detection(name, mapping, template)
     raise FinetuneError(
         f"Could not find a prompt/answer column pair among: {', '.join(columns) or '(no columns)'}; rename the "
         "columns (e.g. question/answer) or choose the mapping by hand."
@@ -422,7 +446,26 @@ ROLES = {
     "bot": "assistant",
     "model": "assistant",
     "chatgpt": "assistant",
+    "function_call": "assistant",  # ShareGPT: an assistant turn that calls a tool; its value is the call's JSON
     "system": "system",
+    "tool": "tool",
+    "observation": "tool",  # ShareGPT: what the called tool returned
+    "function": "tool",  # OpenAI's older name
+}
+TOOL_ROLES = {name for name, role in ROLES.items() if role == "tool"} | {"function_call"}
+# A chat message once a data set has tool calls: every message has every field (Arrow needs one schema per column);
+# call arguments stay JSON text (see `_freeze_tool_json`).
+TOOL_MESSAGE = {
+    "role": Value("string"),
+    "content": Value("string"),
+    "tool_calls": List(
+        {
+            "type": Value("string"),
+            "function": {"name": Value("string"), "arguments": Value("string")},
+            "id": Value("string"),
+        }
+    ),
+    "tool_call_id": Value("string"),
 }
 
 
@@ -434,8 +477,66 @@ def _as_text(value) -> str:
     return str(value)
 
 
+def _bad_call(row_number: int) -> FinetuneError:
+    return FinetuneError(
+        f'Row {row_number}: a tool call must be JSON like {{"name": "get_weather", "arguments": {{"city": "Paris"}}}}.'
+    )
+
+
+def _tool_calls(value, row_number: int) -> list[dict]:
+    """Calls as OpenAI's `[{"type": "function", "function": {"name", "arguments"}}]` (arguments as JSON text), from
+    OpenAI `tool_calls` or a ShareGPT `function_call` turn's JSON (one call or a list)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise _bad_call(row_number) from None
+    calls = []
+    for call in [value] if isinstance(value, dict) else value if isinstance(value, list) else [None]:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not function.get("name"):
+            raise _bad_call(row_number)
+        arguments = function.get("arguments", {})
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        calls.append({"type": "function", "function": {"name": str(function["name"]), "arguments": text}})
+        if call.get("id"):
+            calls[-1]["id"] = str(call["id"])
+    if not calls:
+        raise _bad_call(row_number)
+    return calls
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return [_without_nulls(v) for v in value] if isinstance(value, list) else value
+
+
+def normalize_tools(value, row_number: int = 1) -> str:
+    """A row's tools as JSON text of OpenAI-style schemas `[{"type": "function", "function": {...}}]` ("" for none),
+    from a list, or JSON text, of those or of bare function schemas (LLaMA-Factory's `tools`)."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+        except RecursionError:
+            raise _too_deep(f"Row {row_number}'s tools") from None
+    if _depth(value) > MAX_NESTING:
+        raise _too_deep(f"Row {row_number}'s tools")
+    value = [value] if isinstance(value, dict) else value
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise FinetuneError(f"Row {row_number}: the tools column must hold a JSON list of function schemas.")
+    # Parquet and Hub sets merge the keys of all schemas (see `_freeze_tool_json`): the nulls are not theirs.
+    tools = [_without_nulls(t if "function" in t else {"type": "function", "function": t}) for t in value]
+    return json.dumps(tools, ensure_ascii=False) if tools else ""
+
+
 def normalize_messages(value, row_number: int = 1) -> list[dict]:
-    """A chat list as `[{"role", "content"}]`, from OpenAI (role/content) or ShareGPT (from/value) style."""
+    """A chat list as `[{"role", "content"}]`, from OpenAI (role/content) or ShareGPT (from/value) style; assistant
+    turns that call tools get `tool_calls`, and tools' replies are `tool` turns (with `tool_call_id` when given)."""
     if value is None:  # a row without a chat: nothing to train on, counted as an empty row
         return []
     if isinstance(value, str):  # CSV and some Parquet files store the list as JSON text
@@ -454,31 +555,64 @@ def normalize_messages(value, row_number: int = 1) -> list[dict]:
         if not isinstance(message, dict):
             raise FinetuneError(f"Row {row_number}: each message must be an object with a role and a content.")
         role = message.get("role", message.get("from"))
-        normal = ROLES.get(str(role).strip().lower())
+        key = str(role).strip().lower()
+        normal = ROLES.get(key)
         if normal is None:
             raise FinetuneError(
-                f"Row {row_number}: unknown chat role {role!r}; use user, assistant or system (ShareGPT: human, gpt)."
+                f"Row {row_number}: unknown chat role {role!r}; use user, assistant, system or tool (ShareGPT: human, "
+                "gpt, function_call, observation)."
             )
-        messages.append({"role": normal, "content": _as_text(message.get("content", message.get("value")))})
+        out = {"role": normal, "content": _as_text(message.get("content", message.get("value")))}
+        if key == "function_call":
+            out.update(content="", tool_calls=_tool_calls(out["content"], row_number))
+        elif normal == "assistant" and message.get("tool_calls"):
+            out["tool_calls"] = _tool_calls(message["tool_calls"], row_number)
+        elif normal == "tool" and message.get("tool_call_id"):
+            out["tool_call_id"] = str(message["tool_call_id"])
+        messages.append(out)
     return messages
+
+
+def _has_tool_turns(chats: list) -> bool:
+    """Whether a chat column holds tool calls or replies (its messages then all get the fields of TOOL_MESSAGE)."""
+    for chat in chats:
+        if isinstance(chat, str) and re.search(r'"(tool_calls|function_call|observation|tool|function)"', chat):
+            return True
+        for m in chat if isinstance(chat, list) else ():
+            if isinstance(m, dict) and (
+                m.get("tool_calls") or str(m.get("role", m.get("from"))).lower() in TOOL_ROLES
+            ):
+                return True
+    return False
+
+
+def _answer_text(message: dict) -> str:
+    """An answer's text for search and stats: its content, or its calls as `name(arguments)`."""
+    calls = message.get("tool_calls") or []
+    return message["content"] or "; ".join(f"{c['function']['name']}({c['function']['arguments']})" for c in calls)
 
 
 def canonicalize(ds: Dataset, mapping: dict[str, str]) -> Dataset:
     """Add the canonical fields next to the original columns.
 
     Prompt/answer pairs get instruction, input and output; chat lists get `messages` (normalized) plus
-    instruction/output from their last user/assistant turns (for search, stats and evaluation); plain text
-    gets `text`.
+    instruction/output from their last user/assistant turns (for search, stats and evaluation), and `tools` (JSON
+    text) when they call tools; plain text gets `text`.
     """
+    tooled = "tools" in mapping or ("messages" in mapping and _has_tool_turns(ds[mapping["messages"]]))
 
     def convert(row: dict, index: int) -> dict:
         out = {}
         if "messages" in mapping:
             messages = normalize_messages(row.get(mapping["messages"]), index + 1)
+            if tooled:
+                messages = [{**dict.fromkeys(TOOL_MESSAGE), **m} for m in messages]
             last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
             question = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
-            answer = messages[last]["content"] if last < len(messages) else ""
+            answer = _answer_text(messages[last]) if last < len(messages) else ""
             out.update(messages=messages, instruction=question, input="", output=answer)
+        if tooled:
+            out["tools"] = normalize_tools(row.get(mapping["tools"]), index + 1) if "tools" in mapping else ""
         if {"instruction", "input", "output"} & set(mapping):
             out.update(
                 {f: _as_text(row.get(mapping[f])) if f in mapping else "" for f in ("instruction", "input", "output")}
@@ -487,7 +621,12 @@ def canonicalize(ds: Dataset, mapping: dict[str, str]) -> Dataset:
             out["text"] = _as_text(row.get(mapping["text"]))
         return out
 
-    return ds.map(convert, with_indices=True)
+    if not tooled:
+        return ds.map(convert, with_indices=True)
+    # One schema for every row's messages, whichever rows call tools (Arrow would infer one per batch of rows).
+    texts = ("instruction", "input", "output", "tools") + ("text",) * ("text" in mapping)
+    features = Features({**ds.features, **{f: Value("string") for f in texts}, "messages": List(TOOL_MESSAGE)})
+    return ds.map(convert, with_indices=True, features=features)
 
 
 def _answer(row: dict) -> str:
@@ -592,18 +731,22 @@ def row_stats(ds: Dataset) -> dict:
     }
 
 
-def check_chat_rows(row: dict, tokenizer) -> None:
-    """Chat rows render only with a chat template, whatever template is chosen: say which tokenizer to pick."""
-    if row.get("messages") and not getattr(tokenizer, "chat_template", None):
+def check_chat_rows(row: dict, tokenizer, template: Template | None = None) -> None:
+    """Chat rows need a chat template: the model's, unless the template has its own (`tools`). Say what to pick."""
+    if (
+        row.get("messages")
+        and not (template and template.chat_template)
+        and not getattr(tokenizer, "chat_template", None)
+    ):
         raise FinetuneError(
             "Chat rows (messages) need a model with a chat template and this one has none: choose an instruct "
-            "model, e.g. smollm2-135m-instruct."
+            "model, e.g. smollm2-135m-instruct, or the `tools` plain template."
         )
 
 
 def token_lengths(ds: Dataset, tokenizer, template: Template, limit: int | None = 5000) -> np.ndarray:
     """Tokens per row (prompt + answer + EOS, before truncation) of the first `limit` rows."""
-    check_chat_rows(ds[0], tokenizer)
+    check_chat_rows(ds[0], tokenizer, template)
     rows = ds.select(range(min(limit, len(ds)))) if limit else ds
     return np.array([len(encode_row(tokenizer, template, row)["input_ids"]) for row in rows], dtype=np.int64)
 
@@ -637,34 +780,49 @@ def length_histogram(lengths: np.ndarray, max_length: int, bins: int = 30) -> li
 PROMPT_TOKEN = "prompt (not trained on)"
 ANSWER_TOKEN = "answer (trained on)"
 CUT_TOKEN = "cut (past max length)"
+# A conversation's tokens, by turn (see `finetune.templates.render_segments`): only the assistant's are trained on.
+SYSTEM_TOKEN = "system (not trained on)"
+USER_TOKEN = "user (not trained on)"
+TOOL_TOKEN = "tool (not trained on)"
+ASSISTANT_TOKEN = "assistant (trained on)"
+TOKEN_KINDS = {
+    "prompt": PROMPT_TOKEN,
+    "answer": ANSWER_TOKEN,
+    "system": SYSTEM_TOKEN,
+    "user": USER_TOKEN,
+    "tool": TOOL_TOKEN,
+    "assistant": ASSISTANT_TOKEN,
+}
 
 
 @dataclass
 class TokenView:
-    pieces: list[tuple[str, str]]  # (token text, PROMPT_TOKEN / ANSWER_TOKEN / CUT_TOKEN)
+    pieces: list[tuple[str, str]]  # (token text, one of TOKEN_KINDS' labels or CUT_TOKEN)
     input_ids: list[int]  # after truncation: what the model is trained on
     labels: list[int]  # -100 where no loss is computed
-    prompt_tokens: int
-    answer_tokens: int
+    prompt_tokens: int  # kept tokens not trained on
+    answer_tokens: int  # kept tokens trained on
     cut_tokens: int
 
 
 def token_view(tokenizer, template: Template, row: dict, max_length: int | None = None) -> TokenView:
-    """A row's tokens, each marked as prompt (masked from the loss), answer (trained on) or cut by truncation."""
-    check_chat_rows(row, tokenizer)
+    """A row's tokens, each marked by what it is (prompt or answer; a conversation's system, user, assistant or tool
+    turn), and whether it is trained on or cut by truncation."""
+    check_chat_rows(row, tokenizer, template)
     full = encode_row(tokenizer, template, row)
-    kept = encode_row(tokenizer, template, row, max_length)
-    n_kept, n_prompt = len(kept["input_ids"]), full["prompt_length"]
+    n_kept = len(full["input_ids"]) if max_length is None else min(max_length, len(full["input_ids"]))
     pieces = [
-        (tokenizer.decode([t]), CUT_TOKEN if i >= n_kept else PROMPT_TOKEN if i < n_prompt else ANSWER_TOKEN)
-        for i, t in enumerate(full["input_ids"])
+        (tokenizer.decode([t]), CUT_TOKEN if i >= n_kept else TOKEN_KINDS[kind])
+        for i, (t, kind) in enumerate(zip(full["input_ids"], full["kinds"]))
     ]
+    labels = full["labels"][:n_kept]
+    trained = sum(label != IGNORE_INDEX for label in labels)
     return TokenView(
         pieces=pieces,
-        input_ids=kept["input_ids"],
-        labels=kept["labels"],
-        prompt_tokens=kept["prompt_length"],
-        answer_tokens=n_kept - kept["prompt_length"],
+        input_ids=full["input_ids"][:n_kept],
+        labels=labels,
+        prompt_tokens=n_kept - trained,
+        answer_tokens=trained,
         cut_tokens=len(full["input_ids"]) - n_kept,
     )
 
@@ -767,6 +925,7 @@ def persist_and_split(cfg: DataConfig, tokenizer=None) -> tuple[DataConfig, Data
     ready = replace(cfg, source=persist_source(cfg.source), mapping=mapping)
     splits = load_splits(ready)
     if tokenizer is not None:
-        check_chat_rows(splits["train"][0], tokenizer)
-        render(get_template(ready.template), splits["train"][0], tokenizer)
+        template = get_template(ready.template)
+        check_chat_rows(splits["train"][0], tokenizer, template)
+        render(template, splits["train"][0], tokenizer)
     return ready, splits

@@ -39,7 +39,7 @@ from finetune import FinetuneError
 from finetune.config import GenerationParams, ModelSpec
 from finetune.hardware import GEMV_SHAPE, machine
 from finetune.models import LoadedModel, ModelPool
-from finetune.templates import Template, build_prompt, get_template, pad_id
+from finetune.templates import Template, build_prompt, chat_prompt, get_template, pad_id
 
 
 def prompt_inputs(tokenizer, prompts: str | list[str], device) -> dict:
@@ -457,15 +457,13 @@ class BackendError(FinetuneError):
 def conversation_prompt(template: Template, messages: list[dict], tokenizer=None) -> str:
     """The prompt for a conversation that ends with the user's turn, in `template`'s format.
 
-    The chat template renders the whole message list; a text template (Q/A, Alpaca) repeats its
-    question/answer block for each earlier turn, so a base model sees the history as in training.
+    A chat template (the model's, or the `tools` one) renders the whole message list; a text template (Q/A, Alpaca)
+    repeats its question/answer block for each earlier turn, so a base model sees the history as in training.
     """
     if not messages or messages[-1]["role"] != "user":
         raise FinetuneError("A conversation must end with the user's question.")
-    if template.chat:
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise FinetuneError("This model has no chat template: choose the Alpaca or Q/A template.")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if template.chat or template.chat_template:
+        return chat_prompt(template, messages, tokenizer)
     text, question = "", None
     for m in messages:
         if m["role"] == "user":

@@ -35,6 +35,7 @@ from finetune.config import TrainConfig, load_train_config
 from finetune.hardware import epoch_steps, machine, planned_steps, resolve_auto
 from finetune.loss import NO_LOGITS, answer_loss_sum, causal_lm
 from finetune.runs import RunDir, process_fields
+from finetune.serving import serving_chat_template, write_chat_template
 from finetune.templates import IGNORE_INDEX, encode_row, get_template, pad_id, validate
 
 log = logging.getLogger(__name__)
@@ -412,6 +413,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, rank0: bool, stop_signal
     summary = f"{summary} · {decided}"
     log.info("%s", summary)
     data = encode_splits(cfg, tokenizer)
+    chat_template = serving_chat_template(get_template(cfg.data.template), tokenizer)  # saved with the adapter
     pad, vocab_size = pad_id(tokenizer), len(tokenizer)
     del tokenizer
     forget_tokenizers()  # Gemma's takes 0.1 GB that training does not need
@@ -454,7 +456,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, rank0: bool, stop_signal
     if has_eval and not callback.stopped and cfg.eval_steps <= 0:
         trainer.evaluate()  # the held-out loss after training, next to the one at step 0
     adapter = run.adapter_dir
-    _save_adapter(trainer, adapter)
+    _save_adapter(trainer, adapter, chat_template)
     step, total = trainer.state.global_step, trainer.state.max_steps
     del trainer, model
     gc.collect()
@@ -544,11 +546,13 @@ def _steps_in_budget(
     return int(planned)
 
 
-def _save_adapter(trainer: Trainer, adapter: Path) -> None:
-    """Save the LoRA adapter next to the old one, then swap, so a crash never leaves half an adapter."""
+def _save_adapter(trainer: Trainer, adapter: Path, chat_template: str | None = None) -> None:
+    """Save the LoRA adapter, with the chat template that prompts it as trained (`finetune.serving`), next to the old
+    one, then swap, so a crash never leaves half an adapter."""
     tmp = adapter.with_name(f".{adapter.name}-tmp")
     trainer.save_model(str(tmp))  # only process 0 writes; PEFT models save just the adapter
     if trainer.is_world_process_zero():
+        write_chat_template(tmp, chat_template)
         shutil.rmtree(adapter, ignore_errors=True)
         os.replace(tmp, adapter)
 
@@ -567,7 +571,8 @@ def _adapter_and_config(path: str | Path) -> tuple[Path, TrainConfig]:
 
 
 def export_merged(path: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
-    """Merge a run's adapter into its (unquantized) base model and save model + tokenizer as safetensors."""
+    """Merge a run's adapter into its (unquantized) base model and save model + tokenizer as safetensors, with the
+    chat template of the run's prompt template (so a server prompts it as trained)."""
     from peft import PeftModel
 
     from finetune.config import ModelSpec
@@ -580,6 +585,7 @@ def export_merged(path: str | Path, out_dir: str | Path, base: str | None = None
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     save_tokenizer(spec, tokenizer, out_dir)
+    write_chat_template(out_dir, serving_chat_template(get_template(cfg.data.template), tokenizer))
     return out_dir
 
 

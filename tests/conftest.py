@@ -6,9 +6,14 @@ so only the first test run pays for the GGUF conversion.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -119,3 +124,66 @@ def make_run(root, tiny_llama, run_id="run-1", adapter=True):
         lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         get_peft_model(model, lora).save_pretrained(run / "adapter")
     return run
+
+
+def trained_spans(enc: dict) -> list[tuple[int, int]]:
+    """[start, end) token positions of each run of trained labels."""
+    from finetune.templates import IGNORE_INDEX
+
+    spans, start = [], None
+    for i, label in enumerate(enc["labels"] + [IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = i
+        elif label == IGNORE_INDEX and start is not None:
+            spans, start = spans + [(start, i)], None
+    return spans
+
+
+def assert_trained_exactly(tokenizer, enc: dict, pieces: list[tuple[str, bool]]) -> None:
+    """The row's ids are its whole text's, and exactly the `True` pieces' tokens are trained (labels = ids there)."""
+    from finetune.templates import IGNORE_INDEX
+
+    text = "".join(piece for piece, _ in pieces)
+    assert enc["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    expected, at, prefix = [], 0, ""
+    for piece, trained in pieces:
+        prefix += piece
+        end = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        expected += [(at, end)] if trained else []
+        at = end
+    assert trained_spans(enc) == expected
+    assert [tokenizer.decode(enc["input_ids"][a:b]) for a, b in expected] == [p for p, t in pieces if t]
+    trained = {i for a, b in expected for i in range(a, b)}
+    assert enc["labels"] == [t if i in trained else IGNORE_INDEX for i, t in enumerate(enc["input_ids"])]
+
+
+@contextlib.contextmanager
+def transformers_serve(model_dir: str | Path, log_dir: Path) -> Iterator[str]:
+    """A real `transformers serve` of `model_dir` on 127.0.0.1 (the OpenAI-compatible server of transformers); yields
+    its URL once it answers, stops it after."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = log_dir / "serve.log"
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"transformers serve did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,3 +1,4 @@
+import copy
 import json
 from pathlib import Path
 
@@ -5,14 +6,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_trained_exactly  # tests/ is on sys.path
 
 from finetune import FinetuneError, home
 from finetune.config import DataConfig
 from finetune.data import (
     ANSWER_TOKEN,
+    ASSISTANT_TOKEN,
     CUT_TOKEN,
     MAX_NESTING,
     PROMPT_TOKEN,
+    SYSTEM_TOKEN,
+    TOOL_TOKEN,
+    USER_TOKEN,
     canonicalize,
     detect_format,
     detect_mapping,
@@ -225,6 +231,194 @@ def test_chat_rows_need_a_tokenizer_with_a_chat_template():
     row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
     with pytest.raises(FinetuneError, match="need a model with a chat template.*smollm2-135m-instruct"):
         token_view(NoChatTemplate(), TEMPLATES["qa"], row)
+
+
+# --- tool calls: ShareGPT function_call/observation and OpenAI tool_calls/tool, with a `tools` column ----------
+
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+CLOCK = {
+    "name": "get_time",
+    "description": "Time in a zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}},
+}
+CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+SHAREGPT_TOOLS = [  # LLaMA-Factory's sharegpt format: calls and results are turns, tools a JSON text column
+    {
+        "conversations": [
+            {"from": "system", "value": "Use the tools."},
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": json.dumps(CALL)},
+            {"from": "observation", "value": "22 C, sunny"},
+            {"from": "gpt", "value": "It is 22 C and sunny."},
+        ],
+        "tools": json.dumps([WEATHER, CLOCK]),
+    },
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}], "tools": "[]"},
+]
+OPENAI_TOOLS = [  # OpenAI's chat format: calls on assistant turns (arguments: JSON text or an object), `tool` replies
+    {
+        "messages": [
+            {"role": "system", "content": "Use the tools."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {**CALL, "arguments": '{"city": "Paris"}'}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "22 C, sunny"},
+            {"role": "assistant", "content": "It is 22 C and sunny."},
+        ],
+        "tools": [{"type": "function", "function": WEATHER}, {"type": "function", "function": CLOCK}],
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Time in Paris?"},
+            {
+                "role": "assistant",
+                "tool_calls": [{"type": "function", "function": {"name": "get_time", "arguments": {"zone": "CET"}}}],
+            },
+        ],
+        "tools": [{"type": "function", "function": CLOCK}],
+    },
+]
+TOOLS_BLOCK = f"### Tools:\n{json.dumps(WEATHER)}\n{json.dumps(CLOCK)}\n\n"
+CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+# A ChatML template with tools in the Hermes style (as Qwen2.5's), small enough to read.
+HERMES_TEMPLATE = (
+    "{%- if tools %}{{ '<|im_start|>system\\n<tools>' }}"
+    "{%- for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}{{ '\\n</tools><|im_end|>\\n' }}{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}{{ '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + (m.content or '') }}"
+    "{%- for call in m.tool_calls or [] %}"
+    "{{ '<tool_call>\\n' + ({'name': call.function.name, 'arguments': call.function.arguments} | tojson) }}"
+    "{{ '\\n</tool_call>' }}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _without_ids(messages: list[dict]) -> list[dict]:
+    """Messages without the call ids that OpenAI rows have and ShareGPT rows have not."""
+    out = [{k: v for k, v in m.items() if k != "tool_call_id"} for m in messages]
+    for m in out:
+        m["tool_calls"] = m["tool_calls"] and [{k: v for k, v in c.items() if k != "id"} for c in m["tool_calls"]]
+    return out
+
+
+def test_sharegpt_tool_calls_load_render_and_mask_exactly(tmp_path, smol_tokenizer):
+    path = write(tmp_path, "tools.jsonl", jsonl(SHAREGPT_TOOLS))
+    found = detect_format(["conversations", "tools"])
+    assert (found.mapping, found.template) == ({"messages": "conversations", "tools": "tools"}, "tools")
+    ds = load_rows(DataConfig(str(path), template="tools", test_size=0))
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}, "id": None}
+    assert ds[0]["messages"][1:3] == [
+        {"role": "user", "content": "Weather in Paris?", "tool_calls": None, "tool_call_id": None},
+        {"role": "assistant", "content": "", "tool_calls": [call], "tool_call_id": None},
+    ]
+    assert json.loads(ds[0]["tools"]) == [{"type": "function", "function": t} for t in (WEATHER, CLOCK)]
+    assert (ds[0]["output"], ds[1]["tools"]) == ("It is 22 C and sunny.", "")
+
+    # The plain `tools` template: both assistant turns trained (the call and the answer, each ending with EOS).
+    enc = encode_row(smol_tokenizer, TEMPLATES["tools"], ds[0])
+    assert_trained_exactly(
+        smol_tokenizer,
+        enc,
+        [
+            (TOOLS_BLOCK + "### System:\nUse the tools.\n\n### User:\nWeather in Paris?\n\n### Assistant:\n", False),
+            (CALL_TEXT + "<|im_end|>", True),
+            ("\n\n### Tool:\n22 C, sunny\n\n### Assistant:\n", False),
+            ("It is 22 C and sunny.<|im_end|>", True),
+        ],
+    )
+    # The Data tab colours each turn (the header that asks for an answer goes with the turn before it).
+    view = token_view(smol_tokenizer, TEMPLATES["tools"], ds[0])
+    kinds = [kind for _, kind in view.pieces]
+    system = kinds.index(USER_TOKEN)
+    assert kinds[:system] == [SYSTEM_TOKEN] * system and set(kinds) == {
+        SYSTEM_TOKEN,
+        USER_TOKEN,
+        ASSISTANT_TOKEN,
+        TOOL_TOKEN,
+    }
+    assert [k == ASSISTANT_TOKEN for k in kinds] == [label != IGNORE_INDEX for label in view.labels]
+    assert (
+        "".join(text for text, kind in view.pieces if kind == TOOL_TOKEN)
+        == "\n\n### Tool:\n22 C, sunny\n\n### Assistant:\n"
+    )
+
+
+def test_openai_tool_calls_load_render_and_mask_exactly(tmp_path, smol_tokenizer):
+    ds = load_rows(DataConfig(str(write(tmp_path, "tools.jsonl", jsonl(OPENAI_TOOLS))), template="chat", test_size=0))
+    sharegpt = load_rows(
+        DataConfig(str(write(tmp_path, "sg.jsonl", jsonl(SHAREGPT_TOOLS))), template="tools", test_size=0)
+    )
+    assert (
+        _without_ids(ds[0]["messages"]) == _without_ids(sharegpt[0]["messages"])
+        and ds[0]["tools"] == sharegpt[0]["tools"]
+    )
+    assert ds[0]["messages"][3]["tool_call_id"] == "call_1" and ds[0]["messages"][2]["tool_calls"][0]["id"] == "call_1"
+    # An object as arguments is kept as JSON text; each row keeps its own tool schemas (no keys of the others).
+    assert ds[1]["messages"][1]["tool_calls"][0]["function"]["arguments"] == '{"zone": "CET"}'
+    assert json.loads(ds[1]["tools"]) == [{"type": "function", "function": CLOCK}]
+    assert ds[1]["output"] == 'get_time({"zone": "CET"})'  # a call as the last turn: searchable, not an empty row
+
+    # A model whose chat template knows tools renders them with it, calls included, and trains on both turns.
+    hermes = copy.copy(smol_tokenizer)
+    hermes.chat_template = HERMES_TEMPLATE
+    tools = "".join("\n" + json.dumps({"type": "function", "function": t}) for t in (WEATHER, CLOCK))
+    assert_trained_exactly(
+        hermes,
+        encode_row(hermes, TEMPLATES["chat"], ds[0]),
+        [
+            (
+                f"<|im_start|>system\n<tools>{tools}\n</tools><|im_end|>\n"
+                "<|im_start|>system\nUse the tools.<|im_end|>\n"
+                "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n",
+                False,
+            ),
+            (CALL_TEXT + "<|im_end|>\n", True),
+            (
+                "<|im_start|>user\n<tool_response>\n22 C, sunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+                False,
+            ),
+            ("It is 22 C and sunny.<|im_end|>\n", True),
+        ],
+    )
+    # The plain template renders the OpenAI file exactly as the ShareGPT one.
+    assert encode_row(smol_tokenizer, TEMPLATES["tools"], ds[0]) == encode_row(
+        smol_tokenizer, TEMPLATES["tools"], sharegpt[0]
+    )
+
+
+def test_a_chat_template_without_tools_names_the_template_that_works(tmp_path, smol_tokenizer):
+    ds = load_rows(DataConfig(str(write(tmp_path, "tools.jsonl", jsonl(OPENAI_TOOLS))), template="chat", test_size=0))
+    with pytest.raises(
+        FinetuneError,
+        match=r"^smollm2-135m-instruct's chat template has no tool support: choose the `tools` plain template\.$",
+    ):
+        encode_row(smol_tokenizer, TEMPLATES["chat"], ds[0])
+    no_template = type("NoChatTemplate", (), {"chat_template": None})()
+    with pytest.raises(FinetuneError, match=r"^This model has no chat template: choose the `tools` plain template\.$"):
+        encode_row(no_template, TEMPLATES["chat"], ds[0])
+    with pytest.raises(FinetuneError, match=r"need a model with a chat template.*or the `tools` plain template"):
+        token_view(no_template, TEMPLATES["chat"], ds[0])
+    # The `tools` template needs no chat template of the model's (a base model like Gemma-3-270M has none).
+    base = copy.copy(smol_tokenizer)
+    base.chat_template = None
+    assert (
+        token_view(base, TEMPLATES["tools"], ds[0]).labels
+        == encode_row(smol_tokenizer, TEMPLATES["tools"], ds[0])["labels"]
+    )
+    with pytest.raises(FinetuneError, match=r"Row 1: a tool call must be JSON like"):
+        normalize_messages([{"from": "function_call", "value": "get_weather(Paris)"}])
 
 
 # --- templates and the loss mask on loaded rows --------------------------------------------------

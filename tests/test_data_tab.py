@@ -52,6 +52,41 @@ def test_endpoints(client, tiny_llama):
     assert "1,260 train / 140 test rows" in note
 
 
+def test_tool_call_rows_show_each_turn(client, tiny_llama):
+    import json
+
+    from finetune.data import kept_dir
+
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    turns = [
+        ("human", "Weather in Paris?"),
+        ("function_call", json.dumps(call)),
+        ("observation", "22 C"),
+        ("gpt", "22 C."),
+    ]
+    row = {
+        "conversations": [{"from": f, "value": v} for f, v in turns],
+        "tools": json.dumps([{"name": "get_weather"}]),
+    }
+    path = kept_dir() / "tool-calls.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row) + "\n")
+    prompt, answer, tokens, _ = client.predict(  # columns detected: conversations -> messages, tools -> tools
+        row=0,
+        tokenizer_model=tiny_llama,
+        max_length=256,
+        source=str(path),
+        template="tools",
+        api_name="/dataset_preview",
+    )
+    assert prompt.endswith("### Tool:\n22 C\n\n### Assistant:\n") and answer == "22 C.<|im_end|>"
+    kinds = [piece["class_or_confidence"] for piece in tokens]
+    assert {"user (not trained on)", "assistant (trained on)", "tool (not trained on)"} == set(kinds)
+    called = "".join(piece["token"] for piece in tokens if piece["class_or_confidence"] == "assistant (trained on)")
+    call_text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert called == f"{call_text}<|im_end|>22 C.<|im_end|>"
+
+
 def test_errors_are_one_sentence_for_the_user(client, tiny_llama):
     from gradio_client.exceptions import AppError
 

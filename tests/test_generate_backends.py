@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import http.server
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
+from conftest import transformers_serve  # tests/ is on sys.path
 
 from finetune.config import GenerationParams, ModelSpec
 from finetune.generate import (
@@ -132,33 +129,8 @@ def test_conversation_prompt_repeats_the_template_per_turn(smol_tokenizer):
 
 @pytest.fixture(scope="module")
 def served_tiny(tiny_llama, tmp_path_factory):
-    """A real `transformers serve` of the tiny model on 127.0.0.1 (the OpenAI-compatible server of transformers)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", tiny_llama]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"transformers serve did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.3)
+    with transformers_serve(tiny_llama, tmp_path_factory.mktemp("serve")) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_openai_backend_streams_from_transformers_serve(served_tiny, tiny_llama):

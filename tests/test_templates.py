@@ -1,4 +1,5 @@
 import pytest
+from conftest import assert_trained_exactly, trained_spans  # tests/ is on sys.path
 
 from finetune import FinetuneError
 from finetune.templates import (
@@ -48,7 +49,10 @@ def test_chat_template_mask_covers_answer_and_end_of_turn(smol_tokenizer):
     assert enc["input_ids"].count(smol_tokenizer.bos_token_id) == 3  # system, user, assistant turns; none added
 
 
-def test_messages_rows_train_on_last_assistant_turn(smol_tokenizer):
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+def test_multi_turn_chat_trains_every_assistant_turn(smol_tokenizer):
     row = {
         "messages": [
             {"role": "user", "content": "Hi"},
@@ -57,10 +61,24 @@ def test_messages_rows_train_on_last_assistant_turn(smol_tokenizer):
             {"role": "assistant", "content": "An LLM engine."},
         ]
     }
-    enc = encode_row(smol_tokenizer, TEMPLATES["qa"], row)
-    trained = [t for t, label in zip(enc["input_ids"], enc["labels"]) if label != IGNORE_INDEX]
-    assert smol_tokenizer.decode(trained).startswith("An LLM engine.")
-    assert "Hello!" in smol_tokenizer.decode(enc["input_ids"][: enc["prompt_length"]])
+    enc = encode_row(smol_tokenizer, TEMPLATES["chat"], row)
+    assert_trained_exactly(
+        smol_tokenizer,
+        enc,
+        [
+            (SMOL_SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+            ("Hello!<|im_end|>\n", True),
+            ("<|im_start|>user\nWhat is Lamini?<|im_end|>\n<|im_start|>assistant\n", False),
+            ("An LLM engine.<|im_end|>\n", True),
+        ],
+    )
+    assert enc["prompt_length"] == trained_spans(enc)[0][0]
+    # Each token's turn, for the Data tab's colours (the template's own system prompt comes with the first user turn).
+    assert enc["kinds"] == ["assistant" if label != IGNORE_INDEX else "user" for label in enc["labels"]]
+    # A data set's own template overrides nothing: messages rows with a text template use the model's chat template.
+    assert encode_row(smol_tokenizer, TEMPLATES["qa"], row) == enc
+    # The prompt and answer shown in the Data tab: the answer is the last turn.
+    assert render(TEMPLATES["chat"], row, smol_tokenizer)[1] == "An LLM engine.<|im_end|>\n"
 
 
 def test_truncation_cuts_the_answer_never_the_prompt(smol_tokenizer):

@@ -23,17 +23,26 @@ from finetune.settings import Settings
 from finetune.templates import IGNORE_INDEX, get_template, render
 from finetune.ui.common import user_errors
 
-MAPPED = ("instruction", "input", "output", "messages", "text")  # the mapping dropdowns, in this order
+MAPPED = ("instruction", "input", "output", "messages", "tools", "text")  # the mapping dropdowns, in this order
 TEMPLATE_CHOICES = [
     ("Q/A: ### Question / ### Answer", "qa"),
     ("Alpaca: with or without input, per row", "alpaca"),
     ("The model's chat template", "chat"),
+    ("Conversations and tool calls, plain ### turns (any model)", "tools"),
     ("Plain text: train on the whole text", "text"),
     ("Custom, with {column} placeholders", "custom"),
 ]
 PAGE_SIZE = 20
 CELL_CHARS = 300  # table cells are shortened; the template preview shows a row in full
-TOKEN_COLORS = {data.PROMPT_TOKEN: "#d1d5db", data.ANSWER_TOKEN: "#86efac", data.CUT_TOKEN: "#fca5a5"}
+TOKEN_COLORS = {  # green: trained on; red: cut; a conversation's other turns each in their own colour
+    data.PROMPT_TOKEN: "#d1d5db",
+    data.ANSWER_TOKEN: "#86efac",
+    data.SYSTEM_TOKEN: "#e9d5ff",
+    data.USER_TOKEN: "#d1d5db",
+    data.TOOL_TOKEN: "#bfdbfe",
+    data.ASSISTANT_TOKEN: "#86efac",
+    data.CUT_TOKEN: "#fca5a5",
+}
 
 
 @dataclass
@@ -155,8 +164,14 @@ def build_data_tab(settings: Settings) -> DataTabOutputs:
         )
         row = gr.Number(0, precision=0, minimum=0, label="Row (or click one in the table)")
     with gr.Row():
-        prompt_text = gr.Textbox(label="Prompt: what the model is given (not trained on)", lines=8, interactive=False)
-        answer_text = gr.Textbox(label="Answer: what the model learns to write", lines=8, interactive=False)
+        prompt_text = gr.Textbox(
+            label="Prompt: what the model is given (a conversation's earlier assistant turns are trained on too)",
+            lines=8,
+            interactive=False,
+        )
+        answer_text = gr.Textbox(
+            label="Answer: what the model learns to write (a conversation's last turn)", lines=8, interactive=False
+        )
 
     gr.Markdown("### 3. Tokens")
     with gr.Row():
