@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -98,8 +99,17 @@ def _exit_reason(code: int, run: RunDir) -> str:
 class Runner:
     """Queue and processes of training runs under `root` (default `$FINETUNE_HOME/runs`). Thread-safe."""
 
-    def __init__(self, root: str | Path | None = None, python: str = sys.executable, poll_interval: float = 1.0):
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        python: str = sys.executable,
+        poll_interval: float = 1.0,
+        on_finished: Callable[[RunDir], str | None] | None = None,
+    ):
+        """`on_finished(run)`: called in its own thread when a run's process ends with an adapter saved (finished or
+        stopped); the sentence it returns is kept as the run's `notice` (the Train tab shows it)."""
         self.root = Path(root) if root else runs_root()
+        self.on_finished = on_finished
         self.root.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.poll_interval = poll_interval
@@ -286,6 +296,7 @@ class Runner:
             self._device_of.pop(run_id, None)
             run = RunDir(self.root / run_id)
             if run.read_status().get("state") not in ACTIVE_STATES:
+                self._finished(run)
                 continue
             if run.stop_requested:  # stopped while starting up, before it could save anything
                 run.update_status(state="stopped", eta_s=None, message="Stopped before the first step.")
@@ -298,6 +309,24 @@ class Runner:
                 self._device_of.pop(run_id, None)
                 if run.read_status().get("state") in ACTIVE_STATES:
                     run.update_status(state="failed", eta_s=None, message=_exit_reason(-signal.SIGKILL, run))
+                else:
+                    self._finished(run)
+
+    def _finished(self, run: RunDir) -> None:
+        """Hand a run that ended with an adapter to `on_finished`, in its own thread (it may talk to a server)."""
+        if self.on_finished is None or not (run.adapter_dir / "adapter_config.json").is_file():
+            return
+
+        def call() -> None:
+            try:
+                notice = self.on_finished(run)
+            except Exception as e:  # noqa: BLE001 (the run itself is done: say what failed next to it)
+                notice = f"After the run: {type(e).__name__}: {e}"
+            if notice:
+                with self._lock:  # not between another writer's read and write of the same status
+                    run.update_status(notice=notice)
+
+        threading.Thread(target=call, name=f"finished-{run.run_id}", daemon=True).start()
 
     def _schedule(self) -> None:
         with self._lock:

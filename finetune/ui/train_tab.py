@@ -57,6 +57,8 @@ def status_markdown(status: dict) -> str:
     lines = [" · ".join(parts)]
     if status.get("message"):
         lines.append(status["message"])
+    if status.get("notice"):
+        lines.append(status["notice"])
     if status.get("summary") and status.get("summary") not in status.get("message", ""):
         lines.append(f"*{status['summary']}*")
     return "\n\n".join(lines)
