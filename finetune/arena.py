@@ -20,8 +20,9 @@ import json
 import random
 import shutil
 import sqlite3
+import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -353,6 +354,24 @@ def ask(
         for role, messages in conversations.items():
             session.histories[role] = messages + [{"role": "assistant", "content": columns[role].text.strip()}]
         yield columns
+
+
+class RoundClock:
+    """How long the last rounds took (question to last column done), for the wait shown to users in the queue."""
+
+    def __init__(self, keep: int = 20):
+        self._times: deque[float] = deque(maxlen=keep)
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self._times.append(seconds)
+
+    def average_s(self) -> tuple[float, int] | None:
+        """(mean seconds, rounds it is the mean of); None before the first round."""
+        with self._lock:
+            times = list(self._times)
+        return (sum(times) / len(times), len(times)) if times else None
 
 
 # --- votes ------------------------------------------------------------------------------------------

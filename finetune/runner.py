@@ -9,6 +9,7 @@ the CPU. The next queued run starts on the first device that is free.
     runner.status(run_id)                  # the run's status + queue position
     runner.stop(run_id)                    # running: save the adapter at this step and stop; queued: cancel
     runner.resume(run_id)                  # continue from the latest checkpoint (also after a crash or kill -9)
+    runner.wait_s(run_id)                  # a queued run's estimated wait: the runs ahead's ETA and steps
 
 The web server never trains in its own process: a run is `python -m finetune train --run-dir DIR`, whose output
 goes to the run's log. The run keeps going when the app restarts; a new Runner finds it by its pid.
@@ -71,6 +72,18 @@ def _pid_runs(pid: int | None, run_dir: Path, create_time: float | None = None) 
         return False
     # Started by a runner: the run folder is on the command line; by hand (`python -m finetune train --config`): not.
     return any(run_dir.name in arg for arg in args) or ("train" in args and any("finetune" in a for a in args))
+
+
+def _expected_s(run: RunDir, pace: float | None) -> float | None:
+    """How long a queued run will train: its steps at `pace` seconds each, at most its time budget (max_minutes)."""
+    try:
+        cfg = run.read_config()
+    except (FinetuneError, OSError):
+        return None
+    guesses = [cfg.max_minutes * 60] if cfg.max_minutes > 0 else []
+    if isinstance(cfg.max_steps, int) and cfg.max_steps > 0 and pace is not None:
+        guesses.append(cfg.max_steps * pace)
+    return min(guesses, default=None)
 
 
 def visible_device(device: str) -> str:
@@ -193,11 +206,37 @@ class Runner:
             return "Stopping after the current step."
 
     def status(self, run_id: str) -> dict:
+        """The run's status.json, with its queue position and, while queued, its estimated wait (`wait_s`)."""
         with self._lock:
             self._schedule()
             status = self.open(run_id).read_status()
             status["queue_position"] = self._position(run_id)
+            status["wait_s"] = self.wait_s(run_id)
         return status
+
+    def wait_s(self, run_id: str) -> float | None:
+        """Seconds until a queued run starts, about: what the training runs have left (their ETA) plus the runs
+        queued ahead of it (their steps at the running runs' pace, or their time budget), shared by the devices.
+        None when the run is not queued, or a pace is not known yet (a run that has not timed its steps)."""
+        with self._lock:
+            position = self._position(run_id)
+            if position is None:
+                return None
+            if position <= len(self.devices) - len(self._device_of):
+                return 0.0  # a device is free: it starts at the next scheduling tick
+            running = [RunDir(self.root / rid).read_status() for rid in self._device_of]
+            ahead = [RunDir(self.root / rid) for rid, _ in self._queue[: position - 1]]
+        left, paces = 0.0, []
+        for s in running:
+            steps_left = (s.get("total") or 0) - (s.get("step") or 0)
+            if s.get("total") and steps_left <= 0:
+                continue  # all steps done: evaluating or saving, about to free its device
+            if s.get("eta_s") is None or steps_left <= 0:
+                return None  # still starting: no pace yet
+            left += s["eta_s"]
+            paces.append(s["eta_s"] / steps_left)
+        durations = [_expected_s(run, max(paces, default=None)) for run in ahead]
+        return None if None in durations else (left + sum(durations)) / len(self.devices)
 
     def runs(self, owner: str | None = None) -> list[RunInfo]:
         """All runs on disk, newest first (only `owner`'s when given), with their queue positions."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import gradio as gr
 import pandas as pd
@@ -18,6 +19,7 @@ from finetune.arena import (
     ROLES,
     ArenaSession,
     ArenaSetup,
+    RoundClock,
     VoteStore,
     ask,
     battles,
@@ -87,6 +89,18 @@ def _chats(session: ArenaSession, columns: dict[str, Column] | None = None, labe
     return chats + stats
 
 
+def _wait_line(clock: RoundClock, concurrency: int) -> str:
+    """What a place in the queue costs here, measured (gradio's queue shows each waiting user's place)."""
+    measured = clock.average_s()
+    if measured is None:
+        return ""
+    seconds, rounds = measured
+    return (
+        f"A round takes about {seconds:.0f} s here (average of the last {rounds}); {concurrency} at a time are "
+        f"answered, so each place ahead of you in the queue adds about {seconds / concurrency:.0f} s."
+    )
+
+
 def _leaderboard(store: VoteStore):
     votes = store.votes()
     rows = leaderboard(battles(votes), vote_counts(votes))
@@ -104,6 +118,7 @@ def build_arena_tab(
     `tab`: the Tab it sits in; opening it picks up adapters trained (and votes cast) since the page loaded.
     """
     store = store or VoteStore()
+    clock = RoundClock()
     adapters = adapter_choices()
     gr.Markdown(
         "Ask one question; the **base** model (pretrained), the **tuned** model (the same base + your LoRA "
@@ -173,6 +188,7 @@ def build_arena_tab(
                 chats.append(gr.Chatbot(label=role.title(), height=380))
                 stats.append(gr.Markdown())
     settings_line = gr.Markdown()
+    wait_line = gr.Markdown(lambda: _wait_line(clock, settings.generation_concurrency))
     with gr.Row():
         question = gr.Textbox("", label="Question", placeholder="Ask something...", scale=4, lines=2)
         with gr.Column(scale=1, min_width=160):
@@ -221,6 +237,7 @@ def build_arena_tab(
         serve_fallback: bool,
         state: ArenaSession | None,
     ):
+        started = time.perf_counter()
         if state is None or state.blind != blind:
             state = ArenaSession.start(blind)
         env_key = os.environ.get(api_key_env.strip(), "") if api_key_env and api_key_env.strip() else ""
@@ -243,15 +260,17 @@ def build_arena_tab(
             stop=(),  # each column stops at its own template's header (see generate.LocalBackend)
         )
         backends = make_backends(pool, setup, warn=gr.Warning)
+        waiting = _wait_line(clock, settings.generation_concurrency)
         for i, columns in enumerate(ask(backends, state, question or "", params)):
             chats_and_stats = _chats(state, columns, labels=i == 0)
-            yield *chats_and_stats, state, _settings_line(params), "", gr.Group(visible=state.blind), ""
+            yield *chats_and_stats, state, _settings_line(params), "", gr.Group(visible=state.blind), "", waiting
+        clock.add(time.perf_counter() - started)
 
     gr.on(
         [send.click, question.submit],
         gpu(duration=60)(run),  # ZeroGPU: a GPU for the length of one answer; elsewhere `run` itself
         None,
-        [*chats, *stats, session, settings_line, question, vote_box, verdict],
+        [*chats, *stats, session, settings_line, question, vote_box, verdict, wait_line],
         inputs_kwargs=form,
         api_name="arena",
         concurrency_limit=settings.generation_concurrency,
@@ -309,4 +328,7 @@ def build_arena_tab(
     if tab is not None:
         tab.select(refresh_adapters, adapter, adapter, api_visibility="private")
         tab.select(lambda: _leaderboard(store), None, [board, csv_file], api_visibility="private")
+        tab.select(
+            lambda: _wait_line(clock, settings.generation_concurrency), None, wait_line, api_visibility="private"
+        )
     return {"question": question, "adapter": adapter}
