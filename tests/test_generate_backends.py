@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -130,22 +132,22 @@ def test_conversation_prompt_repeats_the_template_per_turn(smol_tokenizer):
 # --- OpenAI-compatible endpoint ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def served_tiny(tiny_llama, tmp_path_factory):
-    """A real `transformers serve` of the tiny model on 127.0.0.1 (the OpenAI-compatible server of transformers)."""
+@contextlib.contextmanager
+def transformers_serve(model: str, log_dir: Path, timeout_s: float = 120.0) -> Iterator[str]:
+    """A real `transformers serve` of `model` (a local folder: its name there) on 127.0.0.1; yields its URL."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", tiny_llama]
+    log = log_dir / "serve.log"
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", model]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
@@ -159,6 +161,13 @@ def served_tiny(tiny_llama, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served_tiny(tiny_llama, tmp_path_factory):
+    """The OpenAI-compatible server of transformers, serving the tiny model."""
+    with transformers_serve(tiny_llama, tmp_path_factory.mktemp("serve")) as url:
+        yield url
 
 
 def test_openai_backend_streams_from_transformers_serve(served_tiny, tiny_llama):

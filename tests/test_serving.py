@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from finetune.arena import VoteStore, serve_finished_runs
@@ -27,7 +24,7 @@ from finetune.serving import ServeEngine, lora_name
 from finetune.settings import Settings
 from finetune.templates import TEMPLATES
 from tests.test_arena import _fake_run
-from tests.test_generate_backends import make_tiny_adapter
+from tests.test_generate_backends import make_tiny_adapter, transformers_serve
 from tests.test_workshop import client, running_app
 
 BASE_TEXT, TUNED_TEXT = "It is a base answer.", "Lamini is an LLM engine."
@@ -283,34 +280,10 @@ def test_a_finished_run_is_registered_at_once_and_says_so(home, tiny_llama, tiny
 
 @pytest.fixture(scope="module")
 def served_gemma(tmp_path_factory):
-    """`transformers serve` of the embedded Gemma-3-270M on 127.0.0.1 (its folder is the model's name there)."""
-    import socket
-
+    """`transformers serve` of the embedded Gemma-3-270M (its folder is the model's name there)."""
     folder = resolve_source(ModelSpec("gemma-3-270m"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", folder]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"transformers serve did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.3)
+    with transformers_serve(folder, tmp_path_factory.mktemp("serve"), timeout_s=300) as url:
         yield url, folder
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.integration
