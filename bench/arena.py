@@ -22,21 +22,8 @@ import argparse
 import copy
 import tempfile
 import time
-from pathlib import Path
 
-from common import load_note, machine, memory_bandwidth_gbs, p50, per_cpu_class, random_adapter, table
-
-
-def pick_adapter(base_model: str, base, tmp: str, path: str | None):
-    from finetune.arena import adapter_info, list_adapters
-
-    if path:
-        return adapter_info(path), f"given adapter {path}"
-    runs = [a for a in list_adapters() if a.origin == "run" and a.base_model == base_model]
-    if runs:
-        return runs[0], f"trained run {runs[0].name}"
-    folder = random_adapter(base, Path(tmp) / "random-lora")
-    return adapter_info(folder), "random LoRA (r=16, all linear, B ~ N(0, 1e-3)): no trained run found"
+from common import load_note, machine, memory_bandwidth_gbs, p50, per_cpu_class, pick_adapter, table
 
 
 class FirstToken:
@@ -106,7 +93,7 @@ def main() -> None:
         base_spec, ref_spec = ModelSpec(BASE_MODEL, dtype=dtype), ModelSpec(REFERENCE_MODEL, dtype=dtype)
         # --- the Arena: pooled base model with the adapter attached, reference model, streamed together
         pool = ModelPool()
-        adapter, adapter_note = pick_adapter(BASE_MODEL, pool.get(base_spec).model, tmp, args.adapter)
+        adapter, adapter_note = pick_adapter(BASE_MODEL, lambda: pool.get(base_spec).model, tmp, args.adapter)
         backends = make_backends(pool, ArenaSetup(BASE_MODEL, adapter.path, reference_model=REFERENCE_MODEL))
         for _ in ask(backends, ArenaSession.start(), "Warm up: what is Lamini?", params):
             pass  # loads both models and the adapter: the targets are "after warm load"

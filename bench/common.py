@@ -194,3 +194,23 @@ def random_adapter(model, out_dir: Path, r: int = 16, seed: int = 0) -> Path:
                 p.normal_(0.0, 1e-3)  # large enough to change greedy answers, small enough to keep them readable
     peft_model.save_pretrained(out_dir)
     return out_dir
+
+
+def pick_adapter(base_model: str, load_base, tmp: str, path: str | None = None):
+    """(AdapterInfo, a note saying which) for the tuned column: `path`, else the newest run trained on `base_model`,
+    else a random LoRA made in `tmp` on `load_base()`."""
+    from finetune.arena import adapter_info, list_adapters
+
+    if path:
+        return adapter_info(path), f"given adapter {path}"
+    runs = [a for a in list_adapters() if a.origin == "run" and a.base_model == base_model]
+    if runs:
+        return runs[0], f"trained run {runs[0].name}"
+    folder = random_adapter(load_base(), Path(tmp) / "random-lora")
+    return adapter_info(folder), "random LoRA (r=16, all linear, B ~ N(0, 1e-3)): no trained run found"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank `q` quantile (0..1) of `values`; nan for none."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")

@@ -20,9 +20,10 @@ import json
 import random
 import shutil
 import sqlite3
+import threading
 import time
-from collections import defaultdict
-from collections.abc import Iterator
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -31,8 +32,10 @@ import yaml
 
 from finetune import FinetuneError, home
 from finetune.config import DataConfig, GenerationParams, ModelSpec
+from finetune.engine import ServeEngine, lora_name
 from finetune.generate import (
     Backend,
+    BackendError,
     Column,
     LocalBackend,
     OpenAIBackend,
@@ -181,6 +184,9 @@ class ArenaSetup:
     endpoint_url: str = ""  # an OpenAI-compatible server instead of the local reference model
     endpoint_model: str = ""
     api_key: str = field(default="", repr=False)  # never stored or shown
+    serve_url: str = ""  # a serving engine (vLLM with LoRA) for base and tuned instead of this process
+    serve_model: str = ""  # the base model's name on that server; empty: `base_model`
+    serve_fallback: bool = False  # when the serving engine fails, base and tuned answer in this process
 
 
 class Unavailable(Backend):
@@ -201,17 +207,74 @@ class Unavailable(Backend):
         return TextStream(fail)
 
 
-def make_backends(pool: ModelPool, setup: ArenaSetup) -> dict[str, Backend]:
-    """The three columns. Base and tuned use the adapter's training template; the reference its chat template."""
+NO_ADAPTER = "No adapter chosen: train one in the Train tab, or upload one."
+
+
+def register_adapter(info: AdapterInfo, url: str) -> str:
+    """Load `info` into the serving engine at `url`; returns its name there."""
+    name = lora_name(info.name, info.path)
+    ServeEngine(url).register(name, info.path)
+    return name
+
+
+def serve_finished_runs(url: str) -> Callable[[RunDir], str] | None:
+    """`Runner(on_finished=...)`: each finished run's adapter is loaded into the serving engine at `url` at once, so
+    the first Arena round with it does not wait; None without a serving engine."""
+    if not url.strip():
+        return None
+
+    def register(run: RunDir) -> str:
+        try:
+            name = register_adapter(adapter_info(run.adapter_dir, run.run_id, "run"), url)
+        except FinetuneError as e:
+            return f"Not loaded into the serving engine: {e}"
+        return f"Loaded into the serving engine as {name!r}."
+
+    return register
+
+
+def _served_columns(setup: ArenaSetup, info: AdapterInfo | None, template: str) -> tuple[dict[str, Backend], str]:
+    """Base and tuned on the serving engine (the adapter registered unless the server lists it), and the first
+    error ("" when none): a column that cannot be served says why."""
+    engine = ServeEngine(setup.serve_url, setup.serve_model or setup.base_model)
+    try:
+        served = engine.models()
+    except BackendError as e:
+        return dict.fromkeys(("base", "tuned"), Unavailable(str(e))), str(e)
+    columns: dict[str, Backend] = {"base": engine.backend(template), "tuned": Unavailable(NO_ADAPTER)}
+    if info is not None:
+        name = lora_name(info.name, info.path)
+        try:
+            if name not in served:
+                engine.register(name, info.path)
+        except BackendError as e:
+            columns["tuned"] = Unavailable(str(e))
+            return columns, str(e)
+        host = columns["base"].host
+        columns["tuned"] = engine.backend(template, name, label=f"{engine.model} + {info.name} @ {host}")
+    return columns, ""
+
+
+def make_backends(pool: ModelPool, setup: ArenaSetup, warn: Callable[[str], None] | None = None) -> dict[str, Backend]:
+    """The three columns. Base and tuned use the adapter's training template; the reference its chat template.
+
+    With `setup.serve_url`, base and tuned come from that serving engine; `warn` hears when they fall back to this
+    process (`setup.serve_fallback`)."""
     dtype = inference_dtype()
     info = resolve_adapter(setup.adapter) if setup.adapter else None
     template = setup.template or (info.template if info else "qa")
     backends: dict[str, Backend] = {"base": LocalBackend(pool, ModelSpec(setup.base_model, dtype=dtype), template)}
     if info is None:
-        backends["tuned"] = Unavailable("No adapter chosen: train one in the Train tab, or upload one.")
+        backends["tuned"] = Unavailable(NO_ADAPTER)
     else:
         spec = ModelSpec(info.base_model, dtype=dtype)
         backends["tuned"] = LocalBackend(pool, spec, template, info.path, info.name)
+    if setup.serve_url.strip():
+        served, error = _served_columns(setup, info, template)
+        if not error or not setup.serve_fallback:
+            backends.update(served)
+        elif warn is not None:
+            warn(f"{error} Base and tuned answer in this app instead.")
     if setup.endpoint_url.strip():
         backends["reference"] = OpenAIBackend(setup.endpoint_url, setup.endpoint_model, setup.api_key or None)
     else:
@@ -291,6 +354,24 @@ def ask(
         for role, messages in conversations.items():
             session.histories[role] = messages + [{"role": "assistant", "content": columns[role].text.strip()}]
         yield columns
+
+
+class RoundClock:
+    """How long the last rounds took (question to last column done), for the wait shown to users in the queue."""
+
+    def __init__(self, keep: int = 20):
+        self._times: deque[float] = deque(maxlen=keep)
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self._times.append(seconds)
+
+    def average_s(self) -> tuple[float, int] | None:
+        """(mean seconds, rounds it is the mean of); None before the first round."""
+        with self._lock:
+            times = list(self._times)
+        return (sum(times) / len(times), len(times)) if times else None
 
 
 # --- votes ------------------------------------------------------------------------------------------

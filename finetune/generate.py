@@ -525,31 +525,56 @@ def _build_local_job(
     return job
 
 
+def api_root(url: str) -> str:
+    """An OpenAI-compatible server's API root (`.../v1`) from its address with or without `/v1`."""
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise FinetuneError(f"Endpoint {url!r} must start with http:// or https://.")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
 class OpenAIBackend(Backend):
-    """Any OpenAI-compatible server (vLLM, TGI, llama.cpp, `transformers serve`, OpenAI): streamed chat completions.
+    """Any OpenAI-compatible server (vLLM, TGI, llama.cpp, `transformers serve`, OpenAI): streamed completions.
 
     `base_url` is the API root, e.g. `http://127.0.0.1:8000/v1` (`/v1` is added when missing). Spoken to through
     the official `openai` SDK. The API key is sent as a bearer token and kept out of `repr`, logs and error
     messages; without one, no credential from the environment (OPENAI_API_KEY...) is sent either.
+    `template`: a text template (qa, alpaca...) prompts the model as the local column does, through the completions
+    API; None or chat: the chat completions API. `label`: the name shown and stored with votes (default model @ host).
     """
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0):
-        base_url = base_url.strip().rstrip("/")
-        if not base_url.startswith(("http://", "https://")):
-            raise FinetuneError(f"Endpoint {base_url!r} must start with http:// or https://.")
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        template: str | None = None,
+        label: str | None = None,
+    ):
         if not model.strip():
             raise FinetuneError("Give the endpoint's model name (see its /v1/models).")
-        self.base_url = base_url if base_url.endswith("/v1") else base_url + "/v1"
+        self.base_url = api_root(base_url)
         self.model = model.strip()
         self._api_key = api_key or None
         self.timeout_s = timeout_s
+        # A text template goes to /v1/completions as the very prompt the local column builds. As a chat message it
+        # would be wrapped in the server's chat template, which a base model lacks (transformers serve then fails, and
+        # vLLM refuses chat requests without one); both serve /v1/completions, with stop strings.
+        chosen = get_template(template) if template else None
+        self.template = chosen if chosen is not None and not chosen.chat else None
+        self._label = label
 
     def __repr__(self) -> str:
         return f"OpenAIBackend({self.base_url!r}, {self.model!r})"
 
     @property
     def label(self) -> str:
-        return f"{self.model} @ {self.base_url.split('://', 1)[1].removesuffix('/v1')}"
+        return self._label or f"{self.model} @ {self.host}"
+
+    @property
+    def host(self) -> str:
+        return self.base_url.split("://", 1)[1].removesuffix("/v1")
 
     def stream(self, messages: list[dict], params: GenerationParams) -> TextStream:
         return TextStream(lambda out: self._chunks(out, messages, params))
@@ -580,17 +605,24 @@ class OpenAIBackend(Backend):
             timeout=openai.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)),
             max_retries=0,  # a retry would double the wait in the arena before the column shows the error
         )
-        stops, deltas, finished = StopFilter(params.stop), 0, False
+        request = dict(
+            model=self.model,
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=params.max_new_tokens,  # not max_completion_tokens: older servers know only this one
+            extra_headers=headers,
+            **sampling,
+        )
+        deltas, finished = 0, False
         try:
-            chunks = client.chat.completions.create(
-                model=self.model,
-                messages=messages,
-                stream=True,
-                stream_options={"include_usage": True},
-                max_tokens=params.max_new_tokens,  # not max_completion_tokens: older servers know only this one
-                extra_headers=headers,
-                **sampling,
-            )
+            if self.template is None:
+                stops = StopFilter(params.stop)
+                chunks = client.chat.completions.create(messages=messages, **request)
+            else:  # the server stops at the template's next header too, so it stops spending time on the answer
+                stops = StopFilter(tuple(dict.fromkeys(self.template.stop + params.stop)))
+                prompt = conversation_prompt(self.template, messages)
+                stop = {"stop": list(stops.stops)} if stops.stops else {}
+                chunks = client.completions.create(prompt=prompt, **stop, **request)
             with chunks:
                 for chunk in chunks:
                     if not hasattr(chunk, "choices"):  # the SDK hands over whatever JSON the server sent
@@ -599,7 +631,7 @@ class OpenAIBackend(Backend):
                         out.tokens, finished = chunk.usage.completion_tokens, True
                     for choice in chunk.choices or []:
                         finished = finished or bool(choice.finish_reason)
-                        content = choice.delta.content if choice.delta else None
+                        content = _choice_text(choice)
                         if content:
                             deltas += 1
                             if text := stops.push(content):
@@ -642,6 +674,12 @@ class OpenAIBackend(Backend):
         if status == 404:
             return f"No such endpoint or model (HTTP 404): check the base URL and model name. {detail}"
         return f"The endpoint answered HTTP {status}: {detail}"
+
+
+def _choice_text(choice) -> str | None:
+    """The new text of a streamed choice: `delta.content` from chat completions, `text` from completions."""
+    delta = getattr(choice, "delta", None)
+    return delta.content if delta is not None else getattr(choice, "text", None)
 
 
 def stream_all(

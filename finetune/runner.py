@@ -9,6 +9,7 @@ the CPU. The next queued run starts on the first device that is free.
     runner.status(run_id)                  # the run's status + queue position
     runner.stop(run_id)                    # running: save the adapter at this step and stop; queued: cancel
     runner.resume(run_id)                  # continue from the latest checkpoint (also after a crash or kill -9)
+    runner.wait_s(run_id)                  # a queued run's estimated wait: the runs ahead's ETA and steps
 
 The web server never trains in its own process: a run is `python -m finetune train --run-dir DIR`, whose output
 goes to the run's log. The run keeps going when the app restarts; a new Runner finds it by its pid.
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,6 +74,18 @@ def _pid_runs(pid: int | None, run_dir: Path, create_time: float | None = None) 
     return any(run_dir.name in arg for arg in args) or ("train" in args and any("finetune" in a for a in args))
 
 
+def _expected_s(run: RunDir, pace: float | None) -> float | None:
+    """How long a queued run will train: its steps at `pace` seconds each, at most its time budget (max_minutes)."""
+    try:
+        cfg = run.read_config()
+    except (FinetuneError, OSError):
+        return None
+    guesses = [cfg.max_minutes * 60] if cfg.max_minutes > 0 else []
+    if isinstance(cfg.max_steps, int) and cfg.max_steps > 0 and pace is not None:
+        guesses.append(cfg.max_steps * pace)
+    return min(guesses, default=None)
+
+
 def visible_device(device: str) -> str:
     """`CUDA_VISIBLE_DEVICES` for a child that must see only `device` (cuda:N as this process numbers it)."""
     index = int(device.split(":", 1)[1])
@@ -98,8 +112,17 @@ def _exit_reason(code: int, run: RunDir) -> str:
 class Runner:
     """Queue and processes of training runs under `root` (default `$FINETUNE_HOME/runs`). Thread-safe."""
 
-    def __init__(self, root: str | Path | None = None, python: str = sys.executable, poll_interval: float = 1.0):
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        python: str = sys.executable,
+        poll_interval: float = 1.0,
+        on_finished: Callable[[RunDir], str | None] | None = None,
+    ):
+        """`on_finished(run)`: called in its own thread when a run's process ends with an adapter saved (finished or
+        stopped); the sentence it returns is kept as the run's `notice` (the Train tab shows it)."""
         self.root = Path(root) if root else runs_root()
+        self.on_finished = on_finished
         self.root.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.poll_interval = poll_interval
@@ -183,11 +206,37 @@ class Runner:
             return "Stopping after the current step."
 
     def status(self, run_id: str) -> dict:
+        """The run's status.json, with its queue position and, while queued, its estimated wait (`wait_s`)."""
         with self._lock:
             self._schedule()
             status = self.open(run_id).read_status()
             status["queue_position"] = self._position(run_id)
+            status["wait_s"] = self.wait_s(run_id)
         return status
+
+    def wait_s(self, run_id: str) -> float | None:
+        """Seconds until a queued run starts, about: what the training runs have left (their ETA) plus the runs
+        queued ahead of it (their steps at the running runs' pace, or their time budget), shared by the devices.
+        None when the run is not queued, or a pace is not known yet (a run that has not timed its steps)."""
+        with self._lock:
+            position = self._position(run_id)
+            if position is None:
+                return None
+            if position <= len(self.devices) - len(self._device_of):
+                return 0.0  # a device is free: it starts at the next scheduling tick
+            running = [RunDir(self.root / rid).read_status() for rid in self._device_of]
+            ahead = [RunDir(self.root / rid) for rid, _ in self._queue[: position - 1]]
+        left, paces = 0.0, []
+        for s in running:
+            steps_left = (s.get("total") or 0) - (s.get("step") or 0)
+            if s.get("total") and steps_left <= 0:
+                continue  # all steps done: evaluating or saving, about to free its device
+            if s.get("eta_s") is None or steps_left <= 0:
+                return None  # still starting: no pace yet
+            left += s["eta_s"]
+            paces.append(s["eta_s"] / steps_left)
+        durations = [_expected_s(run, max(paces, default=None)) for run in ahead]
+        return None if None in durations else (left + sum(durations)) / len(self.devices)
 
     def runs(self, owner: str | None = None) -> list[RunInfo]:
         """All runs on disk, newest first (only `owner`'s when given), with their queue positions."""
@@ -286,6 +335,7 @@ class Runner:
             self._device_of.pop(run_id, None)
             run = RunDir(self.root / run_id)
             if run.read_status().get("state") not in ACTIVE_STATES:
+                self._finished(run)
                 continue
             if run.stop_requested:  # stopped while starting up, before it could save anything
                 run.update_status(state="stopped", eta_s=None, message="Stopped before the first step.")
@@ -298,6 +348,24 @@ class Runner:
                 self._device_of.pop(run_id, None)
                 if run.read_status().get("state") in ACTIVE_STATES:
                     run.update_status(state="failed", eta_s=None, message=_exit_reason(-signal.SIGKILL, run))
+                else:
+                    self._finished(run)
+
+    def _finished(self, run: RunDir) -> None:
+        """Hand a run that ended with an adapter to `on_finished`, in its own thread (it may talk to a server)."""
+        if self.on_finished is None or not (run.adapter_dir / "adapter_config.json").is_file():
+            return
+
+        def call() -> None:
+            try:
+                notice = self.on_finished(run)
+            except Exception as e:  # noqa: BLE001 (the run itself is done: say what failed next to it)
+                notice = f"After the run: {type(e).__name__}: {e}"
+            if notice:
+                with self._lock:  # not between another writer's read and write of the same status
+                    run.update_status(notice=notice)
+
+        threading.Thread(target=call, name=f"finished-{run.run_id}", daemon=True).start()
 
     def _schedule(self) -> None:
         with self._lock:

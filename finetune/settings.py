@@ -49,6 +49,16 @@ class Settings:
     generation_concurrency: int = field(
         default=2, metadata={"env": "FINETUNE_GEN_CONCURRENCY", "help": "Arena requests served at once."}
     )
+    serve_url: str = field(
+        default="",
+        metadata={"env": "FINETUNE_SERVE_URL", "help": "Serving engine (vLLM with LoRA) for the Arena's base and "
+                  "tuned columns, e.g. http://127.0.0.1:8000 (empty: this process)."},
+    )  # fmt: skip
+    serve_model: str = field(
+        default="",
+        metadata={"env": "FINETUNE_SERVE_MODEL", "help": "The base model's name on the serving engine "
+                  "(empty: the base model's name here)."},
+    )  # fmt: skip
     app_device: str = field(
         default="auto",
         metadata={"env": "FINETUNE_APP_DEVICE", "help": "Device of the app's own models (auto: first GPU, MPS, CPU)."},

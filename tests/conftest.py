@@ -158,7 +158,7 @@ def assert_trained_exactly(tokenizer, enc: dict, pieces: list[tuple[str, bool]])
 
 
 @contextlib.contextmanager
-def transformers_serve(model_dir: str | Path, log_dir: Path) -> Iterator[str]:
+def transformers_serve(model_dir: str | Path, log_dir: Path, timeout_s: float = 120.0) -> Iterator[str]:
     """A real `transformers serve` of `model_dir` on 127.0.0.1 (the OpenAI-compatible server of transformers); yields
     its URL once it answers, stops it after."""
     import httpx
@@ -173,7 +173,7 @@ def transformers_serve(model_dir: str | Path, log_dir: Path) -> Iterator[str]:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from finetune.arena import serve_finished_runs
 from finetune.guided import Guide, app_guide
 from finetune.models import ModelPool
 from finetune.runner import Runner
@@ -26,7 +27,7 @@ def build_app(
 ) -> gr.Blocks:
     settings = settings or Settings.current()
     pool = pool or ModelPool()
-    runner = runner or Runner()
+    runner = runner or Runner(on_finished=serve_finished_runs(settings.serve_url))
     guide = guide or app_guide(runner, pool, settings.base_model)
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(f"# {TITLE}\nPrepare data, train a LoRA adapter, evaluate it, and compare models side by side.")

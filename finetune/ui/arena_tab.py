@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import gradio as gr
 import pandas as pd
@@ -18,12 +19,14 @@ from finetune.arena import (
     ROLES,
     ArenaSession,
     ArenaSetup,
+    RoundClock,
     VoteStore,
     ask,
     battles,
     example_questions,
     install_adapter,
     make_backends,
+    register_adapter,
     vote_counts,
 )
 from finetune.config import GenerationParams
@@ -86,6 +89,18 @@ def _chats(session: ArenaSession, columns: dict[str, Column] | None = None, labe
     return chats + stats
 
 
+def _wait_line(clock: RoundClock, concurrency: int) -> str:
+    """What a place in the queue costs here, measured (gradio's queue shows each waiting user's place)."""
+    measured = clock.average_s()
+    if measured is None:
+        return ""
+    seconds, rounds = measured
+    return (
+        f"A round takes about {seconds:.0f} s here (average of the last {rounds}); {concurrency} at a time are "
+        f"answered, so each place ahead of you in the queue adds about {seconds / concurrency:.0f} s."
+    )
+
+
 def _leaderboard(store: VoteStore):
     votes = store.votes()
     rows = leaderboard(battles(votes), vote_counts(votes))
@@ -103,6 +118,7 @@ def build_arena_tab(
     `tab`: the Tab it sits in; opening it picks up adapters trained (and votes cast) since the page loaded.
     """
     store = store or VoteStore()
+    clock = RoundClock()
     adapters = adapter_choices()
     gr.Markdown(
         "Ask one question; the **base** model (pretrained), the **tuned** model (the same base + your LoRA "
@@ -146,6 +162,16 @@ def build_arena_tab(
             endpoint_model = gr.Textbox("", label="Endpoint model name")
             key_env = gr.Textbox(value="OPENAI_API_KEY", label="API key from env var")
             api_key = gr.Textbox("", type="password", label="…or API key (never stored)")
+        with gr.Row():
+            serve_url = gr.Textbox(
+                settings.serve_url,
+                label="Base and tuned on a serving engine (vLLM with --enable-lora; empty: this app)",
+                placeholder="http://127.0.0.1:8000",
+            )
+            serve_model = gr.Textbox(
+                settings.serve_model, label="Base model's name on that server", placeholder="the base model above"
+            )
+            serve_fallback = gr.Checkbox(value=False, label="If the server fails, answer base and tuned in this app")
     with gr.Row():
         max_new_tokens = gr.Slider(
             16, settings.max_new_tokens, value=min(128, settings.max_new_tokens), step=16, label="Max new tokens"
@@ -162,6 +188,7 @@ def build_arena_tab(
                 chats.append(gr.Chatbot(label=role.title(), height=380))
                 stats.append(gr.Markdown())
     settings_line = gr.Markdown()
+    wait_line = gr.Markdown(lambda: _wait_line(clock, settings.generation_concurrency))
     with gr.Row():
         question = gr.Textbox("", label="Question", placeholder="Ask something...", scale=4, lines=2)
         with gr.Column(scale=1, min_width=160):
@@ -184,7 +211,8 @@ def build_arena_tab(
     form = dict(
         question=question, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
         blind=blind, base_model=base_model, adapter=adapter, template=template, reference_model=reference_model,
-        endpoint_url=endpoint_url, endpoint_model=endpoint_model, api_key_env=key_env, api_key=api_key, state=session,
+        endpoint_url=endpoint_url, endpoint_model=endpoint_model, api_key_env=key_env, api_key=api_key,
+        serve_url=serve_url, serve_model=serve_model, serve_fallback=serve_fallback, state=session,
     )  # fmt: skip
 
     @user_errors
@@ -204,8 +232,12 @@ def build_arena_tab(
         endpoint_model: str | None,
         api_key_env: str | None,
         api_key: str | None,
+        serve_url: str | None,
+        serve_model: str | None,
+        serve_fallback: bool,
         state: ArenaSession | None,
     ):
+        started = time.perf_counter()
         if state is None or state.blind != blind:
             state = ArenaSession.start(blind)
         env_key = os.environ.get(api_key_env.strip(), "") if api_key_env and api_key_env.strip() else ""
@@ -217,6 +249,9 @@ def build_arena_tab(
             endpoint_url=endpoint_url or "",
             endpoint_model=endpoint_model or "",
             api_key=api_key or env_key,
+            serve_url=serve_url or "",
+            serve_model=serve_model or "",
+            serve_fallback=bool(serve_fallback),
         )
         params = GenerationParams(
             max_new_tokens=max(1, min(int(max_new_tokens), settings.max_new_tokens)),
@@ -224,16 +259,18 @@ def build_arena_tab(
             top_p=float(top_p),
             stop=(),  # each column stops at its own template's header (see generate.LocalBackend)
         )
-        backends = make_backends(pool, setup)
+        backends = make_backends(pool, setup, warn=gr.Warning)
+        waiting = _wait_line(clock, settings.generation_concurrency)
         for i, columns in enumerate(ask(backends, state, question or "", params)):
             chats_and_stats = _chats(state, columns, labels=i == 0)
-            yield *chats_and_stats, state, _settings_line(params), "", gr.Group(visible=state.blind), ""
+            yield *chats_and_stats, state, _settings_line(params), "", gr.Group(visible=state.blind), "", waiting
+        clock.add(time.perf_counter() - started)
 
     gr.on(
         [send.click, question.submit],
         gpu(duration=60)(run),  # ZeroGPU: a GPU for the length of one answer; elsewhere `run` itself
         None,
-        [*chats, *stats, session, settings_line, question, vote_box, verdict],
+        [*chats, *stats, session, settings_line, question, vote_box, verdict, wait_line],
         inputs_kwargs=form,
         api_name="arena",
         concurrency_limit=settings.generation_concurrency,
@@ -268,14 +305,19 @@ def build_arena_tab(
     refresh_board.click(lambda: _leaderboard(store), None, [board, csv_file], api_name="leaderboard")
 
     @user_errors
-    def add_adapter(files, name):
+    def add_adapter(files, name, serve_url_: str | None):
         if not files:
             raise gr.Error("Choose the adapter files (or a .zip) to upload.")
         with saving("the adapter"):
             info = install_adapter([getattr(f, "name", f) for f in files], name or "")
+        if serve_url_ and serve_url_.strip():
+            try:
+                register_adapter(info, serve_url_)
+            except FinetuneError as e:  # installed all the same: the next round tries the server again
+                gr.Warning(f"Adapter {info.name!r} is added, but not to the serving engine: {e}")
         return gr.Dropdown(choices=adapter_choices(), value=str(info.path)), None
 
-    add.click(add_adapter, [upload, upload_name], [adapter, upload], api_visibility="private")
+    add.click(add_adapter, [upload, upload_name, serve_url], [adapter, upload], api_visibility="private")
 
     def refresh_adapters(current: str | None):
         """New choices; with none chosen yet, the newest adapter (a participant's first trained run)."""
@@ -286,4 +328,7 @@ def build_arena_tab(
     if tab is not None:
         tab.select(refresh_adapters, adapter, adapter, api_visibility="private")
         tab.select(lambda: _leaderboard(store), None, [board, csv_file], api_visibility="private")
+        tab.select(
+            lambda: _wait_line(clock, settings.generation_concurrency), None, wait_line, api_visibility="private"
+        )
     return {"question": question, "adapter": adapter}

@@ -53,10 +53,14 @@ def status_markdown(status: dict) -> str:
     if status.get("loss") is not None:
         parts.append(f"loss {status['loss']:.3f}")
     if status.get("queue_position"):
-        parts.append(f"position {status['queue_position']} in the queue")
+        wait = status.get("wait_s")
+        about = f", about {_duration(wait)} to wait" if wait is not None else ""
+        parts.append(f"position {status['queue_position']} in the queue{about}")
     lines = [" · ".join(parts)]
     if status.get("message"):
         lines.append(status["message"])
+    if status.get("notice"):
+        lines.append(status["notice"])
     if status.get("summary") and status.get("summary") not in status.get("message", ""):
         lines.append(f"*{status['summary']}*")
     return "\n\n".join(lines)
