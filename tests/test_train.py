@@ -265,7 +265,8 @@ def test_a_missing_or_unknown_tracker_is_a_clear_error(tiny_llama, qa_file, monk
     with pytest.raises(FinetuneError, match="report_to must be one of none, tensorboard, trackio"):
         check_config(tiny_config(tiny_llama, qa_file, report_to="wandb"))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    missing = lambda name, *args: None if name == "tensorboard" else real(name, *args)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
     with pytest.raises(FinetuneError, match="needs the tensorboard package: pip install tensorboard"):
         check_config(tiny_config(tiny_llama, qa_file, report_to="tensorboard"))
 
