@@ -315,11 +315,12 @@ class RunDir:
 
     def checkpoints(self) -> list[Checkpoint]:
         """The complete checkpoints, oldest first: the Trainer writes trainer_state.json last, so a kill -9 in the
-        middle of a save leaves a checkpoint without it, which a resume must not start from."""
+        middle of a save leaves a checkpoint without it, or with half of it (not atomic: seen empty), which a resume
+        must not start from."""
         found = []
         for path in self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"):
             step = path.name.removeprefix(CHECKPOINT_PREFIX)
-            if step.isdigit() and (path / "trainer_state.json").is_file():
+            if step.isdigit() and _read_json(path / "trainer_state.json") is not None:
                 found.append(Checkpoint(int(step), path))
         return sorted(found)
 

@@ -635,7 +635,7 @@ def _adapter_and_config(path: str | Path, step: int | None = None) -> tuple[Path
     """A run folder's adapter (or its checkpoint's at `step`), or an adapter folder; and the config it was trained
     with (its run's, else the defaults)."""
     path = Path(path)
-    if RunDir(path).config_file.is_file() and (step is not None or RunDir(path).adapter_dir.is_dir()):
+    if step is not None or RunDir(path).adapter_dir.is_dir():
         path = RunDir(path).adapter_path(step)
     if not (path / "adapter_config.json").is_file():
         raise FinetuneError(f"No LoRA adapter in {path}: give a run folder or an adapter folder.")

@@ -81,10 +81,11 @@ def test_loss_curve_names_its_series_train_and_held_out(run):
 
 def test_the_latest_checkpoint_is_the_newest_complete_one(run):
     assert run.latest_checkpoint() is None
-    for step in (2, 10, 12):
+    for step in (2, 10, 12, 14):
         (run.checkpoints_dir / f"checkpoint-{step}").mkdir(parents=True)
     for step in (2, 10):  # checkpoint-12: killed while saving, trainer_state.json (written last) missing
         (run.checkpoints_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (run.checkpoints_dir / "checkpoint-14" / "trainer_state.json").write_text('{"log_hi')  # killed while writing it
     assert [c.step for c in run.checkpoints()] == [2, 10]  # by number, not by name (10 sorts before 2)
     assert run.latest_checkpoint() == (10, run.checkpoints_dir / "checkpoint-10")
 

@@ -271,6 +271,19 @@ def test_a_missing_or_unknown_tracker_is_a_clear_error(tiny_llama, qa_file, monk
         check_config(tiny_config(tiny_llama, qa_file, report_to="tensorboard"))
 
 
+def test_the_train_form_offers_the_trackers_in_a_dropdown():
+    import gradio as gr
+
+    from finetune.ui.forms import form_config, more_settings
+
+    with gr.Blocks():
+        form = more_settings(TrainConfig(), placed={})
+    choices = [value for _, value in form["report_to"].choices]
+    assert isinstance(form["report_to"], gr.Dropdown) and choices == ["none", "tensorboard", "trackio"]
+    assert isinstance(form["keep_best"], gr.Checkbox) and form["keep_best"].value is True
+    assert form_config({"report_to": "tensorboard"}, TrainConfig()).report_to == "tensorboard"
+
+
 def test_keep_best_measures_each_checkpoint_and_keeps_the_newest_and_the_best(tiny_llama, qa_file, tmp_path):
     run = RunDir(tmp_path / "run")
     train(tiny_config(tiny_llama, qa_file, max_steps=6, save_steps=1, save_total_limit=2), run.path)
