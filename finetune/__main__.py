@@ -1,9 +1,10 @@
 """Command line: `python -m finetune <command> --help`.
 
     python -m finetune train --config recipes/lamini_docs_qlora.yaml [--set key=value ...]
-    python -m finetune train --run-dir RUN_DIR --resume
-    python -m finetune export RUN_DIR OUT_DIR            # adapter merged into its base, + how to serve it
-    python -m finetune eval --run runs/<id> [--limit N]  # base vs tuned on held-out questions, kept in the run
+    python -m finetune train --run-dir RUN_DIR --resume [--checkpoint STEP]
+    python -m finetune export RUN_DIR OUT_DIR [--checkpoint STEP]   # adapter merged into its base, + how to serve it
+    python -m finetune eval --run runs/<id> [--limit N] [--checkpoint STEP]  # base vs tuned, kept in the run
+    python -m finetune compare RUN RUN...                # the settings that differ, losses, evaluations side by side
 
 Each command is an `add_<name>(subparsers)` function that registers its parser and sets `func`.
 """
@@ -55,7 +56,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logging.getLogger("finetune").addHandler(handler)
     print(f"run folder: {run_dir}", flush=True)
-    adapter = train(cfg, run_dir, resume=args.resume)
+    adapter = train(cfg, run_dir, resume=args.resume, checkpoint=args.checkpoint)
     print(f"adapter: {adapter}", flush=True)
     return 0
 
@@ -68,6 +69,9 @@ def add_train(sub) -> None:
     )
     p.add_argument("--run-dir", help="Run folder (default: a new one under $FINETUNE_HOME/runs).")
     p.add_argument("--resume", action="store_true", help="Continue from the run folder's latest checkpoint.")
+    p.add_argument(
+        "--checkpoint", type=int, metavar="STEP", help="Continue from the checkpoint of this step (implies --resume)."
+    )
     p.set_defaults(func=_cmd_train)
 
 
@@ -75,7 +79,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from finetune.serving import serve_commands
     from finetune.train import export_merged
 
-    out = export_merged(args.run, args.out, base=args.base)
+    out = export_merged(args.run, args.out, base=args.base, step=args.checkpoint)
     print(f"merged model: {out}")
     if not (out / "chat_template.jinja").is_file():
         print("note: no chat template written (a custom template): servers will prompt it with the base's format")
@@ -88,6 +92,7 @@ def add_export(sub) -> None:
     p.add_argument("run", help="Run folder or adapter folder.")
     p.add_argument("out", help="Output folder for the merged model.")
     p.add_argument("--base", help="Base model (default: the one in the run's config).")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="The adapter of this checkpoint, not the final one.")
     p.set_defaults(func=_cmd_export)
 
 
@@ -107,9 +112,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         embedding_model=args.embedding_model or ("auto" if not args.no_similarity else None),
         benchmarks=args.arc_easy,
+        checkpoint=args.checkpoint,
     )
     print(format_summary(result))
-    print(f"written: {RunDir(Path(result['run_dir'])).eval_file}")
+    print(f"written: {RunDir(Path(result['run_dir'])).eval_file_of(args.checkpoint)}")
     return 0
 
 
@@ -122,10 +128,26 @@ def add_eval(sub) -> None:
     p.add_argument("--embedding-model", help="Sentence-embedding model (folder or Hub id) for the similarity score.")
     p.add_argument("--no-similarity", action="store_true", help="Skip the embedding similarity score.")
     p.add_argument("--arc-easy", action="store_true", help="Also run ARC-Easy (needs lm-eval and the data set).")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="Evaluate this checkpoint's adapter.")
     p.set_defaults(func=_cmd_eval)
 
 
-COMMANDS = [add_train, add_export, add_eval]
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from finetune.compare import compare_runs, format_comparison
+    from finetune.runs import open_run
+
+    # Folders or ids, as typed (a str would be an id only: what a browser may send).
+    print(format_comparison(compare_runs([open_run(Path(run)) for run in args.runs])))
+    return 0
+
+
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="Two or more runs side by side: the settings that differ, losses, evaluations.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="Run folder (runs/<id>) or run id.")
+    p.set_defaults(func=_cmd_compare)
+
+
+COMMANDS = [add_train, add_export, add_eval, add_compare]
 
 
 def main(argv: list[str] | None = None) -> int:

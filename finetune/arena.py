@@ -47,7 +47,7 @@ from finetune.generate import (
 from finetune.hardware import inference_dtype
 from finetune.models import ModelPool, embedded_name
 from finetune.ratings import Battle
-from finetune.runs import RunDir, list_runs
+from finetune.runs import RunDir, adapter_label, list_runs, run_of_adapter
 from finetune.security import check_upload_size, extract_zip, safe_name
 
 ROLES = ("base", "tuned", "reference")
@@ -63,11 +63,11 @@ COURSE_QUESTIONS = ("What do you think of Mars?",)
 class AdapterInfo:
     """A LoRA adapter the tuned column can use, and what it was trained with."""
 
-    name: str  # run id, or the name of an uploaded adapter
+    name: str  # run id (`<run id> · step N` for a checkpoint's), or the name of an uploaded adapter
     path: Path
     base_model: str  # ModelSpec source of the model it was trained on
     template: str  # the prompt template it was trained with
-    origin: str  # "run" or "upload"
+    origin: str  # "run", "checkpoint" or "upload"
 
 
 def uploads_dir() -> Path:
@@ -81,23 +81,36 @@ def _base_from_adapter_config(adapter: Path) -> str:
 
 
 def adapter_info(path: str | Path, name: str | None = None, origin: str = "upload") -> AdapterInfo:
-    """Describe the adapter folder `path`; a run's config (one level up) gives its model and template."""
+    """Describe the adapter folder `path`; the config of the run it is in (its final adapter or a checkpoint's) gives
+    its model and template."""
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         raise FinetuneError(f"No LoRA adapter in {path} (adapter_config.json is missing).")
     base_model, template = _base_from_adapter_config(path), "qa"
-    # Read as plain YAML, not as a TrainConfig: an adapter trained by another version still shows up.
-    config_file = RunDir(path.parent).config_file
-    if config_file.is_file():
-        config = yaml.safe_load(config_file.read_text()) or {}
+    found = run_of_adapter(path)
+    if found:
+        # Read as plain YAML, not as a TrainConfig: an adapter trained by another version still shows up.
+        config = yaml.safe_load(found[0].config_file.read_text()) or {}
         base_model = (config.get("model") or {}).get("source") or base_model
         template = (config.get("data") or {}).get("template") or template
-    return AdapterInfo(name or path.parent.name, path, base_model, template, origin)
+    default = _run_adapter_name(*found) if found else path.parent.name
+    return AdapterInfo(name or default, path, base_model, template, origin)
+
+
+def _run_adapter_name(run: RunDir, step: int | None) -> str:
+    # The final adapter keeps the bare run id: the model label of the votes already cast with it.
+    return run.run_id if step is None else adapter_label(run.run_id, step)
 
 
 def list_adapters() -> list[AdapterInfo]:
-    """Final adapters of training runs (newest first), then uploaded ones."""
-    runs = [adapter_info(i.run.adapter_dir, i.run_id, "run") for i in list_runs() if i.has_adapter]
+    """Adapters of training runs (newest run first: its final adapter, then its checkpoints' newest first), then
+    uploaded ones."""
+    runs = []
+    for i in list_runs():
+        if i.has_adapter:
+            runs.append(adapter_info(i.run.adapter_dir, i.run_id, "run"))
+        for c in reversed(i.run.checkpoints()):
+            runs.append(adapter_info(c.path, origin="checkpoint"))
     uploads = sorted(p for p in uploads_dir().glob("*") if (p / "adapter_config.json").is_file())
     return runs + [adapter_info(p, p.name, "upload") for p in uploads]
 

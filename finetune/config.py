@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # bundled YAML recipes (package data)
+REPORT_TO = ("none", "tensorboard", "trackio")  # trackers a run can also log to (`TrainConfig.report_to`)
 
 
 @dataclass
@@ -118,8 +119,15 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"help": "Forward passes per optimizer step."})
     eval_steps: int = field(default=0, metadata={"help": "Held-out loss every N steps (0: only at the end)."})
     eval_rows: int | None = field(default=64, metadata={"help": "Held-out rows for the loss in training (None: all)."})
-    save_steps: int = field(default=40, metadata={"help": "Checkpoint (for resume) every N steps."})
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
+    save_steps: int = field(default=40, metadata={"help": "Checkpoint every N steps: resume, evaluate or export any."})
+    save_total_limit: int = field(
+        default=2, metadata={"help": "Newest checkpoints kept on disk (0: all); older ones go as new ones come."}
+    )
+    keep_best: bool = field(
+        default=True,
+        metadata={"help": "Also keep the checkpoint with the lowest held-out loss, however old (the held-out loss is "
+                  "then measured at every checkpoint)."},
+    )  # fmt: skip
     logging_steps: int = field(default=5, metadata={"help": "Loss/metrics line every N steps."})
     seed: int = field(default=42, metadata={"help": "Seed for LoRA init and data order."})
     mixed_precision: str = field(
@@ -139,6 +147,12 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (big models)."})
     eval_at_end: bool = field(default=False, metadata={"help": "Run the evaluation (finetune.evaluate) at the end."})
+    report_to: str = field(
+        default="none",
+        metadata={"help": "Also log the run's metrics to tensorboard (events in the run folder's tensorboard/) or "
+                  "trackio, where installed; the app's own charts read the run folder either way.",
+                  "choices": REPORT_TO},
+    )  # fmt: skip
     push_to_hub: str | None = field(
         default=None, metadata={"help": "Hub repo id to push the adapter to at the end (needs HF_TOKEN)."}
     )

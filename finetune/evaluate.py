@@ -3,8 +3,9 @@
     from finetune.evaluate import evaluate_run
     result = evaluate_run("<run-id>", limit=20)  # also kept in the run folder (`RunDir.read_eval`), table as CSV/JSONL
     result["summary"]["base"]["perplexity"], result["summary"]["tuned"]["f1"]
+    evaluate_run("<run-id>", checkpoint=40)    # a checkpoint's adapter instead of the final one
 
-or from the shell: `python -m finetune eval --run runs/<id> --limit 20`.
+or from the shell: `python -m finetune eval --run runs/<id> --limit 20 [--checkpoint 40]`.
 
 - Held-out loss and perplexity on the run's test split, on answer tokens only (the labels `encode_row` trains
   on): perplexity = exp(total answer-token loss / number of answer tokens).
@@ -183,17 +184,21 @@ class EvalTarget:
     spec: ModelSpec
     data: DataConfig
     max_length: int
+    adapter: Path  # the final adapter's folder, or a checkpoint's
+    step: int | None = None  # the checkpoint's step; None: the final adapter
 
 
-def eval_target(run_id_or_path: str | Path) -> EvalTarget:
-    """The run's base model, data set and adapter, from its config; a str is a run id, a Path a folder (`open_run`)."""
+def eval_target(run_id_or_path: str | Path, checkpoint: int | None = None) -> EvalTarget:
+    """The run's base model, data set and adapter (the final one, or the checkpoint's at step `checkpoint`), from its
+    config; a str is a run id, a Path a folder (`open_run`)."""
     run = open_run(run_id_or_path)
     cfg = run.read_config()
-    if not run.has_adapter:
+    if checkpoint is None and not run.has_adapter:
         raise FinetuneError(
-            f"Run {run.run_id} has no adapter yet: wait until training finishes (stopping it also saves one)."
+            f"Run {run.run_id} has no adapter yet: wait until training finishes (stopping it also saves one), "
+            "or pick one of its checkpoints."
         )
-    return EvalTarget(run, cfg.model, cfg.data, cfg.max_length)
+    return EvalTarget(run, cfg.model, cfg.data, cfg.max_length, run.adapter_path(checkpoint), checkpoint)
 
 
 def eval_spec(spec: ModelSpec) -> ModelSpec:
@@ -379,11 +384,13 @@ def evaluate_run(
     batch_size: int = 8,
     embedding_model: str | None = "auto",
     benchmarks: bool = False,
+    checkpoint: int | None = None,
 ) -> dict:
     """Evaluate a run's adapter against its base model on the run's test split (the first `limit` questions).
 
     Keeps the result (summary per model + per-question rows) in the run folder (`RunDir.write_eval`, which also
     writes the table as CSV and JSONL), and returns it. `run_dir`: a run id, or a folder (`open_run`).
+    `checkpoint`: evaluate the adapter of the checkpoint at that step instead of the final one (kept apart).
     `progress(done, total, text)` is called after each chunk of `batch_size` questions;
     `cancel` (an Event or a callable) is checked between chunks and raises `EvalCancelled`, writing nothing.
     `embedding_model`: "auto" (the bundled all-MiniLM-L6-v2 if installed), a folder or Hub id, or None (skip).
@@ -391,7 +398,7 @@ def evaluate_run(
     from finetune.data import load_splits
 
     t0 = time.perf_counter()
-    target = eval_target(run_dir)
+    target = eval_target(run_dir, checkpoint)
     test = load_splits(target.data)["test"]
     if limit:
         test = test.select(range(min(int(limit), len(test))))
@@ -400,7 +407,7 @@ def evaluate_run(
         raise FinetuneError("The test split is empty: raise test_size in the run's data settings.")
     template = get_template(target.data.template)
     params = replace(params or GenerationParams(), temperature=0.0, stop=template.stop)  # greedy: reproducible
-    entry, adapter = (pool or ModelPool()).get_with_adapter(eval_spec(target.spec), target.run.adapter_dir)
+    entry, adapter = (pool or ModelPool()).get_with_adapter(eval_spec(target.spec), target.adapter)
     total = math.ceil(len(rows) / batch_size) + 1  # the answer chunks, then scoring
     chunk_done = (lambda done, text: progress(done, total, text)) if progress else None
     answers = answer_questions(
@@ -414,7 +421,8 @@ def evaluate_run(
         "run_id": target.run.run_id,
         "run_dir": str(target.run.path),
         "model": target.spec.source,
-        "adapter": str(target.run.adapter_dir),
+        "adapter": str(target.adapter),
+        "checkpoint": target.step,
         "data": asdict(target.data),
         "questions": len(rows),
         "answer_tokens": sum(n for _, n in answers.losses["base"]),
@@ -425,12 +433,12 @@ def evaluate_run(
         "notes": notes,
     }
     if benchmarks:
-        result["benchmarks"] = {"arc_easy": arc_easy(eval_spec(target.spec), target.run.adapter_dir, limit)}
+        result["benchmarks"] = {"arc_easy": arc_easy(eval_spec(target.spec), target.adapter, limit)}
         if "note" in result["benchmarks"]["arc_easy"]:
             notes.append(result["benchmarks"]["arc_easy"]["note"])
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    target.run.write_eval(result)
+    target.run.write_eval(result, target.step)
     if progress:
         progress(total, total, "Done")
     return result
@@ -480,7 +488,9 @@ def _fmt(value: float | None) -> str:
 
 def format_summary(result: dict) -> str:
     """A plain-text table of the summary (for the CLI and logs): one line per metric, base vs tuned."""
-    lines = [f"{result['run_id']}: {result['questions']} held-out questions, {result['answer_tokens']} answer tokens"]
+    at = f" (checkpoint of step {result['checkpoint']})" if result.get("checkpoint") is not None else ""
+    counts = f"{result['questions']} held-out questions, {result['answer_tokens']} answer tokens"
+    lines = [f"{result['run_id']}{at}: {counts}"]
     lines.append(f"{'metric':<16}{'base':>12}{'tuned':>12}")
     for key, label in METRIC_LABELS.items():
         base, tuned = (result["summary"][c][key] for c in COLUMNS)

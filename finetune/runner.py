@@ -9,6 +9,7 @@ the CPU. The next queued run starts on the first device that is free.
     runner.status(run_id)                  # the run's status + queue position
     runner.stop(run_id)                    # running: save the adapter at this step and stop; queued: cancel
     runner.resume(run_id)                  # continue from the latest checkpoint (also after a crash or kill -9)
+    runner.resume(run_id, checkpoint=40)   # ...or from an earlier one (what came after it is dropped)
     runner.wait_s(run_id)                  # a queued run's estimated wait: the runs ahead's ETA and steps
 
 The web server never trains in its own process: a run is `python -m finetune train --run-dir DIR`, whose output
@@ -128,7 +129,7 @@ class Runner:
         self.poll_interval = poll_interval
         self.devices = machine().training_devices()
         self._lock = threading.RLock()
-        self._queue: list[tuple[str, bool]] = []  # (run id, resume)
+        self._queue: list[tuple[str, bool, int | None]] = []  # (run id, resume, checkpoint step: None = latest)
         self._procs: dict[str, subprocess.Popen] = {}
         # Runs started by an earlier app process, still training: id -> (pid, its create time if recorded).
         self._adopted: dict[str, tuple[int, float | None]] = {}
@@ -159,12 +160,13 @@ class Runner:
             run.write_config(cfg)
             run.update_status(state="queued", owner=owner, created=time.time(), name=name, message="Queued")
         with self._lock:
-            self._queue.append((run_id, False))
+            self._queue.append((run_id, False, None))
             self._schedule()
         return run_id
 
-    def resume(self, run_id: str, user: str | None = None) -> None:
-        """Queue a stopped, failed or finished run again; it continues from its latest checkpoint."""
+    def resume(self, run_id: str, user: str | None = None, checkpoint: int | None = None) -> None:
+        """Queue a stopped, failed or finished run again; it continues from its latest checkpoint, or from the one at
+        step `checkpoint` (the metrics and checkpoints after it are then dropped, and those steps trained again)."""
         from finetune.train import check_config  # imports transformers' Trainer: not at app start
 
         run = self.open(run_id)
@@ -174,12 +176,15 @@ class Runner:
             if state in ACTIVE_STATES:
                 raise FinetuneError(f"Run {run_id} is {state}: stop it before resuming.")
             check_config(run.read_config())
-            where = run.latest_checkpoint()
-            message = (
-                f"Queued to resume from {where.path.name}" if where else "Queued (no checkpoint yet: starts over)"
-            )
-            run.update_status(state="queued", message=message, resume=True)
-            self._queue.append((run_id, True))
+            if checkpoint is not None:
+                run.adapter_path(checkpoint)  # raises, naming the kept steps, when there is no such checkpoint
+                message = f"Queued to resume from step {checkpoint} (what came after it is dropped)"
+            elif run.latest_checkpoint():
+                message = f"Queued to resume from step {run.latest_checkpoint().step}"
+            else:
+                message = "Queued (no checkpoint yet: starts over)"
+            run.update_status(state="queued", message=message, resume=True, resume_checkpoint=checkpoint)
+            self._queue.append((run_id, True, checkpoint))
             self._schedule()
 
     def stop(self, run_id: str, user: str | None = None) -> str:
@@ -296,7 +301,7 @@ class Runner:
             raise FinetuneError(f"Run {run.run_id} belongs to {owner}: only its owner or an admin can {action} it.")
 
     def _position(self, run_id: str) -> int | None:
-        ids = [rid for rid, _ in self._queue]
+        ids = [item[0] for item in self._queue]
         return ids.index(run_id) + 1 if run_id in ids else None
 
     def _pid(self, run_id: str) -> int | None:
@@ -311,7 +316,8 @@ class Runner:
             status = run.read_status()
             state = status.get("state")
             if state == "queued":
-                queued.append((status.get("created", 0.0), run.run_id, status.get("resume", False)))
+                resume = (bool(status.get("resume")), status.get("resume_checkpoint"))
+                queued.append((status.get("created", 0.0), run.run_id, resume))
             elif state in ("running", "stopping"):
                 if _pid_runs(status.get("pid"), run.path, status.get("pid_create_time")):
                     self._adopted[run.run_id] = (status["pid"], status.get("pid_create_time"))
@@ -324,7 +330,7 @@ class Runner:
                         message="The training process is gone (the app or the machine restarted?). "
                         "Press Resume to continue from the last checkpoint.",
                     )
-        self._queue.extend((run_id, bool(resume)) for _, run_id, resume in sorted(queued))
+        self._queue.extend((run_id, *resume) for _, run_id, resume in sorted(queued))
 
     def _reap(self) -> None:
         for run_id, proc in list(self._procs.items()):
@@ -372,13 +378,14 @@ class Runner:
             self._reap()
             free = [d for d in self.devices if d not in self._device_of.values()]
             while free and self._queue:
-                run_id, resume = self._queue.pop(0)
-                self._start(run_id, resume, free.pop(0))
+                run_id, resume, checkpoint = self._queue.pop(0)
+                self._start(run_id, resume, checkpoint, free.pop(0))
 
-    def _start(self, run_id: str, resume: bool, device: str) -> None:
+    def _start(self, run_id: str, resume: bool, checkpoint: int | None, device: str) -> None:
         run = RunDir(self.root / run_id)
         run.clear_stop()
         cmd = [self.python, "-m", "finetune", "train", "--run-dir", str(run.path)] + (["--resume"] if resume else [])
+        cmd += ["--checkpoint", str(checkpoint)] if checkpoint is not None else []
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if device.startswith("cuda:"):  # the child sees its GPU alone, as cuda:0; two runs never share one
             env["CUDA_VISIBLE_DEVICES"] = visible_device(device)

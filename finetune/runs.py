@@ -4,12 +4,18 @@
     run = open_run("20260101-120000-quickstart-1a2b")  # an id under $FINETUNE_HOME/runs (checked: ids come from users)
     run.update_status(state="running", step=3)      # merged into status.json, written atomically
     run.read_metrics(), run.latest_checkpoint(), run.has_adapter, run.read_eval()
+    run.checkpoint_infos()                          # each checkpoint with its step, train and held-out loss
+    run.adapter_path(40), run.read_eval(step=40)    # a checkpoint's adapter, and its evaluation
     [(i.run_id, i.state) for i in list_runs(owner="ada")]  # newest first
+
+An adapter of a run is named by its id (the final adapter) or `<run-id>@<step>` (a checkpoint's): `adapter_ref`,
+`parse_adapter_ref`; `run_of_adapter` goes back from an adapter folder to its run.
 
 A run folder holds config.yaml (the TrainConfig), status.json (state, step, ETA, owner, pid; written atomically
 so readers never see half of it), metrics.jsonl (one row per logging step, append-only), train.log, STOP (asks
-the trainer to stop), checkpoints/ (Trainer checkpoints, for resume), adapter/ (the final LoRA adapter),
-eval.json with the per-question table as CSV and JSONL, and guided.json (the guided path's measured losses).
+the trainer to stop), checkpoints/ (Trainer checkpoints: for resume, and each holds a usable adapter), adapter/ (the
+final LoRA adapter), eval.json with the per-question table as CSV and JSONL (eval-step-N.json... for a checkpoint's),
+tensorboard/ (events, with `report_to: tensorboard`) and guided.json (the guided path's measured losses).
 No torch here: the UI and the runner read runs without importing the trainer.
 """
 
@@ -23,6 +29,7 @@ import os
 import shutil
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +42,8 @@ from finetune.config import TrainConfig, dump_train_config, load_train_config
 CONFIG_FILE, STATUS_FILE, METRICS_FILE, LOG_FILE, STOP_FILE = (
     "config.yaml", "status.json", "metrics.jsonl", "train.log", "STOP"
 )  # fmt: skip
-ADAPTER_DIR, CHECKPOINTS_DIR = "adapter", "checkpoints"
+ADAPTER_DIR, CHECKPOINTS_DIR, TENSORBOARD_DIR = "adapter", "checkpoints", "tensorboard"
+CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint folders: checkpoint-<step>
 EVAL_FILE, EVAL_EXPORTS = "eval.json", ("eval_questions.csv", "eval_questions.jsonl")
 GUIDED_FILE = "guided.json"
 ACTIVE_STATES = ("queued", "running", "stopping")
@@ -95,6 +103,51 @@ class Checkpoint(NamedTuple):
     path: Path
 
 
+class CheckpointInfo(NamedTuple):
+    """A checkpoint as a run lists it: the last training loss logged at or before its step, and the held-out loss
+    measured at its step (None: no evaluation then)."""
+
+    step: int
+    path: Path
+    loss: float | None
+    eval_loss: float | None
+
+
+def _finite(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def losses_at(rows: list[dict], step: int) -> tuple[float | None, float | None]:
+    """(last training loss logged at or before `step`, held-out loss logged at `step`) from metric rows."""
+    loss = eval_loss = None
+    for row in rows:
+        at = row.get("step")
+        if not isinstance(at, int) or at > step:
+            continue
+        train, held_out = _finite(row.get("loss")), _finite(row.get("eval_loss"))
+        loss = train if train is not None else loss
+        eval_loss = held_out if at == step and held_out is not None else eval_loss
+    return loss, eval_loss
+
+
+def adapter_ref(run_id: str, step: int | None = None) -> str:
+    """How a choice names one adapter of a run: the run id for the final adapter, `<run-id>@<step>` for a checkpoint's
+    (run ids never hold an @: `new_run_id`)."""
+    return run_id if step is None else f"{run_id}@{step}"
+
+
+def parse_adapter_ref(ref: object) -> tuple[str, int | None]:
+    """(run id, checkpoint step or None) of an `adapter_ref`; the id is checked (`check_run_id`): browsers send it."""
+    run_id, sep, step = ref.rpartition("@") if isinstance(ref, str) else ("", "", "")
+    if sep and step.isdigit():
+        return check_run_id(run_id), int(step)
+    return check_run_id(ref), None
+
+
+def adapter_label(run_id: str, step: int | None = None) -> str:
+    return f"{run_id} · {'final' if step is None else f'step {step}'}"
+
+
 def process_fields(pid: int) -> dict:
     """Status fields naming the process `pid`: its id and its start time, which a later process given the same
     (reused) pid does not share (see `runner._pid_runs`)."""
@@ -140,13 +193,24 @@ class RunDir:
         return self.path / CHECKPOINTS_DIR
 
     @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD_DIR
+
+    @property
     def eval_file(self) -> Path:
-        return self.path / EVAL_FILE
+        return self.eval_file_of()
 
     @property
     def eval_exports(self) -> tuple[Path, ...]:
+        return self.eval_exports_of()
+
+    def eval_file_of(self, step: int | None = None) -> Path:
+        """eval.json: the last evaluation of the final adapter; eval-step-<step>.json: of that checkpoint's."""
+        return self.path / _at_step(EVAL_FILE, step)
+
+    def eval_exports_of(self, step: int | None = None) -> tuple[Path, ...]:
         """The per-question table of the last evaluation, as CSV and JSONL (for downloads)."""
-        return tuple(self.path / name for name in EVAL_EXPORTS)
+        return tuple(self.path / _at_step(name, step) for name in EVAL_EXPORTS)
 
     @property
     def is_run(self) -> bool:
@@ -203,13 +267,15 @@ class RunDir:
         return max((r.get("elapsed", 0.0) for r in rows), default=0.0)
 
     def loss_curve(self) -> list[dict]:
-        """Training and held-out loss against step as long rows {step, loss, series}, for one line per series."""
+        """Training and held-out loss against step as long rows {step, loss, series}, for one line per series; with
+        `tokens` (training tokens seen by then) where the trainer recorded it."""
         points = []
         for row in self.read_metrics():
             for key, series in (("loss", "train"), ("eval_loss", "held-out")):
-                value = row.get(key)
-                if "step" in row and isinstance(value, (int, float)) and math.isfinite(value):
-                    points.append({"step": row["step"], "loss": float(value), "series": series})
+                value = _finite(row.get(key))
+                if "step" in row and value is not None:
+                    tokens = {"tokens": row["tokens"]} if isinstance(row.get("tokens"), int) else {}
+                    points.append({"step": row["step"], "loss": value, "series": series, **tokens})
         return points
 
     # --- adapter and checkpoints ---
@@ -218,30 +284,83 @@ class RunDir:
     def has_adapter(self) -> bool:
         return (self.adapter_dir / "adapter_config.json").is_file()
 
-    def adapter_zip(self) -> Path | None:
-        """<run-id>-adapter.zip (rebuilt when the adapter is newer), or None while there is no adapter."""
-        weights = self.adapter_dir / "adapter_model.safetensors"
+    def adapter_path(self, step: int | None = None) -> Path:
+        """The final adapter's folder, or the checkpoint's at `step` (it holds the adapter's two files as well)."""
+        if step is None:
+            return self.adapter_dir
+        found = {c.step: c.path for c in self.checkpoints()}
+        if step not in found:
+            kept = ", ".join(map(str, found)) or "none"
+            raise FinetuneError(
+                f"Run {self.run_id} has no checkpoint at step {step} (kept: {kept}): pick one from the list."
+            )
+        return found[step]
+
+    def adapter_zip(self, step: int | None = None) -> Path | None:
+        """<run-id>-adapter.zip, or <run-id>-step-<step>-adapter.zip of a checkpoint: the adapter's files only, not
+        the optimizer state beside them (rebuilt when the adapter is newer); None while there is no adapter."""
+        folder = self.adapter_path(step)
+        weights = folder / "adapter_model.safetensors"
         if not weights.is_file():
             return None
-        target = self.path / f"{self.run_id}-adapter.zip"
+        target = self.path / f"{self.run_id}{'' if step is None else f'-step-{step}'}-adapter.zip"
         if not target.is_file() or target.stat().st_mtime < weights.stat().st_mtime:
-            tmp = shutil.make_archive(str(self.path / ".adapter-zip"), "zip", self.adapter_dir)
-            Path(tmp).replace(target)
+            tmp = target.with_name(f".{target.name}.tmp")
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+                for f in sorted(folder.iterdir()):
+                    if f.name.startswith("adapter_") or f.name == "README.md":
+                        archive.write(f, f.name)
+            tmp.replace(target)
         return target
 
     def checkpoints(self) -> list[Checkpoint]:
         """The complete checkpoints, oldest first: the Trainer writes trainer_state.json last, so a kill -9 in the
-        middle of a save leaves a checkpoint without it, which a resume must not start from."""
+        middle of a save leaves a checkpoint without it, or with half of it (not atomic: seen empty), which a resume
+        must not start from."""
         found = []
-        for path in self.checkpoints_dir.glob("checkpoint-*"):
-            step = path.name.rsplit("-", 1)[1]
-            if step.isdigit() and (path / "trainer_state.json").is_file():
+        for path in self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            step = path.name.removeprefix(CHECKPOINT_PREFIX)
+            if step.isdigit() and _read_json(path / "trainer_state.json") is not None:
                 found.append(Checkpoint(int(step), path))
         return sorted(found)
 
     def latest_checkpoint(self) -> Checkpoint | None:
         found = self.checkpoints()
         return found[-1] if found else None
+
+    def checkpoint_infos(self) -> list[CheckpointInfo]:
+        """Each complete checkpoint, oldest first, with its losses: from metrics.jsonl, or from the checkpoint's own
+        trainer_state.json (its log history) for a run folder without metrics."""
+        metrics = self.read_metrics()
+        infos = []
+        for c in self.checkpoints():
+            rows = metrics or (_read_json(c.path / "trainer_state.json") or {}).get("log_history") or []
+            infos.append(CheckpointInfo(c.step, c.path, *losses_at(rows, c.step)))
+        return infos
+
+    def prune_checkpoints(self, newest: int, keep_best: bool) -> list[int]:
+        """Delete the checkpoints other than the `newest` last ones (0: keep all) and, with `keep_best`, the one with
+        the lowest held-out loss; returns the steps deleted. The Trainer's own `save_total_limit` would delete the
+        best once it is old: it keeps a best only when it loads it at the end."""
+        infos = self.checkpoint_infos()
+        if newest <= 0 or len(infos) <= newest:
+            return []
+        keep = {c.step for c in infos[-newest:]}
+        scored = [c for c in infos if c.eval_loss is not None]
+        if keep_best and scored:
+            keep.add(min(scored, key=lambda c: c.eval_loss).step)
+        dropped = [c for c in infos if c.step not in keep]
+        for c in dropped:
+            shutil.rmtree(c.path, ignore_errors=True)
+        return [c.step for c in dropped]
+
+    def drop_checkpoints_after(self, step: int) -> list[int]:
+        """Delete the checkpoints past `step`: a resume from `step` trains those steps again (their metrics are
+        truncated too), so the old ones would mix two histories. Returns the steps deleted."""
+        later = [c for c in self.checkpoints() if c.step > step]
+        for c in later:
+            shutil.rmtree(c.path, ignore_errors=True)
+        return [c.step for c in later]
 
     # --- stop request ---
 
@@ -258,13 +377,15 @@ class RunDir:
 
     # --- results ---
 
-    def read_eval(self) -> dict | None:
-        return _read_json(self.eval_file)
+    def read_eval(self, step: int | None = None) -> dict | None:
+        """The last evaluation of the final adapter, or of the checkpoint at `step`."""
+        return _read_json(self.eval_file_of(step))
 
-    def write_eval(self, result: dict) -> None:
-        """eval.json, and its per-question table (`result["rows"]`) as CSV and JSONL."""
-        write_json_atomic(self.eval_file, result)
-        for path in self.eval_exports:
+    def write_eval(self, result: dict, step: int | None = None) -> None:
+        """eval.json (eval-step-<step>.json for a checkpoint), and its per-question table (`result["rows"]`) as CSV
+        and JSONL."""
+        write_json_atomic(self.eval_file_of(step), result)
+        for path in self.eval_exports_of(step):
             export_rows(result["rows"], path)
 
     def read_guided(self) -> dict | None:
@@ -286,6 +407,27 @@ class RunDir:
         # at each \r and keep every redraw).
         shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
         return "\n".join([line for line in shown if line.strip()][-lines:])
+
+
+def _at_step(name: str, step: int | None) -> str:
+    """eval.json -> eval-step-40.json: the file of a checkpoint's evaluation beside the final adapter's."""
+    if step is None:
+        return name
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}-step-{step}{dot}{suffix}"
+
+
+def run_of_adapter(path: str | Path) -> tuple[RunDir, int | None] | None:
+    """(its run, its checkpoint step or None) for an adapter folder inside a run (adapter/ or
+    checkpoints/checkpoint-<step>/); None for any other folder (an upload)."""
+    path = Path(path)
+    if path.name == ADAPTER_DIR:
+        run, step = RunDir(path.parent), None
+    elif path.parent.name == CHECKPOINTS_DIR and path.name.removeprefix(CHECKPOINT_PREFIX).isdigit():
+        run, step = RunDir(path.parent.parent), int(path.name.removeprefix(CHECKPOINT_PREFIX))
+    else:
+        return None
+    return (run, step) if run.config_file.is_file() else None
 
 
 # --- ids and the list of runs --------------------------------------------------------------------

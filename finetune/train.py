@@ -3,11 +3,13 @@
     python -m finetune train --config recipes/lamini_docs_qlora.yaml               # one process: CPU or one GPU
     python -m finetune train --config recipes/cpu_quick.yaml --set max_steps=40    # any key can be overridden
     python -m finetune train --run-dir RUN_DIR --resume                            # continue after a stop or a crash
+    python -m finetune train --run-dir RUN_DIR --checkpoint 40                     # ...or from an earlier checkpoint
     accelerate launch --num_processes 2 -m finetune train --config ...             # DDP (add --cpu on a CPU)
 
 From Python: `train(cfg, run_dir)`. A run lives in `runs/<run-id>/` (see `finetune.runner`, which starts each run
 in its own process, and `finetune.runs`, which names its files): the config, status (atomic), metrics
-(append-only), log, checkpoints (for resume) and the final LoRA adapter (`PeftModel.from_pretrained` loads it).
+(append-only), log, checkpoints (the newest `save_total_limit` and the best by held-out loss: `KeepCheckpoints`) and
+the final LoRA adapter (`PeftModel.from_pretrained` loads it, and a checkpoint's folder too).
 
 Speed: the loss projects to the vocabulary only at answer tokens, in chunks (`finetune.loss`). Rows are grouped
 by length and padded per batch, and matmuls run in bfloat16 where the CPU or GPU computes it natively.
@@ -31,10 +33,10 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from finetune import FinetuneError
-from finetune.config import TrainConfig, load_train_config
+from finetune.config import REPORT_TO, TrainConfig, load_train_config
 from finetune.hardware import epoch_steps, machine, planned_steps, resolve_auto
 from finetune.loss import NO_LOGITS, answer_loss_sum, causal_lm
-from finetune.runs import RunDir, process_fields
+from finetune.runs import Checkpoint, RunDir, process_fields, run_of_adapter
 from finetune.serving import serving_chat_template, write_chat_template
 from finetune.templates import IGNORE_INDEX, encode_row, get_template, pad_id, validate
 
@@ -133,6 +135,7 @@ def check_config(cfg: TrainConfig) -> str:
         raise FinetuneError(f"mixed_precision must be auto, bf16, fp16 or no (got {cfg.mixed_precision!r}).")
     if cfg.train_vocab not in ("auto", "full", "data"):
         raise FinetuneError(f"train_vocab must be auto, full or data (got {cfg.train_vocab!r}).")
+    check_tracker(cfg.report_to)
     quantization_config(cfg.model.quantization)  # raises on an unknown kind or a missing bitsandbytes
     tokenizer = load_tokenizer(cfg.model)  # raises on an unknown model
     from finetune.data import load_rows
@@ -205,6 +208,7 @@ class RunCallback(TrainerCallback):
         self.last_tokens = (self.t0, 0)
         self.tokens_per_s: float | None = None
         self.last_loss: float | None = None
+        self.last_eval_step: int | None = None
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.t0
@@ -265,8 +269,10 @@ class RunCallback(TrainerCallback):
             row.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), tokens_per_s=self.tokens_per_s)
         if "eval_loss" in logs:
             row["eval_loss"] = logs["eval_loss"]
+            self.last_eval_step = state.global_step
         if len(row) == 2:
             return  # the final summary (train_runtime, ...) is in train.log already
+        row["tokens"] = int(state.num_input_tokens_seen)  # compare runs by tokens seen, not steps of any size
         self.run.append_metrics(row)
         if "loss" in logs:  # the status written at this step's end did not have this loss yet
             self.run.update_status(loss=self.last_loss, tokens_per_s=self.tokens_per_s)
@@ -275,6 +281,59 @@ class RunCallback(TrainerCallback):
         if row.get("tokens_per_s"):
             parts.append(f"{row['tokens_per_s']:.0f} tokens/s")
         log.info(" · ".join(parts))
+
+
+class KeepCheckpoints(TrainerCallback):
+    """Keeps the newest `newest` checkpoints (0: all) and, with `best`, the one with the lowest held-out loss.
+
+    With `best`, the held-out loss is measured at every save (not at a stop: that must be quick), so that each
+    checkpoint has one; the Trainer's `save_total_limit` is off: it would delete an old best.
+    """
+
+    def __init__(self, run: RunDir, newest: int, best: bool):
+        self.run, self.newest, self.best = run, newest, best
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ending_early = control.should_training_stop and state.global_step < state.max_steps  # stop, time budget
+        if self.best and control.should_save and not ending_early:
+            control.should_evaluate = True  # the Trainer evaluates before it saves
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            dropped = self.run.prune_checkpoints(self.newest, self.best)
+            if dropped:
+                log.info("deleted checkpoints of steps %s", ", ".join(map(str, dropped)))
+
+
+def check_tracker(report_to: str) -> None:
+    """A FinetuneError saying what to install when the tracker `report_to` names cannot be imported."""
+    if report_to not in REPORT_TO:
+        raise FinetuneError(f"report_to must be one of {', '.join(REPORT_TO)} (got {report_to!r}).")
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise FinetuneError(
+            f"report_to: {report_to} needs the {report_to} package: pip install {report_to} (or choose none)."
+        )
+
+
+def tracker_callbacks(cfg: TrainConfig, run: RunDir, resumed_at: int | None, rank0: bool) -> list[TrainerCallback]:
+    """The callbacks that also send the run's logs to `cfg.report_to` (tensorboard or trackio)."""
+    check_tracker(cfg.report_to)
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        # In the run folder, not the Trainer's default under checkpoints/. A resume drops the events past its
+        # checkpoint, as metrics.jsonl drops its rows.
+        purge = resumed_at + 1 if resumed_at is not None else None
+        writer = SummaryWriter(str(run.tensorboard_dir), purge_step=purge) if rank0 else None
+        callback = TensorBoardCallback(writer)
+        callback.logging_dir = str(run.tensorboard_dir)  # where it reopens a writer for the evaluation after training
+        return [callback]
+    if cfg.report_to == "trackio":
+        from transformers.integrations import TrackioCallback
+
+        return [TrackioCallback()]  # project and run name: `training_arguments`
+    return []
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -347,7 +406,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, has_eval: bool) -> Train
         eval_on_start=has_eval,
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=None,  # `KeepCheckpoints` deletes old checkpoints: it also keeps the best
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         seed=cfg.seed,
@@ -362,14 +421,17 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, has_eval: bool) -> Train
         label_names=["labels"],
         remove_unused_columns=False,  # keep `length` for length grouping; the collator picks what the model needs
         ddp_find_unused_parameters=False,
-        report_to="none",
+        report_to="none",  # trackers come as callbacks (`tracker_callbacks`), which know the run folder
+        project="finetune-workbench",  # trackio's project and run name
+        run_name=Path(run_dir).name,
         disable_tqdm=True,  # train.log gets one readable line per logging step instead of progress bars
         dataloader_num_workers=0,
     )
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
-    """Train one run into `run_dir`; returns the adapter folder. `resume`: continue from the latest checkpoint."""
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, checkpoint: int | None = None) -> Path:
+    """Train one run into `run_dir`; returns the adapter folder. `resume`: continue from the latest checkpoint, or
+    from the one at step `checkpoint` (the metrics and checkpoints after it are dropped)."""
     run = RunDir(Path(run_dir))
     run.path.mkdir(parents=True, exist_ok=True)
     rank0 = int(os.environ.get("RANK", 0)) == 0
@@ -384,7 +446,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
             state="running", **process_fields(os.getpid()), host=socket.gethostname(), message="Loading model"
         )
     try:
-        return _train(cfg, run, resume, rank0, stop_signal)
+        return _train(cfg, run, resume or checkpoint is not None, checkpoint, rank0, stop_signal)
     except BaseException as e:
         if rank0:
             reason = "Interrupted." if isinstance(e, KeyboardInterrupt) else _failure_message(e)
@@ -402,7 +464,9 @@ def _failure_message(e: BaseException) -> str:
     return text if isinstance(e, FinetuneError) else f"{type(e).__name__}: {text}"
 
 
-def _train(cfg: TrainConfig, run: RunDir, resume: bool, rank0: bool, stop_signal: threading.Event) -> Path:
+def _train(
+    cfg: TrainConfig, run: RunDir, resume: bool, step: int | None, rank0: bool, stop_signal: threading.Event
+) -> Path:
     from transformers import set_seed
 
     from finetune.models import forget_tokenizers, load_tokenizer
@@ -421,16 +485,21 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, rank0: bool, stop_signal
     if cfg.eval_rows is not None and len(test) > cfg.eval_rows:
         test = test.select(range(cfg.eval_rows))
     has_eval = len(test) > 0 and cfg.eval_rows != 0
-    checkpoint = run.latest_checkpoint() if resume else None
+    if step is not None:
+        checkpoint = Checkpoint(step, run.adapter_path(step))  # raises, naming the kept steps, when there is none
+    else:
+        checkpoint = run.latest_checkpoint() if resume else None
     elapsed_before = 0.0
     if rank0:
         if checkpoint is not None:
             elapsed_before = run.truncate_metrics(checkpoint.step)
+            run.drop_checkpoints_after(checkpoint.step)
         elif not resume:
             run.clear_metrics()
         skipped = f", {data.skipped} skipped (prompt longer than max_length)" if data.skipped else ""
         log.info("rows: %d train%s, %d held out for the loss", len(data.train), skipped, len(test))
-        run.update_status(message=f"{'Resuming' if checkpoint else 'Starting'}: {summary}", summary=summary)
+        where = f"Resuming from step {checkpoint.step}" if checkpoint else "Starting"
+        run.update_status(message=f"{where}: {summary}", summary=summary)
     vocab = data_vocab(data.train, model, pad) if cfg.train_vocab == "data" and cfg.answer_only_logits else None
     if cfg.max_steps == "auto":
         cfg.max_steps = _steps_in_budget(cfg, model, data.train, pad, run, rank0, vocab)
@@ -442,7 +511,11 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, rank0: bool, stop_signal
         data_collator=lambda features: pad_batch(features, pad),
         train_dataset=data.train,
         eval_dataset=test if has_eval else None,
-        callbacks=[callback],
+        callbacks=[
+            callback,
+            KeepCheckpoints(run, cfg.save_total_limit, cfg.keep_best and has_eval),
+            *tracker_callbacks(cfg, run, checkpoint.step if checkpoint else None, rank0),
+        ],
     )
     if vocab is not None:
         trainer.vocab = vocab
@@ -453,7 +526,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, rank0: bool, stop_signal
             run.update_status(summary=f"{summary} · {note}")
     trainer.remove_callback(PrinterCallback)  # RunCallback logs one readable line per logging step instead
     trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
-    if has_eval and not callback.stopped and cfg.eval_steps <= 0:
+    if has_eval and not callback.stopped and callback.last_eval_step != trainer.state.global_step:
         trainer.evaluate()  # the held-out loss after training, next to the one at step 0
     adapter = run.adapter_dir
     _save_adapter(trainer, adapter, chat_template)
@@ -560,25 +633,28 @@ def _save_adapter(trainer: Trainer, adapter: Path, chat_template: str | None = N
 # --- after training ----------------------------------------------------------------------------
 
 
-def _adapter_and_config(path: str | Path) -> tuple[Path, TrainConfig]:
+def _adapter_and_config(path: str | Path, step: int | None = None) -> tuple[Path, TrainConfig]:
+    """A run folder's adapter (or its checkpoint's at `step`), or an adapter folder; and the config it was trained
+    with (its run's, else the defaults)."""
     path = Path(path)
-    if RunDir(path).adapter_dir.is_dir():
-        path = RunDir(path).adapter_dir
+    if step is not None or RunDir(path).adapter_dir.is_dir():
+        path = RunDir(path).adapter_path(step)
     if not (path / "adapter_config.json").is_file():
         raise FinetuneError(f"No LoRA adapter in {path}: give a run folder or an adapter folder.")
-    run = RunDir(path.parent)  # an adapter folder inside a run: its config says which base model
-    return path, run.read_config() if run.config_file.is_file() else load_train_config()
+    found = run_of_adapter(path)  # an adapter folder inside a run: its config says which base model
+    return path, found[0].read_config() if found else load_train_config()
 
 
-def export_merged(path: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
-    """Merge a run's adapter into its (unquantized) base model and save model + tokenizer as safetensors, with the
-    chat template of the run's prompt template (so a server prompts it as trained)."""
+def export_merged(path: str | Path, out_dir: str | Path, base: str | None = None, step: int | None = None) -> Path:
+    """Merge a run's adapter (or its checkpoint's at `step`) into its (unquantized) base model and save model +
+    tokenizer as safetensors, with the chat template of the run's prompt template (so a server prompts it as
+    trained)."""
     from peft import PeftModel
 
     from finetune.config import ModelSpec
     from finetune.models import load_model, save_tokenizer
 
-    adapter, cfg = _adapter_and_config(path)
+    adapter, cfg = _adapter_and_config(path, step)
     spec = ModelSpec(base or cfg.model.source, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     model, tokenizer = load_model(spec, device="cpu")
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()

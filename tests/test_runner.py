@@ -76,6 +76,29 @@ def test_cancel_queued_and_stop_running(runner, tiny_llama, qa_file):
     assert RunDir(runner.root / long).latest_checkpoint().path.name == f"checkpoint-{stopped_at}"
 
 
+def test_resume_from_a_chosen_earlier_checkpoint(runner, tiny_llama, qa_file):
+    run_id = runner.submit(cfg_for(tiny_llama, qa_file, max_steps=4, save_steps=1, save_total_limit=0))
+    assert runner.wait(run_id)["state"] == "finished"
+    run = RunDir(runner.root / run_id)
+    first = run.read_metrics()
+    assert [c.step for c in run.checkpoints()] == [1, 2, 3, 4]
+    with pytest.raises(FinetuneError, match=r"no checkpoint at step 9 \(kept: 1, 2, 3, 4\)"):
+        runner.resume(run_id, checkpoint=9)
+    runner.resume(run_id, checkpoint=2)
+    assert "from step 2" in runner.status(run_id)["message"]
+    status = runner.wait(run_id)
+    assert status["state"] == "finished" and status["step"] == 4
+    again = run.read_metrics()
+    assert again[:2] == first[:2]  # the rows up to the checkpoint, as they were
+    assert [r["step"] for r in again] == [1, 2, 3, 4]  # the later ones written once more, not twice
+    log = run.log_file.read_text()
+    assert log.count("step 1/4 ·") == 1 and log.count("step 3/4 ·") == log.count("step 4/4 ·") == 2  # 3, 4 again
+    # From the checkpoint's weights, optimizer, data position and random state: the same steps again.
+    assert [r["loss"] for r in again[2:]] == pytest.approx([r["loss"] for r in first[2:]], rel=1e-3)
+    assert [r["tokens"] for r in again] == [r["tokens"] for r in first]
+    assert [c.step for c in run.checkpoints()] == [1, 2, 3, 4]
+
+
 def test_bad_configs_fail_before_any_process_starts(runner, tiny_llama, qa_file, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

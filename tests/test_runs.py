@@ -7,12 +7,22 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from finetune import FinetuneError
-from finetune.runs import RunDir, check_run_id, list_runs, open_run, write_json_atomic
+from finetune.runs import (
+    RunDir,
+    adapter_ref,
+    check_run_id,
+    list_runs,
+    open_run,
+    parse_adapter_ref,
+    run_of_adapter,
+    write_json_atomic,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,10 +81,11 @@ def test_loss_curve_names_its_series_train_and_held_out(run):
 
 def test_the_latest_checkpoint_is_the_newest_complete_one(run):
     assert run.latest_checkpoint() is None
-    for step in (2, 10, 12):
+    for step in (2, 10, 12, 14):
         (run.checkpoints_dir / f"checkpoint-{step}").mkdir(parents=True)
     for step in (2, 10):  # checkpoint-12: killed while saving, trainer_state.json (written last) missing
         (run.checkpoints_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (run.checkpoints_dir / "checkpoint-14" / "trainer_state.json").write_text('{"log_hi')  # killed while writing it
     assert [c.step for c in run.checkpoints()] == [2, 10]  # by number, not by name (10 sorts before 2)
     assert run.latest_checkpoint() == (10, run.checkpoints_dir / "checkpoint-10")
 
@@ -137,3 +148,62 @@ def test_the_run_folder_and_the_runner_need_no_trainer():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
     code = "import sys, finetune.runs; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def _checkpoint(run: RunDir, step: int, log_history: list[dict] | None = None) -> Path:
+    path = run.checkpoints_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"log_history": log_history or []}))
+    for name in ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt"):
+        (path / name).write_text(name)
+    return path
+
+
+def test_checkpoints_list_their_train_and_held_out_loss(run):
+    rows = [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 2.8}, {"step": 2, "loss": 2.5, "eval_loss": 2.6}]
+    rows += [{"step": 3, "loss": float("nan")}, {"step": 4, "loss": 2.2}, {"step": 5, "eval_loss": 2.4}]
+    run.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for step in (2, 3, 5):
+        _checkpoint(run, step)
+    # The last finite training loss at or before the step; the held-out loss measured at the step itself only.
+    infos = [(c.step, c.loss, c.eval_loss) for c in run.checkpoint_infos()]
+    assert infos == [(2, 2.5, 2.6), (3, 2.5, None), (5, 2.2, 2.4)]
+    run.clear_metrics()  # a folder without metrics: each checkpoint's own log history says
+    assert run.checkpoint_infos()[0][2:] == (None, None)
+    other = RunDir(run.path.parent / "run-2")
+    _checkpoint(other, 4, [{"step": 2, "loss": 1.5}, {"step": 4, "loss": 1.25}, {"step": 4, "eval_loss": 1.75}])
+    assert other.checkpoint_infos()[0][2:] == (1.25, 1.75)
+
+
+def test_pruning_keeps_the_newest_and_the_best_by_held_out_loss(run):
+    held_out = {2: 1.0, 4: 0.8, 6: 0.9, 8: 1.1, 10: None}  # step 4 is the best; 10: stopped, not measured
+    run.metrics_file.write_text("".join(json.dumps({"step": s, "eval_loss": v}) + "\n" for s, v in held_out.items()))
+    for step in held_out:
+        _checkpoint(run, step)
+    assert run.prune_checkpoints(newest=5, keep_best=True) == []
+    assert run.prune_checkpoints(newest=2, keep_best=True) == [2, 6]
+    assert [c.step for c in run.checkpoints()] == [4, 8, 10]  # the old best survives the newest two
+    assert run.prune_checkpoints(newest=1, keep_best=False) == [4, 8]
+    assert [c.step for c in run.checkpoints()] == [10]
+    assert run.prune_checkpoints(newest=0, keep_best=False) == []  # 0: keep all
+
+
+def test_a_checkpoint_is_an_adapter_named_by_run_id_and_step(run, monkeypatch):
+    run.config_file.write_text("max_steps: 4\n")
+    for step in (2, 4):
+        _checkpoint(run, step)
+    assert adapter_ref("run-1") == "run-1" and adapter_ref("run-1", 4) == "run-1@4"
+    assert parse_adapter_ref("run-1@4") == ("run-1", 4) and parse_adapter_ref("run-1") == ("run-1", None)
+    with pytest.raises(FinetuneError, match="is not a run id"):
+        parse_adapter_ref("../run-1@4")
+    assert run.adapter_path(2) == run.checkpoints_dir / "checkpoint-2" and run.adapter_path() == run.adapter_dir
+    with pytest.raises(FinetuneError, match=r"no checkpoint at step 3 \(kept: 2, 4\): pick one"):
+        run.adapter_path(3)
+    assert run_of_adapter(run.adapter_path(4)) == (run, 4) and run_of_adapter(run.adapter_dir) == (run, None)
+    assert run_of_adapter(run.path) is None
+    with zipfile.ZipFile(run.adapter_zip(4)) as archive:  # the adapter's files, not the optimizer state
+        assert sorted(archive.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert run.drop_checkpoints_after(2) == [4] and [c.step for c in run.checkpoints()] == [2]
+    run.write_eval({"questions": 1, "rows": [{"q": 1}]}, step=2)
+    assert run.read_eval(2)["questions"] == 1 and run.read_eval() is None  # kept apart from the final adapter's
+    assert [p.name for p in run.eval_exports_of(2)] == ["eval_questions-step-2.csv", "eval_questions-step-2.jsonl"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -192,8 +193,10 @@ def test_train_writes_run_folder(tiny_llama, qa_file, tmp_path):
     losses = [r["loss"] for r in metrics if "loss" in r]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     evals = [r for r in metrics if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [0, 4]  # before and after training
+    assert [r["step"] for r in evals] == [0, 2, 4]  # before training, and at each checkpoint (keep_best)
     assert all(r["tokens_per_s"] > 0 for r in metrics if "loss" in r and r["step"] > 1)
+    tokens = [r["tokens"] for r in metrics]  # training tokens seen by each row's step: an x axis to compare runs by
+    assert tokens[0] == 0 and tokens == sorted(tokens) and tokens[-1] > 0
     assert load_train_config(run_dir / "config.yaml") == tiny_config(tiny_llama, qa_file)
     assert RunDir(run_dir).latest_checkpoint().path.name == "checkpoint-4"
 
@@ -242,6 +245,53 @@ def test_kill9_then_resume_continues_from_checkpoint(tiny_llama, qa_file, tmp_pa
     steps = [r["step"] for r in RunDir(run_dir).read_metrics() if "loss" in r]
     # Rows written after the checkpoint by the killed process were dropped; training went on from `step`.
     assert steps == sorted(set(steps)) and steps[-3:] == [step, step + 1, step + 2]
+
+
+def test_report_to_tensorboard_writes_event_files(tiny_llama, qa_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = RunDir(tmp_path / "run")
+    train(tiny_config(tiny_llama, qa_file, max_steps=3, save_steps=10, report_to="tensorboard"), run.path)
+    assert list(run.tensorboard_dir.glob("events.out.tfevents.*"))  # in the run folder, not under checkpoints/
+    events = EventAccumulator(str(run.tensorboard_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 3]  # the evaluation after training too
+    logged = {r["step"]: r["loss"] for r in run.read_metrics() if "loss" in r}
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([logged[s] for s in (1, 2, 3)])
+
+
+def test_a_missing_or_unknown_tracker_is_a_clear_error(tiny_llama, qa_file, monkeypatch):
+    with pytest.raises(FinetuneError, match="report_to must be one of none, tensorboard, trackio"):
+        check_config(tiny_config(tiny_llama, qa_file, report_to="wandb"))
+    real = importlib.util.find_spec
+    missing = lambda name, *args: None if name == "tensorboard" else real(name, *args)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
+    with pytest.raises(FinetuneError, match="needs the tensorboard package: pip install tensorboard"):
+        check_config(tiny_config(tiny_llama, qa_file, report_to="tensorboard"))
+
+
+def test_the_train_form_offers_the_trackers_in_a_dropdown():
+    import gradio as gr
+
+    from finetune.ui.forms import form_config, more_settings
+
+    with gr.Blocks():
+        form = more_settings(TrainConfig(), placed={})
+    choices = [value for _, value in form["report_to"].choices]
+    assert isinstance(form["report_to"], gr.Dropdown) and choices == ["none", "tensorboard", "trackio"]
+    assert isinstance(form["keep_best"], gr.Checkbox) and form["keep_best"].value is True
+    assert form_config({"report_to": "tensorboard"}, TrainConfig()).report_to == "tensorboard"
+
+
+def test_keep_best_measures_each_checkpoint_and_keeps_the_newest_and_the_best(tiny_llama, qa_file, tmp_path):
+    run = RunDir(tmp_path / "run")
+    train(tiny_config(tiny_llama, qa_file, max_steps=6, save_steps=1, save_total_limit=2), run.path)
+    held_out = {r["step"]: r["eval_loss"] for r in run.read_metrics() if "eval_loss" in r}
+    assert sorted(held_out) == [0, 1, 2, 3, 4, 5, 6]  # at the start, then at every checkpoint
+    best = min((s for s in held_out if s > 0), key=held_out.get)
+    assert [c.step for c in run.checkpoints()] == sorted({best, 5, 6})
+    assert {c.step: c.eval_loss for c in run.checkpoint_infos()} == {s: held_out[s] for s in {best, 5, 6}}
 
 
 def test_check_config_rejects_bad_configs_with_a_sentence(tiny_llama, qa_file, tmp_path):

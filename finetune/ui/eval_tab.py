@@ -1,4 +1,5 @@
-"""Evaluate tab: pick a training run, score base vs tuned on its held-out questions, see where the adapter helps.
+"""Evaluate tab: pick a training run (its final adapter or any checkpoint's), score base vs tuned on its held-out
+questions, see where the adapter helps.
 
 The work is `finetune.evaluate.evaluate_run`; this module only turns its result (kept in the run folder) into tables
 and charts.
@@ -14,7 +15,7 @@ import pandas as pd
 from finetune.config import GenerationParams
 from finetune.evaluate import COLUMNS, METRIC_LABELS, EvalCancelled, evaluate_run
 from finetune.models import ModelPool
-from finetune.runs import list_runs, open_run
+from finetune.runs import adapter_label, adapter_ref, list_runs, open_run, parse_adapter_ref
 from finetune.settings import Settings
 from finetune.spaces import gpu
 from finetune.ui.common import loss_frame, user_errors
@@ -70,9 +71,14 @@ def question_frame(result: dict, order: str = ORDERS[0]) -> pd.DataFrame:
     return df.rename(columns=TABLE_COLUMNS).round(3)
 
 
-def run_choices() -> list[str]:
-    """Ids of the runs with an adapter to evaluate, newest first."""
-    return [i.run_id for i in list_runs() if i.has_adapter]
+def run_choices() -> list[tuple[str, str]]:
+    """(label, adapter ref) of every adapter to evaluate: of each run, newest first, its final adapter, then its
+    checkpoints' newest first (`run · final`, `run · step N`)."""
+    choices = []
+    for i in list_runs():
+        steps = ([None] if i.has_adapter else []) + [c.step for c in reversed(i.run.checkpoints())]
+        choices += [(adapter_label(i.run_id, step), adapter_ref(i.run_id, step)) for step in steps]
+    return choices
 
 
 def describe(result: dict) -> str:
@@ -81,7 +87,8 @@ def describe(result: dict) -> str:
         return "n/a" if base is None or tuned is None else f"{base:.{digits}f} → {tuned:.{digits}f}"
 
     text = (
-        f"**{result['run_id']}** · {result['questions']} held-out questions · evaluated {result.get('created', '')}"
+        f"**{adapter_label(result['run_id'], result.get('checkpoint'))}** · {result['questions']} held-out questions"
+        f" · evaluated {result.get('created', '')}"
         f" in {result.get('elapsed_s', '?')} s. Perplexity {change('perplexity', 2)}, token F1 {change('f1', 3)}."
     )
     return text + "".join(f"\n\n*{note}*" for note in result.get("notes", []))
@@ -97,7 +104,7 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
         "the generated answers (exact match, token F1, ROUGE-L, embedding similarity)."
     )
     with gr.Row():
-        run = gr.Dropdown(label="Training run", choices=run_choices(), scale=3)
+        run = gr.Dropdown(label="Training run: its final adapter or a checkpoint's", choices=run_choices(), scale=3)
         refresh = gr.Button("Refresh", scale=0, min_width=100)
         limit = gr.Number(20, label="Questions (0 = the whole test split)", precision=0, minimum=0, scale=1)
         max_new_tokens = gr.Slider(
@@ -133,8 +140,9 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
         if not run_id:
             empty = pd.DataFrame()
             return "No trained run yet: train an adapter in the Train tab.", empty, empty, empty, empty, None
-        run_dir = open_run(run_id)  # a str: checked as an id, never taken as a path
-        result, curve_df = run_dir.read_eval(), loss_frame(run_dir)
+        run_id, step = parse_adapter_ref(run_id)  # checked as an id, never taken as a path
+        run_dir = open_run(run_id)
+        result, curve_df = run_dir.read_eval(step), loss_frame(run_dir)
         if result is None:
             empty = pd.DataFrame()
             return (
@@ -145,7 +153,7 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
                 empty,
                 None,
             )
-        downloads = [str(path) for path in run_dir.eval_exports if path.is_file()]
+        downloads = [str(path) for path in run_dir.eval_exports_of(step) if path.is_file()]
         return (
             (note + "\n\n" if note else "") + describe(result),
             summary_frame(result),
@@ -167,12 +175,14 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
     ):
         if not run_id:
             raise gr.Error("Pick a training run first (train one in the Train tab).")
+        picked, step = parse_adapter_ref(run_id)
         cancel = cancels[request.session_hash] = threading.Event()
         progress(0, desc="Loading the model and the test split...")
         try:
             # ZeroGPU: a GPU while the questions are answered (the model pool is touched only in there).
             gpu(duration=EVAL_GPU_SECONDS)(evaluate_run)(
-                run_id,
+                picked,
+                checkpoint=step,
                 limit=int(n) if n else None,
                 pool=pool,
                 progress=lambda done, total, text: progress((done, total), desc=text),
@@ -195,7 +205,8 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
 
     def refresh_runs(current: str | None = None):
         choices = run_choices()
-        return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
+        refs = [ref for _, ref in choices]
+        return gr.update(choices=choices, value=current if current in refs else (refs[0] if refs else None))
 
     # On page load (runs trained since the app started) and on Refresh: update the list, then show the choice.
     gr.on(None, lambda: refresh_runs(), None, run).then(show, [run, order], outputs)

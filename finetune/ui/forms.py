@@ -40,8 +40,12 @@ def get_dotted(cfg, key: str):
     return cfg
 
 
+def metadata_of(key: str, cls=TrainConfig) -> dict:
+    return next((dict(f.metadata) for k, f, _ in leaves(cls) if k == key), {})
+
+
 def help_of(key: str, cls=TrainConfig) -> str:
-    return next((f.metadata.get("help", "") for k, f, _ in leaves(cls) if k == key), "")
+    return metadata_of(key, cls).get("help", "")
 
 
 def _label(key: str) -> str:
@@ -49,12 +53,16 @@ def _label(key: str) -> str:
 
 
 def component(key: str, value, hint=None, cls=TrainConfig, **kwargs) -> gr.components.Component:
-    """A component for a field by its type (default: the field's in `cls`): a box for bool, a number, a dropdown
-    that also takes `auto` for `int | str` settings, a text box for the rest (lists as comma-separated names)."""
+    """A component for a field by its type (default: the field's in `cls`): a dropdown of the field's `choices`
+    (metadata) where it has some, a box for bool, a number, a dropdown that also takes `auto` for `int | str`
+    settings, a text box for the rest (lists as comma-separated names)."""
     hint = hint if hint is not None else next(h for k, _, h in leaves(cls) if k == key)
     args = typing.get_args(hint)
     kinds = set(args) or {hint}
-    kwargs = {"label": _label(key), "info": help_of(key, cls), **kwargs}
+    metadata = metadata_of(key, cls)
+    kwargs = {"label": _label(key), "info": metadata.get("help", ""), **kwargs}
+    if "choices" in metadata:
+        return gr.Dropdown(list(metadata["choices"]), value=value, **kwargs)
     if kinds <= {bool, type(None)}:
         return gr.Checkbox(bool(value), **kwargs)
     if str in kinds and kinds & {int, float}:

@@ -2,7 +2,8 @@
 
 Everything shown is read from the run folders (status, metrics, log: `finetune.runs`) on a `gr.Timer`, so a page
 reload, a second browser or an app restart shows the same runs; the training itself runs in a subprocess started
-by `finetune.runner.Runner`. Named API endpoints: train_start (returns the run id), train_status, train_stop, runs.
+by `finetune.runner.Runner`. Below: the shown run's checkpoints (`ui.checkpoints`) and "Compare runs" (`ui.compare`).
+Named API endpoints: train_start (returns the run id), train_status, train_stop, runs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from finetune.runner import Runner
 from finetune.runs import ACTIVE_STATES, RunInfo
 from finetune.settings import Settings
 from finetune.templates import TEMPLATES
+from finetune.ui.checkpoints import build_checkpoints_panel
 from finetune.ui.common import current_user, loss_frame, machine_line, user_errors
+from finetune.ui.compare import build_compare_panel
 from finetune.ui.forms import component, form_config, get_dotted, more_settings
 
 
@@ -167,6 +170,8 @@ def build_train_tab(
             log = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, autoscroll=True, interactive=False)
     runs_table = gr.Dataframe(runs_frame([]), label="Runs (click one to show it)", interactive=False, wrap=True)
     timer = gr.Timer(2.0)
+    build_checkpoints_panel(runner, run, timer)
+    build_compare_panel(runner, lambda: _run_choices(runner))
     prepared = {"prepared_data": data_state} if data_state is not None else {}
 
     def config_of(values: dict, prepared_data: dict | None = None) -> TrainConfig:

@@ -1,0 +1,71 @@
+"""The Train tab's checkpoints of the shown run: each with its step, training and held-out loss; resume from any of
+them or download its adapter. The Evaluate and Arena tabs list them too (`run · step N`). Named API endpoint:
+train_resume_from.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from finetune import FinetuneError
+from finetune.runner import Runner
+from finetune.runs import RunDir
+from finetune.ui.common import current_user, user_errors
+
+COLUMNS = ["step", "train loss", "held-out loss", "note"]
+
+
+def checkpoint_frame(run: RunDir | None) -> pd.DataFrame:
+    """The run's checkpoints, newest first; the note marks the one with the lowest held-out loss."""
+    infos = run.checkpoint_infos() if run is not None else []
+    scored = [c for c in infos if c.eval_loss is not None]
+    best = min(scored, key=lambda c: c.eval_loss).step if scored else None
+    rows = [
+        [c.step, c.loss, c.eval_loss, "lowest held-out loss" if c.step == best else ""] for c in reversed(infos)
+    ]
+    return pd.DataFrame(rows, columns=COLUMNS).round(4)
+
+
+def build_checkpoints_panel(runner: Runner, run: gr.Dropdown, timer: gr.Timer) -> None:
+    """Under the tab's chart; follows the tab's run picker `run` and refreshes on `timer` while a run trains."""
+    with gr.Accordion("Checkpoints", open=False):
+        table = gr.Dataframe(pd.DataFrame(columns=COLUMNS), interactive=False, show_label=False)
+        with gr.Row():
+            step = gr.Dropdown([], label="Checkpoint", scale=2)
+            resume = gr.Button("Resume from this checkpoint", scale=1)
+            download = gr.DownloadButton("Download its adapter (.zip)", visible=False, scale=1)
+        notice = gr.Markdown(
+            "Every checkpoint holds a usable adapter: the Evaluate and Arena tabs list them as *run · step N*, and "
+            "`python -m finetune export runs/<id> OUT --checkpoint N` merges one into its base model."
+        )
+
+    def _open(run_id: str | None) -> RunDir | None:
+        try:
+            return runner.open(run_id) if run_id else None
+        except FinetuneError:  # a typed name that is no run (the tab's picker takes any value)
+            return None
+
+    def show(run_id: str | None, current: int | None):
+        found = _open(run_id)
+        frame = checkpoint_frame(found)
+        steps = frame["step"].tolist()
+        return frame, gr.update(choices=steps, value=current if current in steps else (steps[0] if steps else None))
+
+    @user_errors
+    def zipped(run_id: str | None, at: int | None):
+        found = _open(run_id)
+        archive = found.adapter_zip(int(at)) if found is not None and at is not None else None
+        return gr.update(value=str(archive) if archive else None, visible=archive is not None)
+
+    @user_errors
+    def resume_from(run_id: str | None, at: int | None, request: gr.Request | None = None) -> str:
+        if not run_id or at is None:
+            raise gr.Error("Pick a run and one of its checkpoints first.")
+        runner.resume(run_id, user=current_user(request), checkpoint=int(at))
+        return f"Queued to resume from step {int(at)}: the steps after it are trained again."
+
+    gr.on([run.change, timer.tick], show, [run, step], [table, step], api_visibility="private", show_progress="hidden",
+          queue=False)  # fmt: skip
+    step.change(zipped, [run, step], download, api_visibility="private", show_progress="hidden")
+    resume.click(resume_from, [run, step], notice, api_name="train_resume_from")

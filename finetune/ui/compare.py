@@ -1,0 +1,54 @@
+"""The Train tab's "Compare runs": two or more runs' loss curves on one chart, the settings that differ, and their
+results side by side. The work is `finetune.compare`; this only wires it. Named API endpoint: compare_runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gradio as gr
+import pandas as pd
+
+from finetune.compare import X_AXES, compare_runs, loss_curves
+from finetune.runner import Runner
+from finetune.ui.common import user_errors
+
+
+def curve_frame(rows: list[dict], x: str) -> pd.DataFrame:
+    # Typed even when empty: the chart keeps the axis types of its first value (object columns = categories).
+    return pd.DataFrame(rows, columns=[x, "loss", "run", "series", "line"]).astype({x: "int64", "loss": "float64"})
+
+
+def build_compare_panel(runner: Runner, choices: Callable[[], list[tuple[str, str]]]) -> None:
+    """An accordion; `choices()` lists the runs as (label, run id), as the tab's run picker does."""
+    with gr.Accordion("Compare runs", open=False) as accordion:
+        with gr.Row():
+            picked = gr.Dropdown(choices(), multiselect=True, label="Runs to compare (two or more)", scale=4)
+            axis = gr.Radio(list(X_AXES), value="step", label="x axis", info="tokens: training tokens seen", scale=1)
+            refresh = gr.Button("Refresh the list", scale=0, min_width=120)
+        note = gr.Markdown("Pick two or more runs: their losses share one chart, with the settings that differ.")
+        chart = gr.LinePlot(curve_frame([], "step"), x="step", y="loss", color="line", label="Loss of the chosen runs",
+                            height=300, elem_id="compare-chart")  # fmt: skip
+        settings = gr.Dataframe(label="Settings that differ", interactive=False, wrap=True)
+        results = gr.Dataframe(label="Results: final losses, and the evaluation where a run has one", wrap=True,
+                               interactive=False)  # fmt: skip
+
+    @user_errors
+    def show(run_ids: list[str] | None, x: str):
+        run_ids = run_ids or []
+        runs = [runner.open(run_id) for run_id in run_ids]  # ids only: a browser sends them
+        plot = gr.LinePlot(curve_frame(loss_curves(runs, x), x), x=x)
+        if len(runs) < 2:
+            return "Pick two or more runs to compare.", plot, pd.DataFrame(), pd.DataFrame()
+        comparison = compare_runs(runs)
+        told = "" if comparison.settings else "These runs have the same settings."
+        return told, plot, pd.DataFrame(comparison.settings), pd.DataFrame(comparison.results)
+
+    def refresh_choices(current: list[str] | None):
+        listed = choices()
+        ids = {run_id for _, run_id in listed}
+        return gr.update(choices=listed, value=[i for i in current or [] if i in ids])
+
+    gr.on([picked.change, axis.change], show, [picked, axis], [note, chart, settings, results],
+          api_name="compare_runs")  # fmt: skip
+    gr.on([refresh.click, accordion.expand], refresh_choices, picked, picked, api_visibility="private")
