@@ -4,6 +4,7 @@
     python -m finetune train --run-dir RUN_DIR --resume
     python -m finetune export RUN_DIR OUT_DIR            # adapter merged into its base, as safetensors
     python -m finetune eval --run runs/<id> [--limit N]  # base vs tuned on held-out questions, kept in the run
+    python -m finetune votes [--out pairs.jsonl]         # the Arena's blind votes as preference pairs (for DPO)
 
 Each command is an `add_<name>(subparsers)` function that registers its parser and sets `func`.
 """
@@ -120,7 +121,26 @@ def add_eval(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
-COMMANDS = [add_train, add_export, add_eval]
+def _cmd_votes(args: argparse.Namespace) -> int:
+    from finetune.arena import VoteStore
+    from finetune.preferences import adapter_votes, preference_pairs, write_pairs
+
+    votes = VoteStore().votes()
+    pairs = preference_pairs(adapter_votes(votes, args.adapter) if args.adapter else votes)
+    print(pairs.summary)
+    if args.out:
+        print(f"written: {write_pairs(pairs, Path(args.out))}")
+    return 0
+
+
+def add_votes(sub) -> None:
+    p = sub.add_parser("votes", help="The Arena's blind votes as preference pairs (prompt/chosen/rejected JSONL).")
+    p.add_argument("--out", help="Write the pairs to this .jsonl file (TRL's preference format).")
+    p.add_argument("--adapter", help="Only the votes on this adapter (a run id) in the tuned column.")
+    p.set_defaults(func=_cmd_votes)
+
+
+COMMANDS = [add_train, add_export, add_eval, add_votes]
 
 
 def main(argv: list[str] | None = None) -> int:

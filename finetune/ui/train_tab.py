@@ -14,7 +14,7 @@ import pandas as pd
 
 from finetune import FinetuneError
 from finetune.config import RECIPES, DataConfig, TrainConfig, load_train_config
-from finetune.data import BUNDLED
+from finetune.data import BUNDLED, VOTES_SOURCE
 from finetune.hardware import machine
 from finetune.models import EMBEDDED, ModelPool
 from finetune.runner import Runner
@@ -22,7 +22,7 @@ from finetune.runs import ACTIVE_STATES, RunInfo
 from finetune.settings import Settings
 from finetune.templates import TEMPLATES
 from finetune.ui.common import current_user, loss_frame, machine_line, user_errors
-from finetune.ui.forms import component, form_config, get_dotted, more_settings
+from finetune.ui.forms import component, form_config, get_dotted, help_of, more_settings
 
 
 def default_config() -> TrainConfig:
@@ -101,7 +101,7 @@ def build_train_tab(
             )  # fmt: skip
             with gr.Row():
                 form["data.source"] = gr.Dropdown(
-                    list(BUNDLED), value=defaults.data.source, allow_custom_value=True, label="Data set",
+                    [*BUNDLED, VOTES_SOURCE], value=defaults.data.source, allow_custom_value=True, label="Data set",
                     info="Bundled name or file path; 'Use for training' in the Data tab fills this.",
                 )  # fmt: skip
                 form["data.template"] = gr.Dropdown(
@@ -123,6 +123,11 @@ def build_train_tab(
                 field("max_length", label="Max length (tokens)", info=None, minimum=8)
                 field("lora_r", label="LoRA rank r", info=None, minimum=1)
             with gr.Accordion("Advanced", open=False):
+                with gr.Row():  # preference tuning: arena_votes (or any prompt/chosen/rejected set) from an SFT run
+                    form["method"] = gr.Radio(["sft", "dpo"], value=defaults.method, label="Method",
+                                              info=help_of("method"))  # fmt: skip
+                    field("base_adapter", label="DPO: start from run")
+                    field("beta", label="DPO beta", minimum=0)
                 with gr.Row():
                     field("lora_alpha", label="LoRA alpha", info=None)
                     field("lora_dropout", label="LoRA dropout", info=None, minimum=0, maximum=1)
