@@ -123,11 +123,6 @@ def build_train_tab(
                 field("max_length", label="Max length (tokens)", info=None, minimum=8)
                 field("lora_r", label="LoRA rank r", info=None, minimum=1)
             with gr.Accordion("Advanced", open=False):
-                with gr.Row():  # preference tuning: arena_votes (or any prompt/chosen/rejected set) from an SFT run
-                    form["method"] = gr.Radio(["sft", "dpo"], value=defaults.method, label="Method",
-                                              info=help_of("method"))  # fmt: skip
-                    field("base_adapter", label="DPO: start from run")
-                    field("beta", label="DPO beta", minimum=0)
                 with gr.Row():
                     field("lora_alpha", label="LoRA alpha", info=None)
                     field("lora_dropout", label="LoRA dropout", info=None, minimum=0, maximum=1)
@@ -149,6 +144,12 @@ def build_train_tab(
                         "gradient_checkpointing", label="Gradient checkpointing",
                         info="Recompute activations in backward: much less memory, 20-30% more time per step.",
                     )  # fmt: skip
+                # After the settings above: the API's positional parameters keep their order.
+                with gr.Row():  # preference tuning: arena_votes (or any prompt/chosen/rejected set) from an SFT run
+                    form["method"] = gr.Radio(["sft", "dpo"], value=defaults.method, label="Method",
+                                              info=help_of("method"))  # fmt: skip
+                    field("base_adapter", label="DPO: start from run")
+                    field("beta", label="DPO beta", minimum=0)
             with gr.Accordion("More settings", open=False):
                 form.update(more_settings(defaults, placed=form))
             with gr.Row():
