@@ -138,6 +138,9 @@ def test_dpo_run_from_an_sft_adapter(home, tiny_llama):
     assert start["eval_reward_margin"] == pytest.approx(0, abs=1e-5)
     assert end["eval_loss"] < start["eval_loss"] and end["eval_reward_margin"] > 0  # it learned the preference
     assert [p["series"] for p in run.loss_curve()].count("train") == 2  # the Train tab's chart, unchanged
+    import trl.trainer.utils
+
+    assert trl.trainer.utils._use_triton(torch.device("cpu"))  # TRL's head projected the answer positions only
 
     # A plain PEFT adapter: the trained one only (no reference copy, no tokenizer), with the SFT adapter's shape.
     assert sorted(p.name for p in adapter.iterdir() if p.is_dir()) == []
