@@ -1,15 +1,20 @@
-"""Training benchmark: the project's trainer vs the plain recipe most tutorials use, on lamini_docs.
+"""Training benchmark: the project's trainer vs the plain recipe most tutorials use, and vs TRL's SFTTrainer, on
+lamini_docs.
 
-    python bench/train.py [--quick] [--steps 12] [--quant none,4bit]
+    python bench/train.py [--quick] [--steps 12] [--quant none,4bit] [--sides plain,trl-sft,project]
 
-Both sides train the embedded Gemma-3-270M with LoRA r=16 on all linear layers, the same rows encoded the same
-way (answer-only labels), the same batch size, learning rate schedule, steps and precision. They differ in how a
-step is computed:
+Every side trains the embedded Gemma-3-270M with the same LoRA (`finetune.train.lora_config`: r=16 on all linear
+layers) on the same rows with answer-only loss, the same batch size, learning rate schedule, steps and precision.
+They differ in how a step is computed:
 
 - project (`finetune.train`): rows grouped by length and padded per batch, vocabulary projection only at answer
   positions, in chunks (`answer_loss_sum`);
-- plain: HF `Trainer` + PEFT, rows in random order padded to the longest row of each batch
-  (`DataCollatorForSeq2Seq`), `model(**batch, labels=...)`, i.e. logits over the full vocabulary at every position.
+- plain: HF `Trainer` + PEFT, rows encoded as the project encodes them, in random order padded to the longest row
+  of each batch (`DataCollatorForSeq2Seq`), `model(**batch, labels=...)`, i.e. logits over the full vocabulary at
+  every position;
+- trl-sft: TRL's `SFTTrainer` with `peft_config` as its docs use it: the rows as prompt/completion text (rendered
+  with the same template) and `completion_only_loss`, TRL's own tokenization, collator (random order, padding per
+  batch) and fused LM head (log-probabilities at answer positions only, in tiles).
 
 Each config runs in its own process (honest peak RSS). Reports real (non-padding) training tokens/s and seconds
 per step (after the first step), the held-out loss after training (same 32 test rows, same code for both) and the
@@ -101,7 +106,7 @@ def worker(side: str, quant: str, steps: int, out: str) -> None:
             base, tokenizer = load_model(cfg.model)
             model = PeftModel.from_pretrained(base, str(adapter))
         else:
-            model, tokenizer, losses = plain_train(cfg, run_dir)
+            model, tokenizer, losses = BASELINES[side](cfg, run_dir)
             rss = peak_rss_gb()
         loss = heldout_loss(model, tokenizer, cfg)
     (t0, n0), (t1, n1) = MARKS[0], MARKS[-1]
@@ -120,25 +125,33 @@ def worker(side: str, quant: str, steps: int, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-def plain_train(cfg, run_dir: str):
-    """The tutorial recipe: Trainer + PEFT, random order, padding to the longest row, full-vocabulary logits."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+def baseline_model(cfg):
+    """(the config with `auto` decided as the project's trainer decides it, the model, its tokenizer)."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import set_seed
 
     from finetune.hardware import resolve_auto
     from finetune.models import load_model, load_tokenizer
-    from finetune.train import encode_splits, lora_config
 
     set_seed(cfg.seed)
     cfg, _ = resolve_auto(cfg, len(load_tokenizer(cfg.model)))  # the precision the project's trainer chooses
     model, tokenizer = load_model(cfg.model)
     if cfg.model.quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, lora_config(cfg, model))
-    train = encode_splits(cfg, tokenizer).train.remove_columns(["length"])
-    precision = cfg.mixed_precision
-    args = TrainingArguments(
-        output_dir=str(Path(run_dir) / "plain"),
+    return cfg, model, tokenizer
+
+
+def baseline_fit(trainer_cls, cfg, run_dir: str, args_cls=None, more_args: dict | None = None, **trainer):
+    """Train with `trainer_cls(**trainer)` and the arguments every side shares (batch, schedule, steps, precision,
+    seed), of class `args_cls` with `more_args`, timing each step; returns (the trained model, the logged losses)."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            mark(state)
+
+    args = (args_cls or TrainingArguments)(
+        output_dir=str(Path(run_dir) / "baseline"),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
@@ -149,22 +162,56 @@ def plain_train(cfg, run_dir: str):
         logging_steps=1,
         save_strategy="no",
         seed=cfg.seed,
-        bf16=precision == "bf16",
+        bf16=cfg.mixed_precision == "bf16",
+        activation_checkpointing=False,  # TRL turns it on by default; the project's run and plain have it off
         use_cpu=True,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
+        **(more_args or {}),
     )
+    fitted = trainer_cls(args=args, callbacks=[StepTimer()], **trainer)
+    fitted.train()
+    return fitted.model, [r["loss"] for r in fitted.state.log_history if "loss" in r]
+
+
+def plain_train(cfg, run_dir: str):
+    """The tutorial recipe: Trainer + PEFT, random order, padding to the longest row, full-vocabulary logits."""
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    from finetune.train import encode_splits, lora_config
+
+    cfg, model, tokenizer = baseline_model(cfg)
+    model = get_peft_model(model, lora_config(cfg, model))
+    train = encode_splits(cfg, tokenizer).train.remove_columns(["length"])
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-
-    class StepTimer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            mark(state)
-
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[StepTimer()])
-    trainer.train()
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    model, losses = baseline_fit(Trainer, cfg, run_dir, model=model, train_dataset=train, data_collator=collator)
     return model, tokenizer, losses
+
+
+def trl_train(cfg, run_dir: str):
+    """TRL's SFTTrainer + PEFT: the same rows as prompt/completion text, answer-only loss (`completion_only_loss`)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune.data import load_splits
+    from finetune.templates import get_template, render
+    from finetune.train import lora_config
+
+    cfg, model, tokenizer = baseline_model(cfg)
+    template = get_template(cfg.data.template)
+    prompts, answers = zip(*(render(template, row) for row in load_splits(cfg.data)["train"]))
+    train = Dataset.from_dict({"prompt": list(prompts), "completion": list(answers)})
+    sft = {"max_length": cfg.max_length, "completion_only_loss": True}
+    model, losses = baseline_fit(
+        SFTTrainer, cfg, run_dir, SFTConfig, sft, model=model, train_dataset=train, processing_class=tokenizer,
+        peft_config=lora_config(cfg, model),
+    )  # fmt: skip
+    return model, tokenizer, losses
+
+
+BASELINES = {"plain": plain_train, "trl-sft": trl_train}
 
 
 def main() -> None:
@@ -174,36 +221,40 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 steps per config (the rate is over steps 2-3).")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--quant", default="none,4bit", help="Comma-separated: none, 4bit.")
+    parser.add_argument("--sides", default="plain,trl-sft,project", help="Comma-separated; plain is the base.")
     args = parser.parse_args()
     steps = 3 if args.quick else args.steps
     print(f"machine: {machine()}; {load_note()} at start")
-    rows, ratios = [], {}
+    rows, ratios = [], {}  # ratios: side -> quant -> tokens/s over plain's
     with tempfile.TemporaryDirectory() as tmp:
         for quant in args.quant.split(","):
             results = {}
-            for side in ("plain", "project"):
+            for side in args.sides.split(","):
                 out = Path(tmp) / f"{side}-{quant}.json"
                 code = WORKER.format(bench=str(ROOT / "bench"), side=side, quant=quant, steps=steps, out=str(out))
                 run_python(code, timeout=3600)
-                results[side] = json.loads(out.read_text())
-                rows.append(results[side])
-                print(f"  {side} {quant}: {results[side]['tokens/s']:.0f} tokens/s", file=sys.stderr)
-            ratios[quant] = results["project"]["tokens/s"] / results["plain"]["tokens/s"]
-            rows[-1]["speed-up"] = f"{ratios[quant]:.2f}x"
+                result = results[side] = json.loads(out.read_text())
+                rows.append(result)
+                print(f"  {side} {quant}: {result['tokens/s']:.0f} tokens/s", file=sys.stderr)
+                if side != "plain" and "plain" in results:
+                    ratios.setdefault(side, {})[quant] = result["tokens/s"] / results["plain"]["tokens/s"]
+                    result["speed-up"] = f"{ratios[side][quant]:.2f}x"
     for r in rows:
-        r.setdefault("speed-up", "1.00x (baseline)")
+        r.setdefault("speed-up", "1.00x (baseline)" if r["side"] == "plain" else "")
     cfg = config("none", steps)
     print(
         f"{cfg.model.source} ({cfg.model.dtype}), LoRA r={cfg.lora_r} all linear, batch {cfg.batch_size} x "
         f"grad_accum {cfg.grad_accum}, max_length {cfg.max_length}, lr {cfg.learning_rate}, {steps} steps; "
         f"tokens/s and s/step after the first step; held-out loss on {EVAL_ROWS} test rows"
     )
-    print(table(rows, "Training: project vs plain Trainer + PEFT (lamini_docs)"))
+    print(table(rows, "Training: project vs plain Trainer + PEFT vs TRL SFTTrainer + PEFT (lamini_docs)"))
     print(f"{load_note()} at end")
+    names = {"project": "project trainer", "trl-sft": "TRL SFTTrainer (completion_only_loss)"}
     print(
-        "headline: project trainer " + ", ".join(f"{v:.2f}x ({k})" for k, v in ratios.items()) + " real tokens/s "
-        "over the plain Trainer + PEFT recipe (target >= 1.5x at equal loss)"
-    )
+        "headline: " + "; ".join(f"{names[side]} " + ", ".join(f"{v:.2f}x ({k})" for k, v in by_quant.items())
+                                 for side, by_quant in ratios.items())
+        + " real tokens/s over the plain Trainer + PEFT recipe (target for the project >= 1.5x at equal loss)"
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

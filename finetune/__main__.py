@@ -5,6 +5,7 @@
     python -m finetune export RUN_DIR OUT_DIR [--checkpoint STEP]   # adapter merged into its base, + how to serve it
     python -m finetune eval --run runs/<id> [--limit N] [--checkpoint STEP]  # base vs tuned, kept in the run
     python -m finetune compare RUN RUN...                # the settings that differ, losses, evaluations side by side
+    python -m finetune votes [--out pairs.jsonl]         # the Arena's blind votes as preference pairs (for DPO)
 
 Each command is an `add_<name>(subparsers)` function that registers its parser and sets `func`.
 """
@@ -147,7 +148,26 @@ def add_compare(sub) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
-COMMANDS = [add_train, add_export, add_eval, add_compare]
+def _cmd_votes(args: argparse.Namespace) -> int:
+    from finetune.arena import VoteStore
+    from finetune.preferences import adapter_votes, preference_pairs, write_pairs
+
+    votes = VoteStore().votes()
+    pairs = preference_pairs(adapter_votes(votes, args.adapter) if args.adapter else votes)
+    print(pairs.summary)
+    if args.out:
+        print(f"written: {write_pairs(pairs, Path(args.out))}")
+    return 0
+
+
+def add_votes(sub) -> None:
+    p = sub.add_parser("votes", help="The Arena's blind votes as preference pairs (prompt/chosen/rejected JSONL).")
+    p.add_argument("--out", help="Write the pairs to this .jsonl file (TRL's preference format).")
+    p.add_argument("--adapter", help="Only the votes on this adapter (a run id) in the tuned column.")
+    p.set_defaults(func=_cmd_votes)
+
+
+COMMANDS = [add_train, add_export, add_eval, add_compare, add_votes]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@
     for row in leaderboard(battles(votes), vote_counts(votes)): print(row)  # finetune.ratings.leaderboard
 
 Votes live in SQLite (`$FINETUNE_HOME/arena.sqlite`). Each vote becomes pairwise battles (the best answer beats
-the two others; tie and all-bad are ties between every pair), which `finetune.ratings` rates.
+the two others; tie and all-bad are ties between every pair), which `finetune.ratings` rates, and preference pairs
+(the best answer over each other one), which DPO learns from (`finetune.preferences`, `finetune.dpo`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class AdapterInfo:
     base_model: str  # ModelSpec source of the model it was trained on
     template: str  # the prompt template it was trained with
     origin: str  # "run", "checkpoint" or "upload"
+    method: str = "sft"  # how its run trained it: "sft", or "dpo" (from votes: `finetune.dpo`)
 
 
 def uploads_dir() -> Path:
@@ -86,15 +88,16 @@ def adapter_info(path: str | Path, name: str | None = None, origin: str = "uploa
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         raise FinetuneError(f"No LoRA adapter in {path} (adapter_config.json is missing).")
-    base_model, template = _base_from_adapter_config(path), "qa"
+    base_model, template, method = _base_from_adapter_config(path), "qa", "sft"
     found = run_of_adapter(path)
     if found:
         # Read as plain YAML, not as a TrainConfig: an adapter trained by another version still shows up.
         config = yaml.safe_load(found[0].config_file.read_text()) or {}
         base_model = (config.get("model") or {}).get("source") or base_model
         template = (config.get("data") or {}).get("template") or template
+        method = config.get("method") or method
     default = _run_adapter_name(*found) if found else path.parent.name
-    return AdapterInfo(name or default, path, base_model, template, origin)
+    return AdapterInfo(name or default, path, base_model, template, origin, method)
 
 
 def _run_adapter_name(run: RunDir, step: int | None) -> str:

@@ -86,6 +86,21 @@ class TrainConfig:
 
     model: ModelSpec = field(default_factory=ModelSpec, metadata={"help": "Base model; quantization 4bit = QLoRA."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data set, column mapping, template."})
+    method: str = field(
+        default="sft",
+        metadata={"help": "sft: learn the answers (prompt/answer rows); dpo: learn which answer is preferred "
+                  "(prompt/chosen/rejected rows, e.g. arena_votes: the Arena's blind votes), starting from "
+                  "base_adapter."},
+    )  # fmt: skip
+    base_adapter: str | None = field(
+        default=None,
+        metadata={"help": "dpo: the SFT run whose adapter DPO starts from and compares with (run id or folder), or "
+                  "latest: the newest SFT run on this base model. Its LoRA shape is kept (lora_* are ignored)."},
+    )  # fmt: skip
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "dpo: how far the adapter may move from base_adapter (higher: less); DPO's beta."},
+    )
     max_length: int = field(default=256, metadata={"help": "Tokens per row (prompt + answer); answers are cut."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update)."})

@@ -4,8 +4,10 @@ A source is a bundled name (`lamini_docs`, `alpaca_sample`), a `.jsonl`/`.json`/
 Hub id (`owner/name`, optionally `owner/name:config`) when online. Columns are detected and mapped to the
 canonical fields `instruction`, `input`, `output` (prompt/answer pairs), `messages` (chat lists, OpenAI
 role/content or ShareGPT from/value, with tool calls: OpenAI `tool_calls` and `tool` turns, ShareGPT `function_call`
-and `observation` turns), `tools` (the JSON schemas a chat may call) or `text` (plain text, trained on whole); the
-original columns stay beside them. Every user mistake raises `FinetuneError` with one sentence saying what to fix.
+and `observation` turns), `tools` (the JSON schemas a chat may call), `text` (plain text, trained on whole) or
+`chosen` and `rejected` (preference pairs: two answers to one prompt, the first preferred; `output` is then the chosen
+one); the original columns stay beside them. `arena_votes` is the Arena's blind votes as preference pairs
+(`finetune.preferences`). Every user mistake raises `FinetuneError` with one sentence saying what to fix.
 
     from finetune.config import DataConfig
     from finetune.data import load_splits, row_stats
@@ -49,8 +51,10 @@ BUNDLED: dict[str, Path] = {
     "alpaca_sample": ASSETS / "alpaca_en_demo.json",
 }
 PRETRAINING_SAMPLE = ASSETS / "c4_demo.jsonl"
+VOTES_SOURCE = "arena_votes"  # the Arena's blind votes as preference pairs, exported when read
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
-CANONICAL = ("instruction", "input", "output", "messages", "tools", "text")
+CANONICAL = ("instruction", "input", "output", "messages", "tools", "text", "chosen", "rejected")
+PREFERENCE = ("chosen", "rejected")
 # Levels of objects and lists in one row, the row's own object being the first. Real data sets need under 10
 # (a chat with content parts: 4). Turning rows into Arrow recurses ~20 Python frames per level and fails past
 # ~45 levels from a bare stack (Arrow itself stops at 64), so the limit leaves room for the caller's frames.
@@ -303,7 +307,12 @@ def _read_cached(path: str, size: int, mtime_ns: int) -> Dataset:
 
 def _source_key(source: str) -> tuple:
     """What identifies a source's content in caches: a file's path, size and mtime (so an edit is seen)."""
-    path = BUNDLED.get(source) or Path(source)
+    if source == VOTES_SOURCE:
+        from finetune.preferences import votes_file
+
+        path = votes_file()  # rewritten when votes were cast since: a new mtime
+    else:
+        path = BUNDLED.get(source) or Path(source)
     if path.is_file():
         stat = path.stat()
         return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
@@ -367,6 +376,11 @@ class Format:
 
 # Most specific first: the first format whose columns are all present wins.
 FORMATS: tuple[Format, ...] = (
+    Format(
+        "preference pairs (prompt/chosen/rejected)",
+        {"instruction": "prompt", "chosen": "chosen", "rejected": "rejected"},
+        "qa",
+    ),
     Format("chat messages (OpenAI role/content)", {"messages": "messages"}, "chat"),
     Format("chat conversations (ShareGPT from/value)", {"messages": "conversations"}, "chat"),
     Format(
@@ -432,7 +446,9 @@ def check_mapping(mapping: dict[str, str], columns: list[str]) -> None:
                 f"The mapping points to column {column!r}, which this data set does not have (columns: "
                 f"{', '.join(columns)})."
             )
-    if not {"output", "messages", "text"} & set(mapping):
+    if len(set(PREFERENCE) & set(mapping)) == 1:
+        raise FinetuneError("A preference pair needs both answers: map a column to chosen and one to rejected.")
+    if not {"output", "messages", "text", "chosen"} & set(mapping):
         raise FinetuneError(
             "Map a column to output (the answer), a chat column to messages, or a text column to text."
         )
@@ -597,7 +613,8 @@ def canonicalize(ds: Dataset, mapping: dict[str, str]) -> Dataset:
 
     Prompt/answer pairs get instruction, input and output; chat lists get `messages` (normalized) plus
     instruction/output from their last user/assistant turns (for search, stats and evaluation), and `tools` (JSON
-    text) when they call tools; plain text gets `text`.
+    text) when they call tools; plain text gets `text`; preference pairs get chosen and rejected, and the chosen
+    answer as output (what SFT would learn).
     """
     tooled = "tools" in mapping or ("messages" in mapping and _has_tool_turns(ds[mapping["messages"]]))
 
@@ -619,6 +636,10 @@ def canonicalize(ds: Dataset, mapping: dict[str, str]) -> Dataset:
             )
         if "text" in mapping:
             out["text"] = _as_text(row.get(mapping["text"]))
+        if "chosen" in mapping:
+            out.update({f: _as_text(row.get(mapping[f])) for f in PREFERENCE})
+            if "output" not in mapping:
+                out["output"] = out["chosen"]
         return out
 
     if not tooled:
@@ -627,6 +648,11 @@ def canonicalize(ds: Dataset, mapping: dict[str, str]) -> Dataset:
     texts = ("instruction", "input", "output", "tools") + ("text",) * ("text" in mapping)
     features = Features({**ds.features, **{f: Value("string") for f in texts}, "messages": List(TOOL_MESSAGE)})
     return ds.map(convert, with_indices=True, features=features)
+
+
+def is_preference(ds: Dataset) -> bool:
+    """Whether the canonical rows are preference pairs (chosen and rejected answers)."""
+    return "rejected" in ds.column_names
 
 
 def _answer(row: dict) -> str:

@@ -4,14 +4,18 @@
     for step in run_guided(runner, pool):          # prepare -> train -> evaluate -> arena
         print(step.step, step.message)
     step.result  # {"loss_before": ..., "loss_after": ..., "reduction": ..., "adapter": ..., "question": ...}
+    # ... the user votes blind in the Arena on 10 answers of the guided adapter, then:
+    for step in Guide(runner, pool).learn_from_votes(step.run_id):   # vote: a short DPO run on those votes
+        print(step.step, step.message)
 
 or `python bench/quickstart.py`, which times it. Every step uses the manual path's own parts: `check_config` and
 `load_splits` (Data tab), `Runner.submit` (the Train tab's train_start), the pooled base model with the adapter
 attached and `finetune.evaluate.answer_losses` (Evaluate tab), and the adapter folder the Arena lists.
 
-Everything needed to resume is on disk: the run's status tells the step, and the measured losses are kept in
-the run folder (`RunDir.read_guided`), so `follow(runner, pool, run_id)` picks a guided run up again after a page
-reload or an app restart, with the training still running in its own process.
+Everything needed to resume is on disk: the run's status tells the step, the measured losses are kept in the run
+folder (`RunDir.read_guided`), and the vote step's DPO run names the guided run as its `base_adapter`, so
+`follow(run_id)` picks a guided run up again after a page reload or an app restart, with the training still
+running in its own process.
 """
 
 from __future__ import annotations
@@ -19,25 +23,30 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune import FinetuneError
+from finetune.arena import VoteStore
 from finetune.config import RECIPES, TrainConfig, load_train_config
 from finetune.hardware import Machine, estimate_run, forward_seconds, machine, torch_dtype
 from finetune.models import ModelPool
+from finetune.preferences import adapter_votes, preference_pairs, write_pairs
 from finetune.runner import Runner
-from finetune.runs import ACTIVE_STATES
+from finetune.runs import ACTIVE_STATES, RunDir
 from finetune.settings import Settings
 from finetune.spaces import gpu
 
 RECIPE = RECIPES / "quickstart_cpu.yaml"
-STEPS = ("prepare", "train", "evaluate", "arena")
+DPO_RECIPE = RECIPES / "dpo_votes.yaml"
+STEPS = ("prepare", "train", "evaluate", "arena", "vote")
+VOTES_NEEDED = 10  # blind votes on the guided adapter before the vote step trains on them
 STEP_TITLES = {
     "prepare": "Prepare the data",
     "train": "Train a LoRA adapter",
     "evaluate": "Measure held-out loss",
     "arena": "Compare in the Arena",
+    "vote": f"Vote on {VOTES_NEEDED} answers, then train on your votes",
 }
 HELDOUT_QUESTIONS = 40  # a fixed subset (the first 40) of the 140 held-out lamini_docs questions
 TOTAL_MINUTES = 5.0  # from the click to the adapter in the Arena
@@ -48,7 +57,8 @@ MEASURE_GPU_SECONDS = 60  # ZeroGPU budget of the held-out measurement (80 short
 
 @dataclass
 class GuidedStep:
-    """Where a guided run is: `step` is one of STEPS; `done` once the Arena is ready, `error` when it failed."""
+    """Where a guided run is: `step` is one of STEPS; `done` once the Arena is ready (and again once the vote step's
+    DPO adapter is), `error` when it failed. `run_id` is the guided (SFT) run's; `status` the run training now."""
 
     step: str
     message: str
@@ -167,16 +177,41 @@ def _mtime(path: Path) -> int:
 def current_step(runner: Runner, run_id: str) -> GuidedStep:
     """The step a guided run is at, from its files on disk alone (what a reloaded page shows)."""
     run, status = runner.open(run_id), runner.status(run_id)
-    state = status.get("state")
-    if state in ACTIVE_STATES:
-        return GuidedStep("train", _train_message(status), run_id, status)
-    if state == "failed" or not run.has_adapter:
-        why = status.get("message") or f"The training run ended ({state}) without an adapter."
-        return GuidedStep("train", why, run_id, status, error=True)
+    training = _training("train", run, status, run_id)
+    if training is not None:
+        return training
     result = run.read_guided()
     if result is None:
         return GuidedStep("evaluate", "Measuring the held-out loss before and after training", run_id, status)
-    return GuidedStep("arena", arena_message(result), run_id, status, result, done=True)
+    dpo = _dpo_run(runner, run_id)
+    if dpo is None:
+        return GuidedStep("arena", arena_message(result), run_id, status, result, done=True)
+    status = runner.status(dpo.run_id)
+    training = _training("vote", dpo, status, run_id, result)
+    if training is not None:
+        return training
+    result = {**result, "adapter": str(dpo.adapter_dir), "dpo_run_id": dpo.run_id}
+    return GuidedStep("vote", vote_message(dpo), run_id, status, result, done=True)
+
+
+def _training(step: str, run: RunDir, status: dict, run_id: str, result: dict | None = None) -> GuidedStep | None:
+    """The `step` while `run` trains, or after it failed; None once it has its adapter."""
+    state = status.get("state")
+    if state in ACTIVE_STATES:
+        return GuidedStep(step, _train_message(status), run_id, status, result)
+    if state == "failed" or not run.has_adapter:
+        why = status.get("message") or f"The training run ended ({state}) without an adapter."
+        return GuidedStep(step, why, run_id, status, result, error=True)
+    return None
+
+
+def _dpo_run(runner: Runner, run_id: str) -> RunDir | None:
+    """The newest DPO run that started from the guided run's adapter: the vote step's."""
+    for info in runner.runs():
+        cfg = info.run.read_config() if info.run.config_file.is_file() else None
+        if cfg is not None and cfg.method == "dpo" and cfg.base_adapter == run_id:
+            return info.run
+    return None
 
 
 def _train_message(status: dict) -> str:
@@ -193,8 +228,37 @@ def arena_message(result: dict) -> str:
     return (
         f"Held-out loss on {result['questions']} test questions: {result['loss_before']:.3f} (base) -> "
         f"{result['loss_after']:.3f} (tuned), {100 * result['reduction']:.0f}% lower. "
-        "The Arena now has your adapter: ask a held-out question."
+        f"The Arena now has your adapter: ask a held-out question. Then vote blind on {VOTES_NEEDED} answers and "
+        "train on your votes."
     )
+
+
+def vote_message(dpo: RunDir) -> str:
+    """What the vote step's DPO run did, from its metrics: on held-out pairs when it had some, else training pairs."""
+    rows = dpo.read_metrics()
+    held = [r for r in rows if "eval_reward_accuracy" in r]
+    if len(held) >= 2:
+        first, last = held[0], held[-1]
+        what = (f"on held-out pairs of your votes, DPO loss {first['eval_loss']:.3f} -> "
+                f"{last['eval_loss']:.3f}; the tuned adapter now prefers the voted answer in "
+                f"{100 * last['eval_reward_accuracy']:.0f}% of them (reward margin {last['eval_reward_margin']:.3f})")
+    else:
+        last = next((r for r in reversed(rows) if "reward_accuracy" in r), None)
+        what = (f"on the pairs of your votes, it prefers the voted answer more than before in "
+                f"{100 * last['reward_accuracy']:.0f}% of the last batch (reward margin {last['reward_margin']:.3f})"
+                if last else "no step was logged")
+    return (f"Trained on your votes (DPO, {dpo.read_status().get('step', 0)} steps): {what}. The Arena lists the new "
+            "adapter, marked (DPO): compare it with the one you voted on.")  # fmt: skip
+
+
+def dpo_config(sft: TrainConfig, run_id: str, pairs: Path) -> TrainConfig:
+    """The vote step's run: the dpo_votes recipe (a couple of minutes) from the guided run's adapter, on the pairs of
+    its votes, with its model, template and length."""
+    cfg = load_train_config(DPO_RECIPE)
+    cfg.model, cfg.base_adapter, cfg.max_length = sft.model, run_id, sft.max_length
+    cfg.data = replace(cfg.data, source=str(pairs), template=sft.data.template)
+    cfg.mixed_precision, cfg.name = sft.mixed_precision, f"{sft.name or 'quickstart'} DPO"
+    return cfg
 
 
 class Guide:
@@ -206,8 +270,10 @@ class Guide:
         pool: ModelPool,
         config: Callable[[], TrainConfig] = guided_config,
         poll_interval: float = 1.0,
+        store: VoteStore | None = None,
     ):
         self.runner, self.pool, self.config, self.poll_interval = runner, pool, config, poll_interval
+        self.store = store  # the Arena's votes; None: the default store, opened when the vote step reads it
         self._lock = threading.Lock()
 
     def run(
@@ -219,6 +285,30 @@ class Guide:
         summary = check_and_split(cfg)
         run_id = start(self.runner, cfg, owner, limits)
         yield GuidedStep("train", f"{summary} Training started.", run_id, self.runner.status(run_id))
+        yield from self.follow(run_id)
+
+    def learn_from_votes(
+        self, run_id: str, owner: str | None = None, limits: Settings | None = None
+    ) -> Iterator[GuidedStep]:
+        """The vote step: once VOTES_NEEDED blind votes judged the guided run's adapter, a short DPO run from that
+        adapter on their preference pairs; yields its steps until it reports what it learned."""
+        sft = self.runner.open(run_id)
+        if not sft.has_adapter:
+            raise FinetuneError("The guided run has no adapter yet: let it reach the Arena first.")
+        votes = adapter_votes((self.store or VoteStore()).votes(), run_id)
+        if len(votes) < VOTES_NEEDED:
+            raise FinetuneError(
+                f"{len(votes)} of {VOTES_NEEDED} blind votes on this adapter so far: turn on blind mode in the Arena "
+                f"and vote on {VOTES_NEEDED - len(votes)} more answers, then train on your votes."
+            )
+        pairs = preference_pairs(votes)
+        if not pairs.pairs:
+            raise FinetuneError(f"{pairs.summary}: no answer beat another yet; vote A, B or C on a few more answers.")
+        from finetune.data import exports_dir
+
+        path = write_pairs(pairs, exports_dir() / f"votes-{run_id}.jsonl")
+        dpo_id = start(self.runner, dpo_config(sft.read_config(), run_id, path), owner, limits)
+        yield GuidedStep("vote", f"{pairs.summary}. Training on them (DPO).", run_id, self.runner.status(dpo_id))
         yield from self.follow(run_id)
 
     def follow(self, run_id: str) -> Iterator[GuidedStep]:

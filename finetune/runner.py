@@ -281,7 +281,8 @@ class Runner:
     # --- internals ---
 
     def _check_limits(self, cfg: TrainConfig, owner: str | None, limits: Settings) -> None:
-        if cfg.max_steps > limits.max_train_steps:
+        # `auto` steps are what fits in max_minutes: bounded by time, not by a count
+        if cfg.max_steps != "auto" and cfg.max_steps > limits.max_train_steps:
             raise FinetuneError(
                 f"{cfg.max_steps} steps is above this box's limit of {limits.max_train_steps} per run "
                 "(FINETUNE_MAX_TRAIN_STEPS): ask for fewer steps."

@@ -6,6 +6,9 @@
     python -m finetune train --run-dir RUN_DIR --checkpoint 40                     # ...or from an earlier checkpoint
     accelerate launch --num_processes 2 -m finetune train --config ...             # DDP (add --cpu on a CPU)
 
+`method: dpo` trains the same way on preference pairs, from an SFT run's adapter (`finetune.dpo`, with TRL's
+`DPOTrainer`): `python -m finetune train --config recipes/dpo_votes.yaml` learns from the Arena's blind votes.
+
 From Python: `train(cfg, run_dir)`. A run lives in `runs/<run-id>/` (see `finetune.runner`, which starts each run
 in its own process, and `finetune.runs`, which names its files): the config, status (atomic), metrics
 (append-only), log, checkpoints (the newest `save_total_limit` and the best by held-out loss: `KeepCheckpoints`) and
@@ -17,6 +20,7 @@ by length and padded per batch, and matmuls run in bfloat16 where the CPU or GPU
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import logging
@@ -26,6 +30,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +141,8 @@ def check_config(cfg: TrainConfig) -> str:
     if cfg.train_vocab not in ("auto", "full", "data"):
         raise FinetuneError(f"train_vocab must be auto, full or data (got {cfg.train_vocab!r}).")
     check_tracker(cfg.report_to)
+    if cfg.method not in ("sft", "dpo"):
+        raise FinetuneError(f"method must be sft or dpo (got {cfg.method!r}).")
     quantization_config(cfg.model.quantization)  # raises on an unknown kind or a missing bitsandbytes
     tokenizer = load_tokenizer(cfg.model)  # raises on an unknown model
     from finetune.data import load_rows
@@ -143,6 +150,10 @@ def check_config(cfg: TrainConfig) -> str:
     rows = load_rows(cfg.data)  # raises on a missing file or zero rows
     if len(rows) < 2 and cfg.data.test_size > 0:
         raise FinetuneError("The data set needs at least 2 rows (one to train on, one held out).")
+    if cfg.method == "dpo":
+        from finetune.dpo import check_dpo
+
+        check_dpo(cfg, rows)
     template = get_template(cfg.data.template)
     validate(template, rows.column_names)
     sample = rows.select(range(min(64, len(rows))))
@@ -191,6 +202,15 @@ class AnswerOnlyTrainer(Trainer):
 
 
 # --- progress, metrics, stop -------------------------------------------------------------------
+
+
+# DPO's logged metrics (TRL's names) -> metrics.jsonl keys: how much more the adapter prefers the chosen answer than
+# the model it started from did (margin), and how often it does (accuracy); eval_ on held-out pairs.
+PREFERENCE_METRICS = {
+    f"{prefix}rewards/{name}": f"{prefix}reward_{short}"
+    for prefix in ("", "eval_")
+    for name, short in (("margins", "margin"), ("accuracies", "accuracy"))
+}
 
 
 class RunCallback(TrainerCallback):
@@ -270,6 +290,7 @@ class RunCallback(TrainerCallback):
         if "eval_loss" in logs:
             row["eval_loss"] = logs["eval_loss"]
             self.last_eval_step = state.global_step
+        row.update({name: logs[key] for key, name in PREFERENCE_METRICS.items() if key in logs})
         if len(row) == 2:
             return  # the final summary (train_runtime, ...) is in train.log already
         row["tokens"] = int(state.num_input_tokens_seen)  # compare runs by tokens seen, not steps of any size
@@ -277,7 +298,8 @@ class RunCallback(TrainerCallback):
         if "loss" in logs:  # the status written at this step's end did not have this loss yet
             self.run.update_status(loss=self.last_loss, tokens_per_s=self.tokens_per_s)
         parts = [f"step {state.global_step}/{state.max_steps}"]
-        parts += [f"{k} {row[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate") if row.get(k) is not None]
+        shown = ("loss", "eval_loss", "reward_margin", "eval_reward_margin", "learning_rate")
+        parts += [f"{k} {row[k]:.4g}" for k in shown if row.get(k) is not None]
         if row.get("tokens_per_s"):
             parts.append(f"{row['tokens_per_s']:.0f} tokens/s")
         log.info(" · ".join(parts))
@@ -362,9 +384,10 @@ def lora_config(cfg: TrainConfig, model=None):
     )
 
 
-def build_model(cfg: TrainConfig):
-    """(PEFT model ready to train, tokenizer, summary line with trainable parameters and memory)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def build_model(cfg: TrainConfig, adapter: Path | None = None):
+    """(PEFT model ready to train, tokenizer, summary line with trainable parameters and memory). `adapter`: go on
+    training that LoRA adapter (its shape) instead of a new one."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     from finetune.models import load_model
 
@@ -377,7 +400,10 @@ def build_model(cfg: TrainConfig):
         # and autocast then re-casts the whole output layer at every projection. Norms may stay float32.
         for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
             embedding.to(dtype)
-    model = get_peft_model(model, lora_config(cfg, model))
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    else:
+        model = get_peft_model(model, lora_config(cfg, model))
     trainable, total = model.get_nb_trainable_parameters()
     summary = (
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) · "
@@ -387,10 +413,13 @@ def build_model(cfg: TrainConfig):
     return model, tokenizer, summary
 
 
-def training_arguments(cfg: TrainConfig, run_dir: Path, has_eval: bool) -> TrainingArguments:
-    """The Trainer's arguments for a config whose `auto` settings are decided (`hardware.resolve_auto`)."""
+def training_arguments(
+    cfg: TrainConfig, run_dir: Path, has_eval: bool, kind: type[TrainingArguments] = TrainingArguments, **more
+) -> TrainingArguments:
+    """The Trainer's arguments for a config whose `auto` settings are decided (`hardware.resolve_auto`); `kind`: a
+    subclass (TRL's `DPOConfig`), whose own settings and overrides come in `more`."""
     precision = cfg.mixed_precision
-    return TrainingArguments(
+    settings = dict(
         output_dir=str(RunDir(run_dir).checkpoints_dir),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -427,6 +456,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, has_eval: bool) -> Train
         disable_tqdm=True,  # train.log gets one readable line per logging step instead of progress bars
         dataloader_num_workers=0,
     )
+    return kind(**{**settings, **more})
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, checkpoint: int | None = None) -> Path:
@@ -469,22 +499,12 @@ def _train(
 ) -> Path:
     from transformers import set_seed
 
-    from finetune.models import forget_tokenizers, load_tokenizer
+    from finetune.models import load_tokenizer
 
     set_seed(cfg.seed)
     cfg, decided = resolve_auto(cfg, len(load_tokenizer(cfg.model)))
-    model, tokenizer, summary = build_model(cfg)
-    summary = f"{summary} · {decided}"
-    log.info("%s", summary)
-    data = encode_splits(cfg, tokenizer)
-    chat_template = serving_chat_template(get_template(cfg.data.template), tokenizer)  # saved with the adapter
-    pad, vocab_size = pad_id(tokenizer), len(tokenizer)
-    del tokenizer
-    forget_tokenizers()  # Gemma's takes 0.1 GB that training does not need
-    test = data.test
-    if cfg.eval_rows is not None and len(test) > cfg.eval_rows:
-        test = test.select(range(cfg.eval_rows))
-    has_eval = len(test) > 0 and cfg.eval_rows != 0
+    # Saved with the adapter: the chat template that prompts it as trained (`finetune.serving`).
+    chat_template = serving_chat_template(get_template(cfg.data.template), load_tokenizer(cfg.model))
     if step is not None:
         checkpoint = Checkpoint(step, run.adapter_path(step))  # raises, naming the kept steps, when there is none
     else:
@@ -496,34 +516,25 @@ def _train(
             run.drop_checkpoints_after(checkpoint.step)
         elif not resume:
             run.clear_metrics()
-        skipped = f", {data.skipped} skipped (prompt longer than max_length)" if data.skipped else ""
-        log.info("rows: %d train%s, %d held out for the loss", len(data.train), skipped, len(test))
-        where = f"Resuming from step {checkpoint.step}" if checkpoint else "Starting"
-        run.update_status(message=f"{where}: {summary}", summary=summary)
-    vocab = data_vocab(data.train, model, pad) if cfg.train_vocab == "data" and cfg.answer_only_logits else None
-    if cfg.max_steps == "auto":
-        cfg.max_steps = _steps_in_budget(cfg, model, data.train, pad, run, rank0, vocab)
-    callback = RunCallback(run, elapsed_before, stop_signal, cfg.max_minutes * 60)
-    trainer_cls = AnswerOnlyTrainer if cfg.answer_only_logits else Trainer
-    trainer = trainer_cls(
-        model=model,
-        args=training_arguments(cfg, run.path, has_eval),
-        data_collator=lambda features: pad_batch(features, pad),
-        train_dataset=data.train,
-        eval_dataset=test if has_eval else None,
-        callbacks=[
-            callback,
-            KeepCheckpoints(run, cfg.save_total_limit, cfg.keep_best and has_eval),
-            *tracker_callbacks(cfg, run, checkpoint.step if checkpoint else None, rank0),
-        ],
-    )
-    if vocab is not None:
-        trainer.vocab = vocab
-        note = (f"training softmax over {len(vocab):,} of {vocab_size:,} tokens: the data's and the model's likeliest "
-                "competitors (held-out loss: all)")  # fmt: skip
-        log.info("%s", note)
+
+    def announce(summary: str, rows: str) -> None:
+        """Say what trains on what, once the model and the data are ready."""
+        log.info("%s", summary)
         if rank0:
-            run.update_status(summary=f"{summary} · {note}")
+            log.info("rows: %s", rows)
+            where = f"Resuming from step {checkpoint.step}" if checkpoint else "Starting"
+            run.update_status(message=f"{where}: {summary}", summary=summary)
+
+    callback = RunCallback(run, elapsed_before, stop_signal, cfg.max_minutes * 60)
+    if cfg.method == "dpo":
+        from finetune.dpo import dpo_trainer
+
+        trainer, has_eval = dpo_trainer(cfg, decided, run, rank0, callback, announce)
+    else:
+        trainer, has_eval = _sft_trainer(cfg, decided, run, rank0, callback, announce)
+    trainer.add_callback(KeepCheckpoints(run, cfg.save_total_limit, cfg.keep_best and has_eval))
+    for tracker in tracker_callbacks(cfg, run, checkpoint.step if checkpoint else None, rank0):
+        trainer.add_callback(tracker)
     trainer.remove_callback(PrinterCallback)  # RunCallback logs one readable line per logging step instead
     trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
     if has_eval and not callback.stopped and callback.last_eval_step != trainer.state.global_step:
@@ -531,7 +542,7 @@ def _train(
     adapter = run.adapter_dir
     _save_adapter(trainer, adapter, chat_template)
     step, total = trainer.state.global_step, trainer.state.max_steps
-    del trainer, model
+    del trainer
     gc.collect()
     if not rank0:
         return adapter
@@ -549,10 +560,61 @@ def _train(
     if cfg.push_to_hub:
         run.update_status(message=f"Pushing the adapter to {cfg.push_to_hub}")
         push_adapter(run.path, cfg.push_to_hub)
-    final = next((r["eval_loss"] for r in reversed(run.read_metrics()) if "eval_loss" in r), None)
-    note = f", held-out loss {final:.3f}" if final is not None else ""
+    final = next((r for r in reversed(run.read_metrics()) if "eval_loss" in r), {})
+    note = f", held-out loss {final['eval_loss']:.3f}" if final else ""
+    if "eval_reward_margin" in final:
+        note += (f", reward margin {final['eval_reward_margin']:.3f} (chosen preferred in "
+                 f"{100 * final['eval_reward_accuracy']:.0f}% of held-out pairs)")  # fmt: skip
     run.update_status(state="finished", step=step, total=total, eta_s=0, message=f"Finished {step} steps{note}.")
     return adapter
+
+
+Announce = Callable[[str, str], None]  # (summary, rows): what trains on what, said once model and data are ready
+
+
+def held_out(test, cfg: TrainConfig) -> tuple[object, bool]:
+    """The held-out rows a run measures its loss on (the first eval_rows), and whether there are any."""
+    if cfg.eval_rows is not None and len(test) > cfg.eval_rows:
+        test = test.select(range(cfg.eval_rows))
+    return test, len(test) > 0 and cfg.eval_rows != 0
+
+
+def _sft_trainer(
+    cfg: TrainConfig, decided: str, run: RunDir, rank0: bool, callback: RunCallback, announce: Announce
+) -> tuple[Trainer, bool]:
+    """The project's answer-only Trainer for a new LoRA adapter (`method: sft`), and whether it has held-out rows."""
+    from finetune.models import forget_tokenizers
+
+    model, tokenizer, summary = build_model(cfg)
+    summary = f"{summary} · {decided}"
+    data = encode_splits(cfg, tokenizer)
+    pad, vocab_size = pad_id(tokenizer), len(tokenizer)
+    del tokenizer
+    forget_tokenizers()  # Gemma's takes 0.1 GB that training does not need
+    test, has_eval = held_out(data.test, cfg)
+    skipped = f", {data.skipped} skipped (prompt longer than max_length)" if data.skipped else ""
+    announce(summary, f"{len(data.train)} train{skipped}, {len(test)} held out for the loss")
+    vocab = data_vocab(data.train, model, pad) if cfg.train_vocab == "data" and cfg.answer_only_logits else None
+    if cfg.max_steps == "auto":
+        timed = functools.partial(time_step, cfg, model, data.train, pad, vocab)
+        cfg.max_steps = steps_in_budget(cfg, len(data.train), run, rank0, timed)
+    trainer_cls = AnswerOnlyTrainer if cfg.answer_only_logits else Trainer
+    trainer = trainer_cls(
+        model=model,
+        args=training_arguments(cfg, run.path, has_eval),
+        data_collator=lambda features: pad_batch(features, pad),
+        train_dataset=data.train,
+        eval_dataset=test if has_eval else None,
+        callbacks=[callback],
+    )
+    if vocab is not None:
+        trainer.vocab = vocab
+        note = (f"training softmax over {len(vocab):,} of {vocab_size:,} tokens: the data's and the model's likeliest "
+                "competitors (held-out loss: all)")  # fmt: skip
+        log.info("%s", note)
+        if rank0:
+            run.update_status(summary=f"{summary} · {note}")
+    return trainer, has_eval
 
 
 def peak_memory_gb() -> float:
@@ -566,7 +628,7 @@ def peak_memory_gb() -> float:
 
 def time_step(cfg: TrainConfig, model, train, pad: int, vocab: torch.Tensor | None = None) -> float:
     """Seconds of one optimizer step on this machine: forward + backward of a batch of rows of about the mean length
-    (as length-grouped batches are), the second of two (the first pays one-time allocations). Gradients dropped."""
+    (as length-grouped batches are), timed by `timed_step`."""
     lengths = train["length"]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     mean = sum(lengths) / len(lengths)
@@ -575,20 +637,30 @@ def time_step(cfg: TrainConfig, model, train, pad: int, vocab: torch.Tensor | No
     start = max(0, min(at - size // 2, len(order) - size))
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in pad_batch([train[k] for k in order[start : start + size]], pad).items()}
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     if cfg.gradient_checkpointing:  # as the Trainer will run it
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def loss() -> torch.Tensor:
+        if cfg.answer_only_logits:
+            total, count = answer_loss_sum(model, batch, vocab)
+            return total / max(count, 1)
+        return model(**batch).loss
+
+    return timed_step(cfg, model, loss)
+
+
+def timed_step(cfg: TrainConfig, model, loss) -> float:
+    """Seconds of one optimizer step: `loss()` (a batch's forward) and its backward under the run's autocast, the
+    second of two (the first pays one-time allocations), times grad_accum. Gradients dropped."""
+    device = next(model.parameters()).device
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     model.train()
     seconds = 0.0
     for _ in range(2):
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            if cfg.answer_only_logits:
-                total, count = answer_loss_sum(model, batch, vocab)
-                loss = total / max(count, 1)
-            else:
-                loss = model(**batch).loss
-        loss.backward()
+            value = loss()
+        value.backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
@@ -596,17 +668,15 @@ def time_step(cfg: TrainConfig, model, train, pad: int, vocab: torch.Tensor | No
     return seconds * cfg.grad_accum
 
 
-def _steps_in_budget(
-    cfg: TrainConfig, model, train, pad: int, run: RunDir, rank0: bool, vocab: torch.Tensor | None
-) -> int:
-    """`max_steps: auto`: the steps whose timed cost fits in max_minutes (at most num_epochs over the data), so the
-    learning-rate schedule ends when the budget does, on whatever machine this is. Kept in status.json for resume;
-    under accelerate, process 0's count for all."""
+def steps_in_budget(cfg: TrainConfig, rows: int, run: RunDir, rank0: bool, step_seconds: Callable[[], float]) -> int:
+    """`max_steps: auto`: the steps whose cost (`step_seconds()`, timed here) fits in max_minutes (at most num_epochs
+    over the `rows` training rows), so the learning-rate schedule ends when the budget does, on whatever machine this
+    is. Kept in status.json for resume; under accelerate, process 0's count for all."""
     planned = run.read_status().get("planned_steps")
     if not planned:
-        step_s = time_step(cfg, model, train, pad, vocab)
+        step_s = step_seconds()
         world = int(os.environ.get("WORLD_SIZE", 1))
-        planned = planned_steps(cfg.max_minutes * 60, step_s, epoch_steps(len(train), cfg, world))
+        planned = planned_steps(cfg.max_minutes * 60, step_s, epoch_steps(rows, cfg, world))
         if world > 1:
             from accelerate import PartialState
             from accelerate.utils import broadcast_object_list

@@ -101,3 +101,16 @@ def test_errors_are_one_sentence_for_the_user(client, tiny_llama):
     # A web user cannot make the app read an arbitrary file on the server.
     with pytest.raises(AppError, match="Choose a bundled data set or a Hub id, or upload a file"):
         client.predict(tokenizer_model=tiny_llama, source="/etc/hosts.csv", api_name="/dataset_stats")
+
+
+def test_preference_pairs_preview_side_by_side(client, tiny_llama, tmp_path, monkeypatch):
+    from finetune.arena import Vote, VoteStore
+
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))  # the Arena's votes of this test only
+    models = {"base": "m", "tuned": "m + run-1", "reference": "ref"}
+    VoteStore().add(Vote("tuned", "What is Lamini?", {"base": "A llama.", "tuned": "An LLM engine."}, models, {}))
+    prompt, answer, tokens, info = client.predict(
+        row=0, tokenizer_model=tiny_llama, max_length=64, source="arena_votes", api_name="/dataset_preview"
+    )
+    assert prompt == "### Question:\nWhat is Lamini?\n\n### Answer:\n" and answer == "An LLM engine."  # the chosen one
+    assert "Preference pairs: shown side by side" in info

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -32,6 +33,7 @@ from finetune.arena import (
 from finetune.config import GenerationParams
 from finetune.generate import Column
 from finetune.models import EMBEDDED, ModelPool
+from finetune.preferences import VOTES_FILE, preference_pairs, write_pairs
 from finetune.ratings import LEADERBOARD_COLUMNS, leaderboard, leaderboard_csv
 from finetune.security import saving
 from finetune.settings import Settings
@@ -108,6 +110,15 @@ def _leaderboard(store: VoteStore):
     with open(path, "w", newline="") as f:
         f.write(leaderboard_csv(rows))
     return pd.DataFrame(rows, columns=list(LEADERBOARD_COLUMNS)), path
+
+
+def _pairs(store: VoteStore):
+    """The votes as preference pairs (a JSONL file to download, or none yet) and their counts."""
+    pairs = preference_pairs(store.votes())
+    path = write_pairs(pairs, Path(tempfile.mkdtemp(prefix="arena-")) / VOTES_FILE) if pairs.pairs else None
+    note = (f"Preference pairs for DPO (`arena_votes` in the Data and Train tabs): {pairs.summary}. "
+            "Each best answer beats the two others.")  # fmt: skip
+    return gr.DownloadButton(value=path, visible=path is not None), note
 
 
 def build_arena_tab(
@@ -205,6 +216,8 @@ def build_arena_tab(
         with gr.Row():
             refresh_board = gr.Button("Refresh", size="sm")
             csv_file = gr.DownloadButton("Export CSV", size="sm")
+            pairs_file = gr.DownloadButton("Preference pairs (JSONL)", size="sm", visible=False)
+        pairs_note = gr.Markdown()
 
     # The names are the `/arena` API's parameters, in this order: question and settings first, so a caller can pass
     # just those: client.predict("What is Lamini?", 64, api_name="/arena"), or by name: question=..., greedy=False.
@@ -301,8 +314,11 @@ def build_arena_tab(
         thanks = f"Thanks! {names}. Ask a new question for the next round."
         return *_chats(state)[:3], state, thanks, *_leaderboard(store)
 
-    vote.click(cast, [choice, session], [*chats, session, verdict, board, csv_file], api_name="vote")
-    refresh_board.click(lambda: _leaderboard(store), None, [board, csv_file], api_name="leaderboard")
+    pairs_view = (lambda: _pairs(store), None, [pairs_file, pairs_note])
+    voted = vote.click(cast, [choice, session], [*chats, session, verdict, board, csv_file], api_name="vote")
+    voted.success(*pairs_view, api_visibility="private")
+    board_shown = refresh_board.click(lambda: _leaderboard(store), None, [board, csv_file], api_name="leaderboard")
+    board_shown.then(*pairs_view, api_visibility="private")
 
     @user_errors
     def add_adapter(files, name, serve_url_: str | None):
@@ -331,4 +347,5 @@ def build_arena_tab(
         tab.select(
             lambda: _wait_line(clock, settings.generation_concurrency), None, wait_line, api_visibility="private"
         )
+        tab.select(*pairs_view, api_visibility="private")
     return {"question": question, "adapter": adapter}

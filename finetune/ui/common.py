@@ -46,8 +46,13 @@ def current_user(request: gr.Request | None) -> str | None:
 
 
 def adapter_choices() -> list[tuple[str, str]]:
-    """(label, folder) of each adapter the tuned column can use: the Arena's dropdown, and the guided path's pick."""
-    return [(f"{a.name} ({a.origin}; {a.base_model}; {a.template} template)", str(a.path)) for a in list_adapters()]
+    """(label, folder) of each adapter the tuned column can use: the Arena's dropdown, and the guided path's pick.
+    Adapters tuned on votes say so: `... (DPO)`."""
+    choices = []
+    for a in list_adapters():
+        tuned = " (DPO)" if a.method == "dpo" else ""
+        choices.append((f"{a.name} ({a.origin}; {a.base_model}; {a.template} template){tuned}", str(a.path)))
+    return choices
 
 
 def machine_line(cfg: TrainConfig) -> str:

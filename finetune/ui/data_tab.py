@@ -23,7 +23,7 @@ from finetune.settings import Settings
 from finetune.templates import IGNORE_INDEX, get_template, render
 from finetune.ui.common import user_errors
 
-MAPPED = ("instruction", "input", "output", "messages", "tools", "text")  # the mapping dropdowns, in this order
+MAPPED = data.CANONICAL  # the mapping dropdowns, in this order
 TEMPLATE_CHOICES = [
     ("Q/A: ### Question / ### Answer", "qa"),
     ("Alpaca: with or without input, per row", "alpaca"),
@@ -134,10 +134,10 @@ def build_data_tab(settings: Settings) -> DataTabOutputs:
     gr.Markdown("### 1. Load a data set")
     with gr.Row():
         dataset = gr.Dropdown(
-            list(data.BUNDLED),
+            [*data.BUNDLED, data.VOTES_SOURCE],
             value="lamini_docs",
             allow_custom_value=True,
-            label="Bundled data set, or a Hub id (online)",
+            label="Bundled data set, the Arena's votes (arena_votes), or a Hub id (online)",
             info="e.g. owner/name or owner/name:config",
         )
         upload = gr.File(
@@ -171,6 +171,12 @@ def build_data_tab(settings: Settings) -> DataTabOutputs:
         )
         answer_text = gr.Textbox(
             label="Answer: what the model learns to write (a conversation's last turn)", lines=8, interactive=False
+        )
+        rejected_text = gr.Textbox(
+            label="Rejected: the answer the vote liked less (a preference pair: DPO learns the one on its left)",
+            lines=8,
+            interactive=False,
+            visible=False,
         )
 
     gr.Markdown("### 3. Tokens")
@@ -308,11 +314,14 @@ def build_data_tab(settings: Settings) -> DataTabOutputs:
         widths = ["6%"] + [f"{94 // (len(columns) - 1)}%"] * (len(columns) - 1)  # text columns share the width
         return gr.Dataframe(frame, column_widths=widths), info, gr.update(maximum=len(ds) - 1)
 
+    def pick(ds, row: int) -> dict:
+        return ds[min(max(int(row or 0), 0), len(ds) - 1)]
+
     def preview(row: int, tokenizer_model: str, max_length: int, **values):
         """The row rendered with the template (prompt, answer) and its tokens marked prompt/answer/cut."""
         cfg = make_config(values)
         ds = data.load_rows(cfg)
-        example = ds[min(max(int(row or 0), 0), len(ds) - 1)]
+        example = pick(ds, row)
         template, tokenizer = get_template(cfg.template), tokenizer_for(tokenizer_model)
         view = data.token_view(tokenizer, template, example, int(max_length))
         prompt, answer = render(template, example, tokenizer)
@@ -322,7 +331,16 @@ def build_data_tab(settings: Settings) -> DataTabOutputs:
             + (f" · **{view.cut_tokens} tokens cut** by max length {int(max_length)}" if view.cut_tokens else "")
             + f"\n\n<details><summary>input_ids</summary>\n\n`{view.input_ids}`\n\n</details>"
         )
+        if data.is_preference(ds):
+            info = f"**Preference pairs: shown side by side**; the tokens are the chosen answer's.\n\n{info}"
         return prompt, answer, view.pieces, info
+
+    def pair_view(row: int, **values):
+        """The rejected answer beside the chosen one, for preference pairs; hidden for other data sets."""
+        ds = data.load_rows(make_config(values))
+        if not data.is_preference(ds):
+            return gr.Textbox(value="", visible=False)
+        return gr.Textbox(value=pick(ds, row)["rejected"], visible=True)
 
     def measure(tokenizer_model: str, **values):
         cfg = make_config(values)
@@ -358,6 +376,7 @@ def build_data_tab(settings: Settings) -> DataTabOutputs:
         shown = wire(after, rows_view, table_args, [table, page_info, row])
         for fn, args, outputs in (
             (preview, preview_args, preview_outputs),
+            (pair_view, {"row": row}, rejected_text),
             (measure, {"tokenizer_model": tokenizer_model}, lengths),
             (stats_view, stats_args, stats_outputs),
         ):
@@ -381,9 +400,10 @@ def build_data_tab(settings: Settings) -> DataTabOutputs:
     )
     wire([search.submit, page.submit], rows_view, table_args, [table, page_info, row])
     wire([row.submit, max_length.release], preview, preview_args, preview_outputs, api_name="dataset_preview")
+    wire([row.submit], pair_view, {"row": row}, rejected_text)
     wire([max_length.release], stats_view, stats_args, stats_outputs)
     picked = table.select(pick_row, None, row, api_visibility="private")
-    wire(picked, preview, preview_args, preview_outputs)
+    wire(wire(picked, preview, preview_args, preview_outputs), pair_view, {"row": row}, rejected_text)
     lengths_args = {"tokenizer_model": tokenizer_model, "max_length": max_length}
     wire([recompute.click], dataset_stats, lengths_args, stats_json, api_name="dataset_stats")
 

@@ -3,7 +3,9 @@
 The guided run's id is kept in the browser (`gr.BrowserState`, per browser, never global); on page load the panel
 reads the run's state from disk (`guided.current_step`) and follows it again, so a reload lands on the same step
 with the training still running in its own process. When the adapter is ready the Arena tab opens with it
-selected and a held-out question filled in. Named API endpoint: `guided_start` (streams the steps).
+selected and a held-out question filled in. After 10 blind votes on it, "Train on my votes" runs the last step (a
+short DPO run from that adapter) and opens the Arena with the DPO adapter. Named API endpoints: `guided_start`
+and `guided_votes` (each streams the steps).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from finetune import FinetuneError
-from finetune.guided import STEP_TITLES, STEPS, Guide, GuidedStep, current_step
+from finetune.guided import STEP_TITLES, STEPS, VOTES_NEEDED, Guide, GuidedStep, current_step
 from finetune.settings import Settings
 from finetune.ui.common import adapter_choices, current_user, machine_line, user_errors
 
@@ -23,7 +25,8 @@ _COLORS = {"done": "#15803d", "current": "#1d4ed8", "error": "#b91c1c", "todo": 
 _MARKS = {"done": "✓", "current": "▶", "error": "✗"}
 IDLE = (
     "Press the button: the app prepares lamini_docs with the Q/A template, trains a LoRA adapter on the base "
-    "model, measures the held-out loss before and after, and opens the Arena. Read the lessons while it trains."
+    "model, measures the held-out loss before and after, and opens the Arena. Read the lessons while it trains. "
+    f"Then vote blind on {VOTES_NEEDED} of its answers in the Arena and train on your votes."
 )
 
 
@@ -54,7 +57,9 @@ class GuidedPanel:
     adapter: gr.Textbox  # hidden: the tuned adapter folder once the Arena is ready
     question: gr.Textbox  # hidden: a held-out question for the Arena
     open_arena: gr.Button
+    learn: gr.Button  # the vote step: train on the votes once there are enough
     finished: list  # events that end when the guided path has reached the Arena (or failed)
+    learned: object  # the vote step's event: it opens the Arena only when it succeeded
 
     def opens_arena(self, tabs: gr.Tabs, arena_id: str, adapter: gr.Dropdown, question: gr.Textbox) -> None:
         """Once ready (and on "Open the Arena"): select the Arena tab with the new adapter and a held-out question."""
@@ -67,6 +72,7 @@ class GuidedPanel:
         args = (to_arena, [self.adapter, self.question], [tabs, adapter, question])
         for event in self.finished:
             event.then(*args, api_visibility="private")
+        self.learned.success(*args, api_visibility="private")  # a refusal (too few votes) stays on this tab
         self.open_arena.click(*args, api_visibility="private")
 
 
@@ -82,6 +88,7 @@ def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None 
         with gr.Row():
             start = gr.Button("Fine-tune in 5 minutes", variant="primary", elem_id="guided-start")
             open_arena = gr.Button("Open the Arena", visible=False, elem_id="guided-open-arena")
+            learn = gr.Button(f"Train on my votes ({VOTES_NEEDED} needed)", visible=False, elem_id="guided-vote")
     run_id = gr.BrowserState(None, storage_key=STORAGE_KEY)
     adapter = gr.Textbox(visible=False)
     question = gr.Textbox(visible=False)
@@ -96,6 +103,7 @@ def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None 
             result.get("adapter", "") if step.done else "",
             result.get("question", ""),
             gr.Button(visible=step.done),
+            gr.Button(visible=step.done or step.step == "vote"),
         )
 
     @user_errors
@@ -109,16 +117,26 @@ def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None 
 
     def resume(previous: str | None):
         if not previous or not _exists(guide, previous):
-            yield None, steps_html(None), "", "", "", gr.Button(visible=False)
+            yield None, steps_html(None), "", "", "", gr.Button(visible=False), gr.Button(visible=False)
             return
         for step in guide.follow(previous):
             yield view(step)
 
-    outputs = [run_id, steps, message, adapter, question, open_arena]
+    @user_errors
+    def learn_from_votes(previous: str | None, request: gr.Request | None = None):
+        if not previous or not _exists(guide, previous):
+            raise FinetuneError("Press Fine-tune in 5 minutes first: your votes train the adapter it makes.")
+        for step in guide.learn_from_votes(previous, owner=current_user(request), limits=Settings.current()):
+            yield view(step)
+
+    outputs = [run_id, steps, message, adapter, question, open_arena, learn]
     triggers = [start.click, *(b.click for b in extra_starts or [])]
     started = gr.on(triggers, start_guided, run_id, outputs, api_name="guided_start", concurrency_limit=None)
     resumed = page.load(resume, run_id, outputs, api_visibility="private", concurrency_limit=None)
-    return GuidedPanel(start, run_id, steps, message, adapter, question, open_arena, [started, resumed])
+    learned = learn.click(learn_from_votes, run_id, outputs, api_name="guided_votes", concurrency_limit=None)
+    return GuidedPanel(
+        start, run_id, steps, message, adapter, question, open_arena, learn, [started, resumed], learned
+    )
 
 
 def _exists(guide: Guide, run_id: str) -> bool:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from finetune import FinetuneError
 from finetune.config import RECIPES, DataConfig, TrainConfig, load_train_config
-from finetune.data import BUNDLED
+from finetune.data import BUNDLED, VOTES_SOURCE
 from finetune.hardware import machine
 from finetune.models import EMBEDDED, ModelPool
 from finetune.runner import Runner
@@ -25,7 +25,7 @@ from finetune.templates import TEMPLATES
 from finetune.ui.checkpoints import build_checkpoints_panel
 from finetune.ui.common import current_user, loss_frame, machine_line, user_errors
 from finetune.ui.compare import build_compare_panel
-from finetune.ui.forms import component, form_config, get_dotted, more_settings
+from finetune.ui.forms import component, form_config, get_dotted, help_of, more_settings
 
 
 def default_config() -> TrainConfig:
@@ -108,7 +108,7 @@ def build_train_tab(
             )  # fmt: skip
             with gr.Row():
                 form["data.source"] = gr.Dropdown(
-                    list(BUNDLED), value=defaults.data.source, allow_custom_value=True, label="Data set",
+                    [*BUNDLED, VOTES_SOURCE], value=defaults.data.source, allow_custom_value=True, label="Data set",
                     info="Bundled name or file path; 'Use for training' in the Data tab fills this.",
                 )  # fmt: skip
                 form["data.template"] = gr.Dropdown(
@@ -151,6 +151,12 @@ def build_train_tab(
                         "gradient_checkpointing", label="Gradient checkpointing",
                         info="Recompute activations in backward: much less memory, 20-30% more time per step.",
                     )  # fmt: skip
+                # After the settings above: the API's positional parameters keep their order.
+                with gr.Row():  # preference tuning: arena_votes (or any prompt/chosen/rejected set) from an SFT run
+                    form["method"] = gr.Radio(["sft", "dpo"], value=defaults.method, label="Method",
+                                              info=help_of("method"))  # fmt: skip
+                    field("base_adapter", label="DPO: start from run")
+                    field("beta", label="DPO beta", minimum=0)
             with gr.Accordion("More settings", open=False):
                 form.update(more_settings(defaults, placed=form))
             with gr.Row():
