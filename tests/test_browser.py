@@ -113,8 +113,10 @@ def test_a_participant_goes_through_every_tab(browser, home, tiny_llama, free_po
 
         # Train: a few steps on the bundled set; the loss chart fills in while the run goes.
         page.get_by_role("tab", name="Train").click()
-        page.get_by_role("spinbutton", name="Steps", exact=True).fill("12")
-        page.get_by_role("spinbutton", name="Batch size", exact=True).fill("2")
+        for name, value in (("Steps", "12"), ("Batch size", "2")):  # dropdowns that also take `auto`: typed in
+            box = page.get_by_role("combobox", name=name, exact=True)
+            box.fill(value)
+            box.press("Enter")
         page.get_by_role("spinbutton", name="Max length (tokens)", exact=True).fill("64")
         page.get_by_role("button", name="Train", exact=True).click()
         page.get_by_text(re.compile(r"^finished · step 12/12")).wait_for(timeout=TRAIN_TIMEOUT_MS)
