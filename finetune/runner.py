@@ -230,7 +230,7 @@ class Runner:
             if position <= len(self.devices) - len(self._device_of):
                 return 0.0  # a device is free: it starts at the next scheduling tick
             running = [RunDir(self.root / rid).read_status() for rid in self._device_of]
-            ahead = [RunDir(self.root / rid) for rid, _ in self._queue[: position - 1]]
+            ahead = [RunDir(self.root / item[0]) for item in self._queue[: position - 1]]
         left, paces = 0.0, []
         for s in running:
             steps_left = (s.get("total") or 0) - (s.get("step") or 0)

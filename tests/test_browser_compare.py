@@ -7,6 +7,7 @@ made here (config + metrics), as training leaves them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -42,17 +43,17 @@ def test_two_runs_compared_are_two_lines_on_one_chart(browser, home, tiny_llama,
         with running_app(settings, free_port, runner=runner) as url:
             page = open_page(browser, url)
             page.get_by_role("tab", name="Train").click()
-            page.get_by_text("Compare runs", exact=True).click()  # open the accordion
+            page.get_by_role("button", name=re.compile(r"^Compare runs")).click()  # open the accordion
             picker = page.get_by_label("Runs to compare (two or more)")
             for label in ("alpha · finished · run-a", "beta · finished · run-b"):
                 picker.click()
                 page.get_by_role("option", name=label).click()
             page.wait_for_function(f"() => ({LINES})() === 2")
-            page.get_by_role("cell", name="learning_rate", exact=True).wait_for()  # the one setting that differs
-            page.get_by_role("radio", name="tokens").check()  # the other x axis: still both runs
+            page.get_by_role("gridcell", name="learning_rate", exact=True).wait_for()  # the one setting that differs
+            page.get_by_role("radio", name="tokens").check()  # the other x axis (to 256 tokens): still both runs
             page.wait_for_function(
                 """() => [...document.querySelectorAll('#compare-chart [aria-roledescription="axis"]')]
-                         .some(a => /titled 'tokens'/.test(a.getAttribute('aria-label')))"""
+                         .some(a => /titled 'tokens' .* to 2\\d\\d$/.test(a.getAttribute('aria-label')))"""
             )
             assert page.evaluate(LINES) == 2
             page.screenshot(path=ARTIFACTS / "browser-compare.png", full_page=True)
