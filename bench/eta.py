@@ -20,9 +20,9 @@ from common import ROOT, load_note, machine, per_cpu_class, run_python, table
 FORMS = {
     "quick start": ("quickstart_cpu", []),
     "quick CPU run": ("cpu_quick", []),
-    "quick CPU run, full vocabulary": ("cpu_quick", ["train_vocab=full"]),
-    "quick start, SmolLM2 base": ("quickstart_cpu", ["model.source=smollm2-135m-instruct"]),
-    "quick start, top 6 layers": ("quickstart_cpu", ["lora_layers=6"]),
+    "quick CPU run (full vocabulary)": ("cpu_quick", ["train_vocab=full"]),
+    "quick start (SmolLM2 base)": ("quickstart_cpu", ["model.source=smollm2-135m-instruct"]),
+    "quick start (all layers)": ("quickstart_cpu", ["lora_layers=0"]),
 }
 
 WORKER = """
@@ -53,11 +53,14 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--forms", default=",".join(FORMS), help="Comma-separated names of FORMS.")
+    parser.add_argument("--forms", default=";".join(FORMS), help="Names of FORMS, separated by semicolons.")
     args = parser.parse_args()
+    from finetune.hardware import refresh_probe
+
+    refresh_probe()  # the probe of this quiet machine, as a training run leaves it (a cached one may be stale)
     print(f"machine: {machine()}; {load_note()} at start")
     rows = []
-    for name in args.forms.split(","):
+    for name in args.forms.split(";"):
         recipe, sets = FORMS[name]
         sets = [*sets, f"max_steps={args.steps}", "max_minutes=0", "logging_steps=1", "save_steps=100000"]
         sets.append("eval_rows=0")

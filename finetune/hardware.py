@@ -248,11 +248,15 @@ def _mps() -> bool:
     return bool(backend and backend.is_available())
 
 
+def _unprobed() -> Machine:
+    model, isa = _cpuinfo()
+    return Machine(model, torch.get_num_threads(), isa, _isa_cap(), _gpus(), _mps())
+
+
 @functools.lru_cache(maxsize=1)
 def machine() -> Machine:
     """This machine, read once per process; the CPU probe is measured once per machine and cached on disk."""
-    model, isa = _cpuinfo()
-    m = Machine(model, torch.get_num_threads(), isa, _isa_cap(), _gpus(), _mps())
+    m = _unprobed()
     if m.gpus:
         return m  # the CPU's dtypes decide nothing there
     return replace(m, probe=cached_probe(m))
@@ -316,14 +320,14 @@ def probe_file() -> Path:
     return home() / "hardware" / "probe.json"
 
 
-def cached_probe(m: Machine) -> Probe:
-    """The probe of this CPU class, measured the first time and read from `probe_file()` after that."""
+def cached_probe(m: Machine, fresh: bool = False) -> Probe:
+    """The probe of this CPU class, measured the first time (or when `fresh`) and read from `probe_file()` after."""
     path, key = probe_file(), _probe_key(m)
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    if isinstance(known.get(key), dict):
+    if isinstance(known.get(key), dict) and not fresh:
         try:
             return Probe(**known[key])
         except TypeError:
@@ -340,6 +344,16 @@ def cached_probe(m: Machine) -> Probe:
     except OSError:
         pass  # a read-only data dir: measure again next time
     return probe
+
+
+def refresh_probe() -> None:
+    """Measure this CPU again and keep it: a probe taken while something else ran (an app starting up, a test
+    suite) underrates the CPU for every later estimate (seen: 4x). A training process calls it as it starts, so the
+    cache follows the machine as runs see it; half a second of a run of minutes."""
+    m = _unprobed()
+    if not m.gpus:
+        cached_probe(m, fresh=True)
+    machine.cache_clear()
 
 
 def resolve_auto(cfg: TrainConfig, vocab_size: int, m: Machine | None = None) -> tuple[TrainConfig, str]:

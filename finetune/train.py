@@ -39,7 +39,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from finetune import FinetuneError
 from finetune.config import REPORT_TO, TrainConfig, load_train_config
-from finetune.hardware import epoch_steps, machine, planned_steps, resolve_auto
+from finetune.hardware import epoch_steps, machine, planned_steps, refresh_probe, resolve_auto
 from finetune.loss import NO_LOGITS, answer_loss_sum, causal_lm
 from finetune.runs import Checkpoint, RunDir, process_fields, run_of_adapter
 from finetune.serving import serving_chat_template, write_chat_template
@@ -502,6 +502,7 @@ def _train(
     from finetune.models import load_tokenizer
 
     set_seed(cfg.seed)
+    refresh_probe()  # the machine as this run finds it: its decisions and every later estimate
     cfg, decided = resolve_auto(cfg, len(load_tokenizer(cfg.model)))
     # Saved with the adapter: the chat template that prompts it as trained (`finetune.serving`).
     chat_template = serving_chat_template(get_template(cfg.data.template), load_tokenizer(cfg.model))

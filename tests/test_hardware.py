@@ -110,3 +110,19 @@ def test_an_avx2_capped_cpu_chooses_float32(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     ratio, dtype = out.stdout.split()
     assert float(ratio) > hardware.BF16_FAST and dtype == "torch.float32"
+
+
+def test_a_training_run_refreshes_a_stale_probe(monkeypatch, tmp_path):
+    """A probe measured while something else ran underrates the CPU for every later estimate: each training process
+    measures again and keeps its own measurement."""
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
+    hardware.machine.cache_clear()
+    try:
+        monkeypatch.setattr(hardware, "measure_probe", lambda: SLOW_BF16)
+        assert hardware.machine().probe == SLOW_BF16
+        monkeypatch.setattr(hardware, "measure_probe", lambda: FAST_BF16)
+        assert hardware.machine().probe == SLOW_BF16  # cached
+        hardware.refresh_probe()
+        assert hardware.machine().probe == FAST_BF16 and hardware.cached_probe(hardware.machine()) == FAST_BF16
+    finally:
+        hardware.machine.cache_clear()
