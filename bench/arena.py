@@ -122,7 +122,8 @@ def main() -> None:
         columns = {
             "base": (plain_base, tokenizer, template),
             "tuned": (merged, tokenizer, template),
-            "reference": (ref_entry.model, ref_tok, chat),
+            # Its own copy: the pool's model has the Arena's generation patches (`generate.prepare_head`).
+            "reference": (load_model(ref_spec)[0], ref_tok, chat),
         }
         plain_generate(plain_base, tokenizer, "Warm up", template.stop, params)
         plain_generate(merged, tokenizer, "Warm up", template.stop, params)
