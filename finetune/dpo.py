@@ -168,7 +168,8 @@ def dpo_trainer(
         raise FinetuneError(f"Every pair's prompt fills max_length={cfg.max_length}: raise max_length.")
     if cfg.max_steps == "auto":
         timed = functools.partial(dpo_step_seconds, trainer, cfg)
-        trainer.args.max_steps = steps_in_budget(cfg, len(trainer.train_dataset), run, rank0, timed)
+        rows = len(trainer.train_dataset)
+        trainer.args.max_steps = steps_in_budget(cfg, rows, run, rank0, timed, callback.remaining)
     return trainer, has_eval
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from finetune import FinetuneError
 from finetune.arena import VoteStore
 from finetune.config import RECIPES, TrainConfig, load_train_config
-from finetune.hardware import Machine, estimate_run, forward_seconds, machine, torch_dtype
+from finetune.hardware import Machine, estimate_run, forward_seconds, machine
 from finetune.models import ModelPool
 from finetune.preferences import adapter_votes, preference_pairs, write_pairs
 from finetune.runner import Runner
@@ -84,24 +84,18 @@ def guided_config(**overrides) -> TrainConfig:
 
 
 def fit_budget(cfg: TrainConfig, m: Machine | None = None) -> TrainConfig:
-    """The training minutes that leave room, on this machine, for the rest of the path (set-up, the competitor tokens
-    of `train_vocab: data`, the timed step, the held-out measurement before and after), so that it all ends within
-    TOTAL_MINUTES; the recipe's max_minutes is the most. Unchanged where there is no estimate (a GPU: fast anyway)."""
-    from finetune.train import COMPETITOR_ROWS
-
+    """The training minutes that leave room, on this machine, for the rest of the path (set-up, the held-out
+    measurement before and after), so that it all ends within TOTAL_MINUTES; the recipe's max_minutes is the most.
+    The run's own set-up (competitor tokens, the timed step) is inside its minutes: it plans its steps on what is left.
+    Unchanged where there is no estimate (a GPU: fast anyway)."""
     m = m or machine()
     estimate = estimate_run(cfg, m)
     if estimate.step_s is None or estimate.shape is None:
         return cfg
-    shape, decided = estimate.shape, estimate.cfg
-
-    def forward(rows: int, dtype) -> float:  # rows of the data's mean length, logits over the whole vocabulary
-        return forward_seconds(m, shape, rows * estimate.row_tokens, rows * estimate.row_answers, shape.vocab, dtype)
-
-    data_vocab = decided.train_vocab == "data"
-    competitors = forward(COMPETITOR_ROWS, torch_dtype(decided.model.dtype, "cpu")) if data_vocab else 0.0
-    measure = forward(2 * HELDOUT_QUESTIONS, m.inference_dtype())  # base and tuned rows
-    other = BUDGET_MARGIN * (SETUP_SECONDS + competitors + 2 * estimate.step_s + measure)
+    rows = 2 * HELDOUT_QUESTIONS  # base and tuned rows of the data's mean length, logits over the whole vocabulary
+    measure = forward_seconds(m, estimate.shape, rows * estimate.row_tokens, rows * estimate.row_answers,
+                              estimate.shape.vocab, m.inference_dtype())  # fmt: skip
+    other = BUDGET_MARGIN * (SETUP_SECONDS + measure)
     cfg.max_minutes = round(max(0.5, min(cfg.max_minutes, (TOTAL_MINUTES * 60 - other) / 60)), 2)
     return cfg
 

@@ -402,6 +402,7 @@ class Estimate:
     shape: ModelShape | None = None
     row_tokens: float = 0.0  # mean tokens of a training row (at most max_length) and of its answer
     row_answers: float = 0.0
+    setup_s: float = 0.0  # the run's own set-up inside its max_minutes: the competitor tokens and the timed step
 
     @property
     def minutes(self) -> float | None:
@@ -443,8 +444,16 @@ def estimate_run(cfg: TrainConfig, m: Machine | None = None) -> Estimate:
         step_s = step_seconds(m, shape, tokens * batch, answers * batch, softmax, cfg.mixed_precision, quantized,
                               cfg.lora_layers)  # fmt: skip
     epochs = epoch_steps(rows, cfg)
+    setup_s = 0.0
+    if step_s is not None:
+        from finetune.train import COMPETITOR_ROWS  # the trainer's pass for `train_vocab: data`, as it will run
+
+        competitors = COMPETITOR_ROWS if cfg.train_vocab == "data" else 0
+        forward = forward_seconds(m, shape, competitors * tokens, competitors * answers, shape.vocab,
+                                  torch_dtype(cfg.model.dtype, "cpu"))  # fmt: skip
+        setup_s = (forward or 0.0) + 2 * step_s
     if cfg.max_steps == "auto":
-        steps = planned_steps(cfg.max_minutes * 60, step_s, epochs) if step_s else epochs
+        steps = planned_steps(cfg.max_minutes * 60 - setup_s, step_s, epochs) if step_s else epochs
     else:
         steps = cfg.max_steps if cfg.max_steps > 0 else epochs
     parts = [m.describe()]
@@ -456,7 +465,7 @@ def estimate_run(cfg: TrainConfig, m: Machine | None = None) -> Estimate:
             parts.append(f"{steps} steps fit in the {cfg.max_minutes:g}-minute budget")
         elif steps:
             parts.append(f"{steps} steps: about {_minutes(step_s * steps)}")
-    return Estimate(step_s, steps, " · ".join(parts), cfg, shape, tokens, answers)
+    return Estimate(step_s, steps, " · ".join(parts), cfg, shape, tokens, answers, setup_s)
 
 
 def planned_steps(budget_s: float, step_s: float, cap: int | None = None) -> int:

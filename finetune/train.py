@@ -233,6 +233,10 @@ class RunCallback(TrainerCallback):
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.t0
 
+    def remaining(self) -> float:
+        """Seconds of the time budget left: the run's set-up (model, data, competitors, the timed step) spent some."""
+        return self.time_limit_s - self.elapsed()
+
     def _agreed(self, args) -> tuple[bool, bool]:
         """(stop asked, time budget spent), the same on every process."""
         wanted = self.stop_signal.is_set() or self.run.stop_requested
@@ -598,7 +602,7 @@ def _sft_trainer(
     vocab = data_vocab(data.train, model, pad) if cfg.train_vocab == "data" and cfg.answer_only_logits else None
     if cfg.max_steps == "auto":
         timed = functools.partial(time_step, cfg, model, data.train, pad, vocab)
-        cfg.max_steps = steps_in_budget(cfg, len(data.train), run, rank0, timed)
+        cfg.max_steps = steps_in_budget(cfg, len(data.train), run, rank0, timed, callback.remaining)
     trainer_cls = AnswerOnlyTrainer if cfg.answer_only_logits else Trainer
     trainer = trainer_cls(
         model=model,
@@ -669,22 +673,25 @@ def timed_step(cfg: TrainConfig, model, loss) -> float:
     return seconds * cfg.grad_accum
 
 
-def steps_in_budget(cfg: TrainConfig, rows: int, run: RunDir, rank0: bool, step_seconds: Callable[[], float]) -> int:
-    """`max_steps: auto`: the steps whose cost (`step_seconds()`, timed here) fits in max_minutes (at most num_epochs
-    over the `rows` training rows), so the learning-rate schedule ends when the budget does, on whatever machine this
-    is. Kept in status.json for resume; under accelerate, process 0's count for all."""
+def steps_in_budget(cfg: TrainConfig, rows: int, run: RunDir, rank0: bool, step_seconds: Callable[[], float],
+                    remaining_s: Callable[[], float]) -> int:  # fmt: skip
+    """`max_steps: auto`: the steps whose cost (`step_seconds()`, timed here) fit in what is left of max_minutes
+    (`remaining_s()`, once the step is timed; at most num_epochs over the `rows` training rows), so the learning-rate
+    schedule ends when the budget does, on whatever machine this is. Kept in status.json for resume; under
+    accelerate, process 0's count for all."""
     planned = run.read_status().get("planned_steps")
     if not planned:
         step_s = step_seconds()
         world = int(os.environ.get("WORLD_SIZE", 1))
-        planned = planned_steps(cfg.max_minutes * 60, step_s, epoch_steps(rows, cfg, world))
+        planned = planned_steps(remaining_s(), step_s, epoch_steps(rows, cfg, world))
         if world > 1:
             from accelerate import PartialState
             from accelerate.utils import broadcast_object_list
 
             PartialState()  # joins the process group the Trainer would start
             planned = broadcast_object_list([planned])[0]
-        log.info("one step takes %.2f s here: %d steps fit in %.1f min", step_s, planned, cfg.max_minutes)
+        log.info("one step takes %.2f s here: %d steps fit in the %.1f of %g min left", step_s, planned,
+                 remaining_s() / 60, cfg.max_minutes)  # fmt: skip
         if rank0:
             run.update_status(planned_steps=planned, step_s=round(step_s, 3))
     return int(planned)

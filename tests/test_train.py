@@ -28,6 +28,7 @@ from finetune.train import (
     data_vocab,
     encode_splits,
     pad_batch,
+    steps_in_budget,
     train,
     training_arguments,
 )
@@ -199,6 +200,20 @@ def test_train_writes_run_folder(tiny_llama, qa_file, tmp_path):
     assert tokens[0] == 0 and tokens == sorted(tokens) and tokens[-1] > 0
     assert load_train_config(run_dir / "config.yaml") == tiny_config(tiny_llama, qa_file)
     assert RunDir(run_dir).latest_checkpoint().path.name == "checkpoint-4"
+
+
+def test_auto_steps_fit_what_the_set_up_left_of_the_budget(tmp_path):
+    """The run's clock starts before its set-up (model, data, competitor tokens, the timed step: 30 s on a 2-core AVX2
+    CPU), so the steps are planned on what is left; planned on the whole budget, the clock ended the run early with
+    its learning-rate schedule unfinished (seen: 1 of 8 planned steps in a 30-second run)."""
+    cfg = TrainConfig(max_steps="auto", max_minutes=1.0, num_epochs=100)
+    (tmp_path / "run").mkdir(), (tmp_path / "late").mkdir()
+    run = RunDir(tmp_path / "run")
+    left = steps_in_budget(cfg, 10_000, run, True, lambda: 1.0, lambda: 20.0)
+    assert left == int((20.0 - 3) * 0.95)  # 3 slow first steps and 5% to spare, of the 20 s left (not 60 s)
+    assert run.read_status()["planned_steps"] == left
+    assert steps_in_budget(cfg, 10_000, run, True, lambda: 1.0, lambda: 50.0) == left  # a resume keeps the plan
+    assert steps_in_budget(cfg, 10_000, RunDir(tmp_path / "late"), True, lambda: 1.0, lambda: -5.0) == 1
 
 
 def test_stop_file_saves_adapter_at_current_step(tiny_llama, qa_file, tmp_path, monkeypatch):
