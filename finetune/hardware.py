@@ -446,12 +446,12 @@ def estimate_run(cfg: TrainConfig, m: Machine | None = None) -> Estimate:
     epochs = epoch_steps(rows, cfg)
     setup_s = 0.0
     if step_s is not None:
-        from finetune.train import COMPETITOR_ROWS  # the trainer's pass for `train_vocab: data`, as it will run
+        from finetune.train import COMPETITOR_ROWS, TIMED_RUNS  # the trainer's set-up, as it will run
 
         competitors = COMPETITOR_ROWS if cfg.train_vocab == "data" else 0
         forward = forward_seconds(m, shape, competitors * tokens, competitors * answers, shape.vocab,
                                   torch_dtype(cfg.model.dtype, "cpu"))  # fmt: skip
-        setup_s = (forward or 0.0) + 2 * step_s
+        setup_s = (forward or 0.0) + TIMED_RUNS * step_s
     if cfg.max_steps == "auto":
         steps = planned_steps(cfg.max_minutes * 60 - setup_s, step_s, epochs) if step_s else epochs
     else:

@@ -87,6 +87,7 @@ def encode_splits(cfg: TrainConfig, tokenizer) -> EncodedData:
 
 
 COMPETITOR_ROWS, COMPETITORS = 32, 64  # rows and top tokens per answer position: +6k tokens for the quick start
+TIMED_RUNS = 3  # forward+backward runs of the step `max_steps: auto` times (the first pays one-time allocations)
 
 
 def data_vocab(train, model=None, pad: int = 0, rows: int = COMPETITOR_ROWS, top: int = COMPETITORS) -> torch.Tensor:
@@ -654,23 +655,24 @@ def time_step(cfg: TrainConfig, model, train, pad: int, vocab: torch.Tensor | No
     return timed_step(cfg, model, loss)
 
 
-def timed_step(cfg: TrainConfig, model, loss) -> float:
+def timed_step(cfg: TrainConfig, model, loss, runs: int = TIMED_RUNS) -> float:
     """Seconds of one optimizer step: `loss()` (a batch's forward) and its backward under the run's autocast, the
-    second of two (the first pays one-time allocations), times grad_accum. Gradients dropped."""
+    mean of the runs after the first (which pays one-time allocations), times grad_accum. Gradients are dropped after
+    each run: a backward that adds into kept gradients took 25% longer (2-core AVX2), and planned too few steps."""
     device = next(model.parameters()).device
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     model.train()
-    seconds = 0.0
-    for _ in range(2):
+    seconds = []
+    for _ in range(runs):
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             value = loss()
         value.backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    return seconds * cfg.grad_accum
+        seconds.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    return sum(seconds[1:]) / max(1, len(seconds) - 1) * cfg.grad_accum
 
 
 def steps_in_budget(cfg: TrainConfig, rows: int, run: RunDir, rank0: bool, step_seconds: Callable[[], float],
