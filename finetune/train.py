@@ -655,7 +655,7 @@ def time_step(cfg: TrainConfig, model, train, pad: int, vocab: torch.Tensor | No
     return timed_step(cfg, model, loss)
 
 
-def timed_step(cfg: TrainConfig, model, loss, runs: int = TIMED_RUNS) -> float:
+def timed_step(cfg: TrainConfig, model, loss) -> float:
     """Seconds of one optimizer step: `loss()` (a batch's forward) and its backward under the run's autocast, the
     mean of the runs after the first (which pays one-time allocations), times grad_accum. Gradients are dropped after
     each run: a backward that adds into kept gradients took 25% longer (2-core AVX2), and planned too few steps."""
@@ -663,7 +663,7 @@ def timed_step(cfg: TrainConfig, model, loss, runs: int = TIMED_RUNS) -> float:
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     model.train()
     seconds = []
-    for _ in range(runs):
+    for _ in range(TIMED_RUNS):
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             value = loss()
@@ -672,7 +672,7 @@ def timed_step(cfg: TrainConfig, model, loss, runs: int = TIMED_RUNS) -> float:
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
-    return sum(seconds[1:]) / max(1, len(seconds) - 1) * cfg.grad_accum
+    return sum(seconds[1:]) / (TIMED_RUNS - 1) * cfg.grad_accum
 
 
 def steps_in_budget(cfg: TrainConfig, rows: int, run: RunDir, rank0: bool, step_seconds: Callable[[], float],
