@@ -50,6 +50,7 @@ from finetune.models import ModelPool, embedded_name
 from finetune.ratings import Battle
 from finetune.runs import RunDir, adapter_label, list_runs, run_of_adapter
 from finetune.security import check_upload_size, extract_zip, safe_name
+from finetune.settings import Settings
 
 ROLES = ("base", "tuned", "reference")
 LABELS = ("A", "B", "C")  # blind names, by display position
@@ -226,10 +227,15 @@ class Unavailable(Backend):
 NO_ADAPTER = "No adapter chosen: train one in the Train tab, or upload one."
 
 
+def _serve_engine(url: str, model: str = "") -> ServeEngine:
+    """The serving engine at `url`, refusing adapters above its rank (FINETUNE_SERVE_MAX_LORA_RANK)."""
+    return ServeEngine(url, model, max_lora_rank=Settings.current().serve_max_lora_rank)
+
+
 def register_adapter(info: AdapterInfo, url: str) -> str:
     """Load `info` into the serving engine at `url`; returns its name there."""
     name = lora_name(info.name, info.path)
-    ServeEngine(url).register(name, info.path)
+    _serve_engine(url).register(name, info.path)
     return name
 
 
@@ -252,7 +258,7 @@ def serve_finished_runs(url: str) -> Callable[[RunDir], str] | None:
 def _served_columns(setup: ArenaSetup, info: AdapterInfo | None, template: str) -> tuple[dict[str, Backend], str]:
     """Base and tuned on the serving engine (the adapter registered unless the server lists it), and the first
     error ("" when none): a column that cannot be served says why."""
-    engine = ServeEngine(setup.serve_url, setup.serve_model or setup.base_model)
+    engine = _serve_engine(setup.serve_url, setup.serve_model or setup.base_model)
     try:
         served = engine.models()
     except BackendError as e:

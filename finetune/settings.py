@@ -59,6 +59,11 @@ class Settings:
         metadata={"env": "FINETUNE_SERVE_MODEL", "help": "The base model's name on the serving engine "
                   "(empty: the base model's name here)."},
     )  # fmt: skip
+    serve_max_lora_rank: int = field(
+        default=64,
+        metadata={"env": "FINETUNE_SERVE_MAX_LORA_RANK", "help": "Largest LoRA rank the serving engine accepts "
+                  "(vLLM's --max-lora-rank); a larger adapter is refused before it is sent."},
+    )  # fmt: skip
     app_device: str = field(
         default="auto",
         metadata={"env": "FINETUNE_APP_DEVICE", "help": "Device of the app's own models (auto: first GPU, MPS, CPU)."},

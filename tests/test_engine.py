@@ -34,7 +34,8 @@ BASE_TEXT, TUNED_TEXT = "It is a base answer.", "Lamini is an LLM engine."
 class FakeVLLM:
     """vLLM's OpenAI-compatible server with `--enable-lora` and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, as documented:
     `/v1/models` lists the base model and the loaded adapters, `/v1/load_lora_adapter` loads one (HTTP 400 when the
-    name is taken), `/v1/completions` streams. `load_answer` replaces the load's answer: (status, JSON body)."""
+    name is taken), `/v1/unload_lora_adapter` unloads one (HTTP 404 when it is not there), `/v1/completions` streams.
+    `load_answer` replaces the load's answer: (status, JSON body)."""
 
     def __init__(self, base: str = "base"):
         self.base, self.adapters = base, {}
@@ -53,6 +54,8 @@ class FakeVLLM:
                 fake.requests.append(("POST", self.path, body))
                 if self.path == "/v1/load_lora_adapter":
                     self._load(body)
+                elif self.path == "/v1/unload_lora_adapter":
+                    self._unload(body)
                 elif self.path == "/v1/completions":
                     self._complete(body)
                 else:
@@ -66,6 +69,12 @@ class FakeVLLM:
                     return self._json(400, {"error": {"message": message, "type": "BadRequestError", "code": 400}})
                 fake.adapters[body["lora_name"]] = body["lora_path"]
                 self._send(200, "text/plain", f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+
+            def _unload(self, body: dict) -> None:
+                if fake.adapters.pop(body["lora_name"], None) is None:
+                    message = f"The lora adapter '{body['lora_name']}' cannot be found."
+                    return self._json(404, {"error": {"message": message, "type": "NotFoundError", "code": 404}})
+                self._send(200, "text/plain", f"Success: LoRA adapter '{body['lora_name']}' removed successfully.")
 
             def _complete(self, body: dict) -> None:
                 text = TUNED_TEXT if body["model"] in fake.adapters else BASE_TEXT
@@ -99,6 +108,9 @@ class FakeVLLM:
 
     def loads(self) -> list[dict]:
         return [body for method, path, body in self.requests if path == "/v1/load_lora_adapter"]
+
+    def unloads(self) -> list[dict]:
+        return [body for method, path, body in self.requests if path == "/v1/unload_lora_adapter"]
 
     def completions(self) -> list[dict]:
         return [body for method, path, body in self.requests if path == "/v1/completions"]
@@ -157,15 +169,47 @@ def test_an_unreachable_engine_says_so(free_port, tiny_adapter):
         ServeEngine(f"http://127.0.0.1:{free_port}").register("run-1", tiny_adapter)
 
 
+def _copy(adapter: Path, to: Path) -> Path:
+    to.mkdir()
+    for f in adapter.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    return to
+
+
 def test_the_name_on_the_server_changes_with_the_adapters_weights(tmp_path, tiny_adapter):
-    copy = tmp_path / "adapter"
-    copy.mkdir()
-    for f in tiny_adapter.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = _copy(tiny_adapter, tmp_path / "adapter")
     before = lora_name("run-1", copy)
     assert before.startswith("run-1-") and lora_name("run-1", copy) == before
     (copy / "adapter_model.safetensors").write_bytes(b"resumed and saved again")  # a resumed run saves new weights
     assert lora_name("run-1", copy) != before
+
+
+def test_a_resumed_runs_new_weights_replace_its_old_copy_on_the_server(vllm, tmp_path, tiny_adapter):
+    engine, copy = ServeEngine(vllm.url), _copy(tiny_adapter, tmp_path / "adapter")
+    neighbour = lora_name("run-10", tiny_adapter)  # another run whose name starts the same: left alone
+    engine.register(neighbour, tiny_adapter)
+    old = lora_name("run-1", copy)
+    engine.register(old, copy)
+    (copy / "adapter_model.safetensors").write_bytes(b"resumed and saved again")
+    new = lora_name("run-1", copy)
+    engine.register(new, copy)
+    assert vllm.unloads() == [{"lora_name": old}]
+    assert engine.models() == ["base", neighbour, new]  # one name of run-1 on the server: its newest weights
+    engine.unload(old)  # another user's app unloaded it first: vLLM's HTTP 404 "cannot be found" is no error
+    assert vllm.unloads()[-1] == {"lora_name": old}
+
+
+def test_an_adapter_above_the_engines_max_lora_rank_is_refused_before_it_is_sent(vllm, tmp_path, tiny_adapter):
+    copy = _copy(tiny_adapter, tmp_path / "adapter")
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, "r": 128}))
+    with pytest.raises(BackendError) as error:
+        ServeEngine(vllm.url, max_lora_rank=64).register("run-1", copy)
+    message = str(error.value)
+    assert "rank 128" in message and "64" in message and "lora_r" in message and "--max-lora-rank" in message
+    assert vllm.requests == []
+    ServeEngine(vllm.url, max_lora_rank=128).register("run-1", copy)  # a server started for it takes it
+    assert [body["lora_name"] for body in vllm.loads()] == ["run-1"]
 
 
 # --- the completions route: a text template's prompt, stop strings --------------------------------------------
