@@ -14,13 +14,21 @@ TORCH ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev run test lint lock
+.PHONY: install install-dev run test lint lock browser
 
 run: install
 	$(PY) app.py
 
-test: install-dev
+test: install-dev browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The browser tests drive a Chromium: Debian's package where apt-get can install it (root, as on CI), else
+# playwright's own build (`playwright install chromium`), which tests/test_browser.py finds when there is no system one.
+browser: install-dev
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || $(PY) -m playwright install chromium
 
 lint: install-dev
 	$(PY) -m ruff check .
