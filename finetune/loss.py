@@ -1,7 +1,10 @@
 """The chunked answer-only loss: next-token cross-entropy at answer positions only, projected to the vocabulary
-in chunks, with gradients worked out chunk by chunk (see `finetune.train`, which trains with it).
+in chunks, with gradients worked out chunk by chunk (see `finetune.train`, which trains with it). The one held-out
+loss too: `answer_loss_rows` gives it per row, for the trainer's eval and for `finetune.evaluate.answer_losses`
+(Evaluate tab, guided path).
 
     python -m pytest tests/test_loss.py tests/test_train.py -k loss    # equals the full causal-LM loss and gradients
+    python -m pytest tests/test_evaluate.py -k answer_losses           # per row, in chunks, base and adapter rows
 
 Speed: prompt labels are -100, so the vocabulary projection (262k columns for Gemma-3, most of the compute of a
 small model) runs only at answer positions, in chunks, instead of at every position as
@@ -29,11 +32,52 @@ def causal_lm(model):
 def answer_loss_sum(model, batch: dict, vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over answer positions, number of those positions).
 
-    Runs the model through its normal forward (so DDP hooks and PEFT adapters apply) keeping no logits at all,
-    captures the final hidden states, and projects only the positions whose next token has a label.
-    `sum / count` equals `model(**batch, labels=labels).loss`. With `vocab` (sorted token ids containing every
-    target), the softmax runs over those tokens only: a sampled-softmax approximation, much cheaper for a big
-    vocabulary and a small-domain data set.
+    `sum / count` equals `model(**batch, labels=labels).loss`. With gradients enabled (training) the loss is a
+    `ChunkedLoss`, whose gradients are worked out chunk by chunk; without, it is the sum of `answer_loss_rows`. With
+    `vocab` (sorted token ids containing every target), the softmax runs over those tokens only: a sampled-softmax
+    approximation, much cheaper for a big vocabulary and a small-domain data set.
+    """
+    if not torch.is_grad_enabled():
+        sums, counts = answer_loss_rows(model, batch, vocab)
+        return sums.sum(), int(counts.sum())
+    lm, hidden, keep = answer_hidden(model, batch)
+    targets = batch["labels"][:, 1:].to(keep.device)[keep]
+    weight, bias, targets = _output_layer(lm, targets, vocab)
+    return ChunkedLoss.apply(hidden, targets, weight, bias, softcap(lm)), len(targets)
+
+
+def answer_loss_rows(
+    model, batch: dict, vocab: torch.Tensor | None = None, **forward_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token cross-entropy over each row's answer positions, float32 on the model's device; the number
+    of those positions per row, on the labels' device), without gradients: the held-out loss.
+
+    `batch` has `input_ids`, `attention_mask` and `labels` (-100 where not an answer token), right-padded.
+    `forward_kwargs` go to the model's forward (PEFT's `adapter_names`: row i runs with adapter i). At most
+    LOGITS_CHUNK positions x vocabulary logits exist at a time (Gemma-3's 262k vocabulary at every answer
+    position of 4 rows of 512 tokens was ~5 GB), softmax in float32, softcapped like Gemma's.
+    """
+    with torch.no_grad():
+        lm, hidden, keep = answer_hidden(model, batch, **forward_kwargs)
+        labels = batch["labels"][:, 1:]
+        weight, bias, targets = _output_layer(lm, labels.to(keep.device)[keep], vocab)
+        cap = softcap(lm)
+        per_position = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device)
+        losses = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+        for i in range(0, len(targets), LOGITS_CHUNK):
+            part = slice(i, i + LOGITS_CHUNK)
+            losses[part] = chunk_cross_entropy(hidden[part], targets[part], weight, bias, cap)[0]
+        # Spread back to (row, position) and summed per row: deterministic, unlike an index_add_ on CUDA.
+        per_position[keep] = losses
+        return per_position.sum(1), (labels != IGNORE_INDEX).sum(1)
+
+
+def answer_hidden(model, batch: dict, **forward_kwargs) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """(the causal LM, its final hidden states at the positions whose next token is an answer token, row after row,
+    the boolean (rows, length - 1) mask of those positions on the hidden states' device).
+
+    Runs the model through its normal forward (so DDP hooks and PEFT adapters apply) keeping no logits at all, and
+    captures the decoder's output.
     """
     lm = causal_lm(model)
     captured = {}
@@ -50,13 +94,23 @@ def answer_loss_sum(model, batch: dict, vocab: torch.Tensor | None = None) -> tu
             attention_mask=batch["attention_mask"],
             logits_to_keep=NO_LOGITS,
             use_cache=False,
+            **forward_kwargs,
         )
     finally:
         hook.remove()
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    hidden = captured["h"][:, :-1][keep]
-    targets = labels[keep]
+    hidden = captured["h"][:, :-1]
+    keep = (batch["labels"][:, 1:] != IGNORE_INDEX).to(hidden.device)  # position t predicts token t + 1
+    return lm, hidden[keep], keep
+
+
+def softcap(lm) -> float | None:
+    """Gemma's `final_logit_softcapping` (logits -> cap * tanh(logits / cap)), None where the model has none."""
+    return getattr(lm.config, "final_logit_softcapping", None)
+
+
+def _output_layer(lm, targets: torch.Tensor, vocab: torch.Tensor | None):
+    """(weight, bias, targets) of the vocabulary projection: the whole output layer, or its `vocab` rows only, with
+    the targets renumbered into them."""
     head = lm.get_output_embeddings()
     weight, bias = head.weight, head.bias
     if vocab is not None:
@@ -65,21 +119,13 @@ def answer_loss_sum(model, batch: dict, vocab: torch.Tensor | None = None) -> tu
         vocab = vocab.to(weight.device)
         weight, bias = weight[vocab], bias[vocab] if bias is not None else None
         targets = torch.searchsorted(vocab, targets)
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-    if not torch.is_grad_enabled():
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for i in range(0, len(targets), LOGITS_CHUNK):
-            total += chunk_cross_entropy(
-                hidden[i : i + LOGITS_CHUNK], targets[i : i + LOGITS_CHUNK], weight, bias, cap
-            )[0]
-        return total, len(targets)
-    return ChunkedLoss.apply(hidden, targets, weight, bias, cap), len(targets)
+    return weight, bias, targets
 
 
 def chunk_cross_entropy(
     hidden: torch.Tensor, targets: torch.Tensor, weight, bias, cap: float | None, grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype]:
-    """(summed cross-entropy of `targets` under logits `hidden @ weight.T + bias`, softcapped like Gemma's; with
+    """(cross-entropy of each of `targets` under logits `hidden @ weight.T + bias`, softcapped like Gemma's; with
     `grad` its gradient w.r.t. those logits, in float32; the dtype the projection computed in).
 
     Worked out in place in one float32 chunk x vocab buffer: autograd's cross-entropy keeps three such buffers.
@@ -94,7 +140,7 @@ def chunk_cross_entropy(
     peak = logits.amax(-1, keepdim=True)
     exp = logits.sub_(peak).exp_()
     norm = exp.sum(-1, keepdim=True)
-    loss = (peak.squeeze(-1) + norm.squeeze(-1).log() - picked).sum()
+    loss = peak.squeeze(-1) + norm.squeeze(-1).log() - picked
     if not grad:
         return loss, None, dtype
     softmax = exp.div_(norm)
@@ -126,7 +172,7 @@ class ChunkedLoss(torch.autograd.Function):
         for i in range(0, len(targets), LOGITS_CHUNK):
             h = hidden[i : i + LOGITS_CHUNK]
             loss, grad, dtype = chunk_cross_entropy(h, targets[i : i + LOGITS_CHUNK], weight, bias, cap, grad=True)
-            total += loss
+            total += loss.sum()
             scale = FP16_GRAD_SCALE if dtype == torch.float16 else 1.0
             low = grad.mul_(scale).to(dtype)  # the projection's dtype: bfloat16 / float16 products run natively
             grad_hidden[i : i + LOGITS_CHUNK] = (low @ weight.to(dtype)).float().div_(scale)

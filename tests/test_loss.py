@@ -45,3 +45,37 @@ def test_chunked_loss_gradients_include_a_trainable_output_layer(monkeypatch, ca
     torch.testing.assert_close(ours, reference)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_answer_loss_rows_equal_full_logits_cross_entropy_per_row_and_sum_to_the_training_loss(
+    tiny_llama, monkeypatch, cap
+):
+    """The one held-out loss (trainer's eval, Evaluate tab, guided path): per row, in chunks, Gemma's softcap
+    honoured; `answer_loss_sum` without gradients is its sum, and with gradients (`ChunkedLoss`) the same value."""
+    from conftest import QA
+
+    from finetune.config import ModelSpec
+    from finetune.loss import answer_loss_rows, answer_loss_sum
+    from finetune.models import load_model
+    from finetune.templates import IGNORE_INDEX, TEMPLATES, encode_row
+    from finetune.train import pad_batch
+
+    monkeypatch.setattr("finetune.loss.LOGITS_CHUNK", 5)  # chunks that span two rows
+    model, tok = load_model(ModelSpec(tiny_llama, dtype="float32"))
+    model.config.final_logit_softcapping = cap  # Gemma's cap (Llama's forward ignores it)
+    encoded = [encode_row(tok, TEMPLATES["qa"], {"instruction": q, "output": a}) for q, a in QA[:4]]
+    batch = pad_batch(encoded, 0)  # right-padded, as in training and in `evaluate.answer_losses`
+    with torch.no_grad():
+        sums, counts = answer_loss_rows(model, batch)
+        total, count = answer_loss_sum(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    logits = torch.tanh(logits / cap) * cap if cap else logits
+    labels = batch["labels"][:, 1:]
+    reference = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(1)
+    assert counts.tolist() == (labels != IGNORE_INDEX).sum(1).tolist() and count == sum(counts.tolist())
+    torch.testing.assert_close(sums, reference, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(total, reference.sum(), rtol=1e-5, atol=1e-4)
+    model.requires_grad_(False).get_output_embeddings().weight.requires_grad_(True)  # a graph for ChunkedLoss
+    trained, _ = answer_loss_sum(model, batch)
+    torch.testing.assert_close(trained.detach(), total, rtol=1e-5, atol=1e-4)
