@@ -29,6 +29,9 @@ def _same_file(stream, path: Path) -> bool:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from finetune.hardware import pin_one_gpu
+
+    pin_one_gpu()  # one process, one GPU: several GPUs are `accelerate launch`'s (DDP), never DataParallel
     from finetune.config import load_train_config
     from finetune.runs import RunDir, new_run_id, runs_root
     from finetune.train import train
@@ -44,10 +47,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = runs_root() / new_run_id(cfg)
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             # Under `accelerate launch` each process would name its own folder: all take process 0's.
-            from accelerate import PartialState
             from accelerate.utils import broadcast_object_list
 
-            PartialState()  # joins the process group the Trainer would start
+            from finetune.train import join_process_group
+
+            join_process_group()
             run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     run_dir.mkdir(parents=True, exist_ok=True)
     # The runner sends our output to the run's log; run by hand, we also write it there for the UI's log tail.

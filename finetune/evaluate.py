@@ -18,16 +18,17 @@ or from the shell: `python -m finetune eval --run runs/<id> --limit 20 [--checkp
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import re
 import string
 import threading
 import time
+import typing
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -35,8 +36,9 @@ import torch
 from finetune import FinetuneError
 from finetune.config import DataConfig, GenerationParams, ModelSpec
 from finetune.generate import BASE_ADAPTER, generate_batch
-from finetune.hardware import inference_dtype, machine
-from finetune.models import LoadedModel, ModelPool, resolve_source
+from finetune.hardware import inference_dtype
+from finetune.loss import answer_loss_rows
+from finetune.models import LoadedModel, ModelPool, load_model, resolve_source
 from finetune.runs import RunDir, open_run
 from finetune.settings import offline
 from finetune.templates import IGNORE_INDEX, Template, chat_messages, encode_row, get_template, pad_id, render
@@ -51,6 +53,16 @@ Cancel = threading.Event | Callable[[], bool]
 
 class EvalCancelled(FinetuneError):
     """Raised between two batches when the caller cancelled; nothing is written."""
+
+
+class EvalProgress(typing.NamedTuple):
+    """What `evaluation` yields after each batch: plain values, so they cross ZeroGPU's pickling."""
+
+    done: int  # steps done of `total`: the answer batches, then scoring
+    total: int
+    text: str
+    answered: int  # questions answered of `questions`
+    questions: int
 
 
 # --- answer scores (pure functions) ----------------------------------------------------------------
@@ -162,7 +174,7 @@ class Embedder:
         return [c if p.strip() and r.strip() else 0.0 for c, p, r in zip(cos, predictions, references)]
 
 
-@lru_cache(maxsize=1)  # one embedding model per process: loading it costs a second, it is ~90 MB
+@functools.lru_cache(maxsize=1)  # one embedding model per process: loading it costs a second, it is ~90 MB
 def load_embedder(source: str) -> Embedder:
     return Embedder(source)
 
@@ -201,14 +213,12 @@ def eval_target(run_id_or_path: str | Path, checkpoint: int | None = None) -> Ev
     return EvalTarget(run, cfg.model, cfg.data, cfg.max_length, run.adapter_path(checkpoint), checkpoint)
 
 
-def eval_spec(spec: ModelSpec) -> ModelSpec:
-    """The run's base model as the app serves it: the inference dtype, and 4/8-bit only where CUDA runs it fast.
-
-    A QLoRA adapter works on the de-quantized base too (that is what merging does), and bitsandbytes on a CPU
-    is slow; sharing the Arena's spec also means one copy of the base model in the pool.
-    """
-    dtype = inference_dtype() if spec.dtype == "auto" else spec.dtype
-    return replace(spec, dtype=dtype, quantization=spec.quantization if machine().kind == "cuda" else None)
+def eval_spec(spec: ModelSpec, device: str | None = None) -> ModelSpec:
+    """The run's base model as the Arena serves it (`arena.make_backends`): the inference dtype of `device` (default:
+    the app's), never quantized. So Evaluate and the Arena share one copy in the pool and show the same numbers; a
+    QLoRA adapter works on the de-quantized base too (that is what merging does)."""
+    dtype = inference_dtype(device) if spec.dtype == "auto" else spec.dtype
+    return replace(spec, dtype=dtype, quantization=None)
 
 
 # --- held-out loss ---------------------------------------------------------------------------------
@@ -220,8 +230,9 @@ def answer_losses(
     """(summed cross-entropy, number of answer tokens) per encoded row (`encode_row` output: prompt masked).
 
     On a PEFT model, row i runs with adapter `adapter_names[i]` ("__base__": none), so base and tuned losses
-    come from the same forward passes. Logits are computed only at answer positions: with a 262k-token
-    vocabulary they are most of the time and memory.
+    come from the same forward passes. The loss is `finetune.loss.answer_loss_rows`, the trainer's held-out loss:
+    logits only at answer positions, a chunk of them at a time (a 262k-token vocabulary makes them most of the
+    time and memory).
     """
     pad = pad_id(tokenizer)
     device = model.device
@@ -232,24 +243,14 @@ def answer_losses(
         # Right padding: positions stay 0..n-1 for every row, as in training.
         ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows], device=device)
         mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+        # Labels stay on the host: the answer-token counts come from them without waiting for the device.
         labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in rows])
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX  # position t predicts token t + 1: logits only where that is an answer token
+        batch = {"input_ids": ids, "attention_mask": mask.to(device), "labels": labels}
         kwargs = {"adapter_names": adapter_names[i : i + batch_size]} if adapter_names is not None else {}
         with torch.inference_mode():
-            # A boolean `logits_to_keep` returns the kept positions flattened, row after row, as one 2-D matrix.
-            logits = model(
-                input_ids=ids[:, :-1],
-                attention_mask=mask[:, :-1].to(device),
-                use_cache=False,
-                logits_to_keep=keep.to(device),
-                **kwargs,
-            ).logits
-        counts = keep.sum(1).tolist()
-        # On the model's device: only one number per row goes to the host, not its answer positions' logits.
-        flat = torch.nn.functional.cross_entropy(logits.float(), targets[keep].to(device), reduction="none")
-        sums = torch.stack([part.sum() for part in flat.split(counts)]).tolist() if counts else []
-        out += [(total, count) for total, count in zip(sums, counts)]
+            sums, counts = answer_loss_rows(model, batch, **kwargs)
+        # Only one number per row comes from the device, not its answer positions' logits.
+        out += [(total, count) for total, count in zip(sums.tolist(), counts.tolist())]
     return out
 
 
@@ -289,42 +290,21 @@ class Answers:
     losses: dict[str, list[tuple[float, int]]]
 
 
-def answer_questions(
-    entry: LoadedModel,
-    adapter: str,
-    template: Template,
-    rows: list[dict],
-    max_length: int,
-    params: GenerationParams,
-    batch_size: int = 8,
-    progress: Callable[[int, str], None] | None = None,
-    cancel: Cancel | None = None,
+def answer_batch(
+    entry: LoadedModel, adapter: str, template: Template, rows: list[dict], max_length: int, params: GenerationParams
 ) -> Answers:
-    """Base and tuned answers and answer-token losses, `batch_size` questions at a time on the pooled model.
-
-    Each chunk runs base and tuned rows together (row i names its adapter: "__base__" or `adapter`), one loss pass
-    and one `generate`. `progress(chunks done, text)` is called after each chunk; `cancel` is checked before each.
-    """
-    tok = entry.tokenizer
-    texts: dict[str, list[str]] = {c: [] for c in COLUMNS}
-    losses: dict[str, list[tuple[float, int]]] = {c: [] for c in COLUMNS}
-    for k in range(0, len(rows), batch_size):
-        if _is_cancelled(cancel):
-            raise EvalCancelled(f"Evaluation cancelled after {k} of {len(rows)} questions.")
-        chunk = rows[k : k + batch_size]
-        n = len(chunk)
-        names = [BASE_ADAPTER] * n + [adapter] * n
-        encoded = [encode_row(tok, template, r, max_length) for r in chunk]
-        prompts = [render(template, r, tok)[0] for r in chunk]
-        with entry.lock:  # one user of the pooled model at a time (the Arena shares it)
-            chunk_losses = answer_losses(entry.model, tok, encoded + encoded, names)
-            answers = generate_batch(entry.model, tok, prompts + prompts, params, names)
-        for c, part in zip(COLUMNS, (slice(0, n), slice(n, 2 * n))):
-            losses[c] += chunk_losses[part]
-            texts[c] += [t.strip() for t in answers[part]]
-        if progress:
-            progress(k // batch_size + 1, f"Answered {k + n} of {len(rows)} questions")
-    return Answers(texts, losses)
+    """Base and tuned answers and answer-token losses of a batch of questions on the pooled model: base and tuned rows
+    together (row i names its adapter: "__base__" or `adapter`), one loss pass and one `generate`."""
+    tok, n = entry.tokenizer, len(rows)
+    names = [BASE_ADAPTER] * n + [adapter] * n
+    encoded = [encode_row(tok, template, r, max_length) for r in rows]
+    prompts = [render(template, r, tok)[0] for r in rows]
+    with entry.lock:  # one user of the pooled model at a time (the Arena shares it)
+        losses = answer_losses(entry.model, tok, encoded + encoded, names)
+        answers = generate_batch(entry.model, tok, prompts + prompts, params, names)
+    parts = dict(zip(COLUMNS, (slice(0, n), slice(n, 2 * n))))
+    return Answers({c: [t.strip() for t in answers[part]] for c, part in parts.items()},
+                   {c: losses[part] for c, part in parts.items()})  # fmt: skip
 
 
 def embedder_for(embedding_model: str | None) -> Embedder | None:
@@ -373,27 +353,28 @@ def summarise(table: list[dict], losses: dict[str, list[tuple[float, int]]]) -> 
     return summary
 
 
-def evaluate_run(
+def evaluation(
     run_dir: str | Path,
     limit: int | None = None,
     pool: ModelPool | None = None,
-    progress: Progress | None = None,
-    cancel: Cancel | None = None,
     params: GenerationParams | None = None,
     *,
     batch_size: int = 8,
     embedding_model: str | None = "auto",
     benchmarks: bool = False,
     checkpoint: int | None = None,
-) -> dict:
-    """Evaluate a run's adapter against its base model on the run's test split (the first `limit` questions).
+    device: str | None = None,
+) -> Iterator[EvalProgress]:
+    """Evaluate a run's adapter against its base model on the run's test split (the first `limit` questions),
+    yielding an `EvalProgress` after each batch of `batch_size` questions and a last one once the result is kept.
 
-    Keeps the result (summary per model + per-question rows) in the run folder (`RunDir.write_eval`, which also
-    writes the table as CSV and JSONL), and returns it. `run_dir`: a run id, or a folder (`open_run`).
-    `checkpoint`: evaluate the adapter of the checkpoint at that step instead of the final one (kept apart).
-    `progress(done, total, text)` is called after each chunk of `batch_size` questions;
-    `cancel` (an Event or a callable) is checked between chunks and raises `EvalCancelled`, writing nothing.
-    `embedding_model`: "auto" (the bundled all-MiniLM-L6-v2 if installed), a folder or Hub id, or None (skip).
+    The result (summary per model + per-question rows) goes to the run folder (`RunDir.write_eval`, which also writes
+    the table as CSV and JSONL): read it there. Closing the generator before the last yield stops it and writes
+    nothing. Its arguments and what it yields pickle (the pool as a handle, `ModelPool.__reduce__`), so ZeroGPU's
+    `spaces.GPU` can run it in its forked worker. `run_dir`: a run id, or a folder (`open_run`). `checkpoint`:
+    evaluate the adapter of the checkpoint at that step instead of the final one (kept apart). `embedding_model`:
+    "auto" (the bundled all-MiniLM-L6-v2 if installed), a folder or Hub id, or None (skip). `device`: where the
+    models run (default: the app's device, in the app's pool; a training process passes its own).
     """
     from finetune.data import load_splits
 
@@ -407,12 +388,20 @@ def evaluate_run(
         raise FinetuneError("The test split is empty: raise test_size in the run's data settings.")
     template = get_template(target.data.template)
     params = replace(params or GenerationParams(), temperature=0.0, stop=template.stop)  # greedy: reproducible
-    entry, adapter = (pool or ModelPool()).get_with_adapter(eval_spec(target.spec), target.adapter)
-    total = math.ceil(len(rows) / batch_size) + 1  # the answer chunks, then scoring
-    chunk_done = (lambda done, text: progress(done, total, text)) if progress else None
-    answers = answer_questions(
-        entry, adapter, template, rows, target.max_length, params, batch_size, chunk_done, cancel
-    )
+    pool = pool or ModelPool(loader=functools.partial(load_model, device=device))
+    entry, adapter = pool.get_with_adapter(eval_spec(target.spec, device), target.adapter)
+    total = math.ceil(len(rows) / batch_size) + 1  # the answer batches, then scoring
+    texts: dict[str, list[str]] = {c: [] for c in COLUMNS}
+    losses: dict[str, list[tuple[float, int]]] = {c: [] for c in COLUMNS}
+    for k in range(0, len(rows), batch_size):
+        chunk = answer_batch(entry, adapter, template, rows[k : k + batch_size], target.max_length, params)
+        for c in COLUMNS:
+            texts[c] += chunk.texts[c]
+            losses[c] += chunk.losses[c]
+        answered = k + len(chunk.texts["base"])
+        yield EvalProgress(k // batch_size + 1, total, f"Answered {answered} of {len(rows)} questions", answered,
+                           len(rows))  # fmt: skip
+    answers = Answers(texts, losses)
 
     embedder = embedder_for(embedding_model)
     table = score_rows(template, rows, answers, embedder)
@@ -433,15 +422,48 @@ def evaluate_run(
         "notes": notes,
     }
     if benchmarks:
-        result["benchmarks"] = {"arc_easy": arc_easy(eval_spec(target.spec), target.adapter, limit)}
+        result["benchmarks"] = {"arc_easy": arc_easy(eval_spec(target.spec, device), target.adapter, limit)}
         if "note" in result["benchmarks"]["arc_easy"]:
             notes.append(result["benchmarks"]["arc_easy"]["note"])
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
     target.run.write_eval(result, target.step)
-    if progress:
-        progress(total, total, "Done")
-    return result
+    yield EvalProgress(total, total, "Done", len(rows), len(rows))
+
+
+def follow_evaluation(steps: Iterator[EvalProgress], progress: Progress | None = None,
+                      cancel: Cancel | None = None) -> EvalProgress:  # fmt: skip
+    """Drive `evaluation(...)` (or the same run through `spaces.GPU`): report each step to `progress(done, total,
+    text)`, and close it when `cancel` (an Event or a callable) is set between two batches, raising `EvalCancelled`
+    (nothing is written). Returns the last step."""
+    last = None
+    if _is_cancelled(cancel):
+        steps.close()
+        raise EvalCancelled("Evaluation cancelled before it started.")
+    for last in steps:
+        if progress:
+            progress(last.done, last.total, last.text)
+        if last.done < last.total and _is_cancelled(cancel):
+            steps.close()
+            raise EvalCancelled(f"Evaluation cancelled after {last.answered} of {last.questions} questions.")
+    return last
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    limit: int | None = None,
+    pool: ModelPool | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    params: GenerationParams | None = None,
+    **options,
+) -> dict:
+    """`evaluation(run_dir, limit, pool, params, **options)` to its end; returns the result it kept in the run folder.
+    `progress(done, total, text)` is called after each batch of questions; `cancel` (an Event or a callable) is checked
+    between batches and raises `EvalCancelled`, writing nothing."""
+    follow_evaluation(evaluation(run_dir, limit, pool, params, **options), progress, cancel)
+    target = eval_target(run_dir, options.get("checkpoint"))
+    return target.run.read_eval(target.step)
 
 
 # --- optional benchmark ----------------------------------------------------------------------------

@@ -93,8 +93,10 @@ def fit_budget(cfg: TrainConfig, m: Machine | None = None) -> TrainConfig:
     if estimate.step_s is None or estimate.shape is None:
         return cfg
     rows = 2 * HELDOUT_QUESTIONS  # base and tuned rows of the data's mean length, logits over the whole vocabulary
-    measure = forward_seconds(m, estimate.shape, rows * estimate.row_tokens, rows * estimate.row_answers,
-                              estimate.shape.vocab, m.inference_dtype())  # fmt: skip
+    measure = 0.0  # on a GPU (ZeroGPU: the app's models, beside training on the CPU), seconds
+    if m.gpu_for(m.app_device()) is None:
+        measure = forward_seconds(m, estimate.shape, rows * estimate.row_tokens, rows * estimate.row_answers,
+                                  estimate.shape.vocab, m.inference_dtype())  # fmt: skip
     other = BUDGET_MARGIN * (SETUP_SECONDS + measure)
     cfg.max_minutes = round(max(0.5, min(cfg.max_minutes, (TOTAL_MINUTES * 60 - other) / 60)), 2)
     return cfg

@@ -13,7 +13,9 @@ than float32 (one Gemma-270M training step: 235 s instead of 2.7 s). So the CPU'
 small Linear forward+backward timed in float32 and in bfloat16 (well under a second), cached under
 `$FINETUNE_HOME/hardware/` per CPU model, flags, ISA caps, torch version and thread count. On a GPU, bfloat16 only
 at compute capability >= 8 (a T4 or V100 "supports" it by emulation, at float32 speed): float16 with a gradient
-scaler below that.
+scaler below that, except for models whose activations overflow float16 (Gemma-2/3: `FP16_OVERFLOWS`), which
+then compute in float32. On a ZeroGPU Space the GPU exists only inside `spaces.GPU` calls of the app's process, so
+the app's models use it there and training runs on the CPU.
 
 Machines are plain dataclasses, so tests build the ones they need (a T4, two GPUs, a CPU without bfloat16).
 """
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from finetune.settings import Settings
+from finetune.spaces import zero_gpu
 
 if TYPE_CHECKING:
     from finetune.config import TrainConfig
@@ -48,6 +51,10 @@ ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # env variables that c
 PROBE_SHAPE = (256, 640, 1024)  # rows x in x out: a Gemma-270M-sized projection
 BF16_FAST = 1.15  # bfloat16 must beat float32 by this much to be chosen (casts cost something too)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Model types whose activations exceed float16's range (65504): the embedded Gemma-3-270M's residual stream reaches
+# 1e5 by its 9th layer, so in float16 every logit is NaN (tests/test_hardware.py; transformers issue 36822; vLLM
+# refuses float16 for gemma3). They compute in float32 where bfloat16 is not native.
+FP16_OVERFLOWS = frozenset({"gemma2", "gemma3", "gemma3_text"})
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,8 @@ class Machine:
     isa_cap: str | None = None  # e.g. "AVX2" when ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY cap the instructions
     gpus: tuple[GPU, ...] = ()
     mps: bool = False
-    probe: Probe | None = field(default=None, compare=False)  # None: not measured (GPU machines skip it)
+    zero_gpu: bool = False  # a ZeroGPU Space: `gpus` serve the app's models under spaces.GPU; training is on the CPU
+    probe: Probe | None = field(default=None, compare=False)  # None: not measured (GPU-trained machines skip it)
 
     # --- what runs where ---
 
@@ -114,8 +122,9 @@ class Machine:
 
     def train_device(self) -> str:
         """Where a training process computes: its GPU (one per process, `LOCAL_RANK` under accelerate) or the CPU.
-        Apple's MPS backend is used for inference only: PEFT training on it is not what we test."""
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if self.gpus else "cpu"
+        Apple's MPS backend is used for inference only: PEFT training on it is not what we test. On ZeroGPU the CPU:
+        a training process is a plain subprocess there, which gets no GPU."""
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if self.gpus and not self.zero_gpu else "cpu"
 
     def app_device(self) -> str:
         """Where the app's own models (Arena, Evaluate) run: `FINETUNE_APP_DEVICE`, else the first GPU, MPS or CPU."""
@@ -126,7 +135,7 @@ class Machine:
 
     def training_devices(self) -> list[str]:
         """One training process per GPU (the runner hands each its own `CUDA_VISIBLE_DEVICES`), else the CPU."""
-        return [f"cuda:{g.index}" for g in self.gpus] or ["cpu"]
+        return [f"cuda:{g.index}" for g in self.gpus if not self.zero_gpu] or ["cpu"]
 
     def gpu_for(self, device: str | None) -> GPU | None:
         if not self.gpus or (device and not device.startswith("cuda")):
@@ -147,24 +156,26 @@ class Machine:
             return torch.float32
         return torch.bfloat16 if self.cpu_bf16 else torch.float32
 
-    def mixed_precision(self, device: str | None = None) -> str:
-        """Autocast of the Trainer: bf16, fp16 (GPUs without native bfloat16, with a gradient scaler) or no."""
+    def mixed_precision(self, device: str | None = None, fp16_ok: bool = True) -> str:
+        """Autocast of the Trainer: bf16, fp16 (GPUs without native bfloat16, with a gradient scaler) or no.
+        `fp16_ok`: the model computes within float16's range (not one of FP16_OVERFLOWS)."""
         device = device or self.train_device()
         gpu = self.gpu_for(device)
         if gpu is not None:
-            return "bf16" if gpu.bf16 else "fp16"
+            return "bf16" if gpu.bf16 else "fp16" if fp16_ok else "no"
         return "bf16" if device == "cpu" and self.cpu_bf16 else "no"
 
-    def quant_compute_dtype(self, device: str | None = None) -> torch.dtype:
+    def quant_compute_dtype(self, device: str | None = None, fp16_ok: bool = True) -> torch.dtype:
         """bitsandbytes' 4-bit compute dtype."""
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[self.mixed_precision(device)]
+        mixed = self.mixed_precision(device, fp16_ok)
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[mixed]
 
-    def inference_dtype(self, device: str | None = None) -> torch.dtype:
+    def inference_dtype(self, device: str | None = None, fp16_ok: bool = True) -> torch.dtype:
         """Weights of the app's models: the fastest exact-enough dtype where they run."""
         device = device or self.app_device()
         gpu = self.gpu_for(device)
         if gpu is not None:
-            return torch.bfloat16 if gpu.bf16 else torch.float16
+            return torch.bfloat16 if gpu.bf16 else torch.float16 if fp16_ok else torch.float32
         if device.startswith("mps"):
             return torch.float32  # Gemma-3's activations overflow float16; bfloat16 on MPS needs macOS 14
         return torch.bfloat16 if self.cpu_bf16 else torch.float32
@@ -172,7 +183,7 @@ class Machine:
     def train_vocab(self, vocab_size: int) -> str:
         """`train_vocab: auto`: the data's tokens only where a big vocabulary's softmax dominates a CPU step
         (Gemma's 262k: 2x the steps per minute); the exact full softmax on a GPU."""
-        return "data" if self.kind != "cuda" and vocab_size >= 65536 else "full"
+        return "data" if self.train_device() == "cpu" and vocab_size >= 65536 else "full"
 
     def batch_size(self) -> int:
         """`batch_size: auto`: 8 rows on a CPU (4 reached less in the same minutes, measured), more on a big GPU."""
@@ -188,9 +199,18 @@ class Machine:
         if self.gpus:
             names = ", ".join(f"{g.name} ({g.memory_gb:.0f} GB, compute {g.capability[0]}.{g.capability[1]})"
                               for g in self.gpus)  # fmt: skip
-            mixed = self.mixed_precision()
-            why = "native bfloat16" if mixed == "bf16" else "no native bfloat16 -> float16 with a gradient scaler"
-            return f"{len(self.gpus)} GPU{'s' if len(self.gpus) > 1 else ''}: {names} · {why}"
+            if self.gpus[0].bf16:
+                why = "native bfloat16"
+            else:
+                why = ("no native bfloat16 -> float16 with a gradient scaler; Gemma-2/3 in float32 (their activations "
+                       "overflow float16)")  # fmt: skip
+            gpus = f"{len(self.gpus)} GPU{'s' if len(self.gpus) > 1 else ''}: {names} · {why}"
+            if not self.zero_gpu:
+                return gpus
+            return f"ZeroGPU ({names}) for the Arena and Evaluate · training on the CPU: {self._describe_cpu()}"
+        return self._describe_cpu()
+
+    def _describe_cpu(self) -> str:
         isa = self.isa_cap or next((f.upper() for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
                                     if f in self.isa), "no AVX2")  # fmt: skip
         parts = [f"CPU {self.cpu_model}, {self.cores} core{'s' if self.cores != 1 else ''}, {isa}"]
@@ -229,8 +249,6 @@ def _isa_cap() -> str | None:
 
 
 def _gpus() -> tuple[GPU, ...]:
-    from finetune.spaces import zero_gpu
-
     if zero_gpu():
         # CUDA may not be initialised in a ZeroGPU Space's main process; its GPUs are H200-class slices.
         return (GPU(0, "ZeroGPU", 70.0, (9, 0)),)
@@ -243,6 +261,16 @@ def _gpus() -> tuple[GPU, ...]:
     return tuple(found)
 
 
+def pin_one_gpu(environ=os.environ) -> None:
+    """Show a training process one GPU unless `accelerate launch` started it (WORLD_SIZE > 1): with two or more, the
+    HF Trainer wraps the model in `nn.DataParallel`, whose replicas each see part of the batch, and the answer-only
+    loss (one decoder hook, one batch's labels) no longer lines up. Call it before CUDA is initialised."""
+    if int(environ.get("WORLD_SIZE", 1)) > 1:
+        return
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    environ["CUDA_VISIBLE_DEVICES"] = "0" if visible is None else visible.split(",")[0].strip()
+
+
 def _mps() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend and backend.is_available())
@@ -250,14 +278,14 @@ def _mps() -> bool:
 
 def _unprobed() -> Machine:
     model, isa = _cpuinfo()
-    return Machine(model, torch.get_num_threads(), isa, _isa_cap(), _gpus(), _mps())
+    return Machine(model, torch.get_num_threads(), isa, _isa_cap(), _gpus(), _mps(), zero_gpu())
 
 
 @functools.lru_cache(maxsize=1)
 def machine() -> Machine:
     """This machine, read once per process; the CPU probe is measured once per machine and cached on disk."""
     m = _unprobed()
-    if m.gpus:
+    if m.train_device() != "cpu":
         return m  # the CPU's dtypes decide nothing there
     return replace(m, probe=cached_probe(m))
 
@@ -351,21 +379,24 @@ def refresh_probe() -> None:
     suite) underrates the CPU for every later estimate (seen: 4x). A training process calls it as it starts, so the
     cache follows the machine as runs see it; half a second of a run of minutes."""
     m = _unprobed()
-    if not m.gpus:
+    if m.train_device() == "cpu":
         cached_probe(m, fresh=True)
     machine.cache_clear()
 
 
-def resolve_auto(cfg: TrainConfig, vocab_size: int, m: Machine | None = None) -> tuple[TrainConfig, str]:
+def resolve_auto(
+    cfg: TrainConfig, vocab_size: int, m: Machine | None = None, fp16_ok: bool = True
+) -> tuple[TrainConfig, str]:
     """A copy of a run's config with each `auto` (but max_steps, timed by the trainer) decided for this machine,
-    and a line that says what was chosen (the run's status shows it)."""
+    and a line that says what was chosen (the run's status shows it). `fp16_ok`: the model computes within float16's
+    range (`models.fp16_ok`)."""
     m = m or machine()
     device = m.train_device()
     out = copy.deepcopy(cfg)
     if out.model.dtype == "auto":
         out.model.dtype = dtype_name(m.train_dtype(device))
     if out.mixed_precision == "auto":
-        out.mixed_precision = m.mixed_precision(device)
+        out.mixed_precision = m.mixed_precision(device, fp16_ok)
     if out.train_vocab == "auto":
         out.train_vocab = m.train_vocab(vocab_size)
     if out.batch_size == "auto":
@@ -413,7 +444,7 @@ def step_seconds(m: Machine, shape: ModelShape, tokens: float, answers: float, s
                  quantized: bool, lora_layers: int = 0) -> float | None:  # fmt: skip
     """Estimated seconds of a LoRA step over `tokens` (of which `answers` are trained) on this CPU; None on a GPU.
     `lora_layers`: adapters on the last N layers only, so the backward pass stops at the first of them."""
-    if m.probe is None or m.gpus:
+    if m.probe is None or m.train_device() != "cpu":
         return None
     rate, rate32 = (m.probe.bfloat16 if mixed == "bf16" else m.probe.float32) * 1e9, m.probe.float32 * 1e9
     adapted = min(lora_layers, shape.layers) / shape.layers if lora_layers > 0 else 1.0
@@ -487,8 +518,9 @@ def epoch_steps(rows: int, cfg: TrainConfig, world: int = 1) -> int | None:
 def forward_seconds(m: Machine, shape: ModelShape, tokens: float, answers: float, vocab: int, dtype: torch.dtype
                     ) -> float | None:  # fmt: skip
     """Estimated seconds of a no-gradient forward over `tokens` with logits over `vocab` at `answers` positions (a
-    held-out loss): the step model's matrix products, forward only, at the probe's rate of `dtype`."""
-    if m.probe is None or m.gpus:
+    held-out loss): the step model's matrix products, forward only, at the probe's rate of `dtype` (None: no CPU
+    probe, a GPU machine)."""
+    if m.probe is None:
         return None
     rate = (m.probe.bfloat16 if dtype == torch.bfloat16 else m.probe.float32) * 1e9
     matmuls = MATMUL_FACTOR * (2 * shape.body_params * tokens + 2 * answers * vocab * shape.hidden) / rate
@@ -540,9 +572,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
 
-def inference_dtype() -> str:
-    """The ModelSpec dtype of the app's models here (`Machine.inference_dtype`)."""
-    return dtype_name(machine().inference_dtype())
+def inference_dtype(device: str | None = None) -> str:
+    """The ModelSpec dtype of the app's models here, or of models run on `device` (`Machine.inference_dtype`)."""
+    return dtype_name(machine().inference_dtype(device))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import torch
 
 from finetune import FinetuneError, home
 from finetune.config import ModelSpec
-from finetune.hardware import machine, torch_dtype
+from finetune.hardware import FP16_OVERFLOWS, machine, torch_dtype
 from finetune.settings import Settings, offline
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,14 @@ def release_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def release_device_memory() -> None:
+    """Free what dropped models held: the host heap, and on a GPU the blocks torch's caching allocator keeps reserved
+    (without `empty_cache` they stay this process's, and a training process beside it on the same GPU can run out)."""
+    release_freed_memory()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def import_model_code(spec: ModelSpec) -> None:
     """Import transformers' code for the spec's architecture: 2-3 s the first time in a process, so that a later
     load pays for its own files only (0.1 s for the embedded models). The app does it at start, in the background."""
@@ -255,6 +264,20 @@ def load_model(spec: ModelSpec, device: str | None = None):
         return _load_model(spec, device)
 
 
+def fp16_ok(spec: ModelSpec) -> bool:
+    """Whether the model computes within float16's range: not a model type of `hardware.FP16_OVERFLOWS` (Gemma-2/3).
+    Read from its config.json (a Hub id: its config, downloaded)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_source(spec), trust_remote_code=spec.trust_remote_code,
+                                            revision=spec.revision)  # fmt: skip
+    except (OSError, ValueError) as e:
+        raise _load_error(spec, e) from e
+    types = {config.model_type, getattr(config.get_text_config(), "model_type", None)}
+    return not types & FP16_OVERFLOWS
+
+
 def _load_model(spec: ModelSpec, device: str | None):
     from transformers import AutoModelForCausalLM
 
@@ -262,7 +285,13 @@ def _load_model(spec: ModelSpec, device: str | None):
     source = resolve_source(spec)
     device = device or machine().app_device()
     dtype = torch_dtype(spec.dtype, device)
-    quant = quantization_config(spec.quantization, compute_dtype=dtype if dtype != torch.float32 else None)
+    safe = fp16_ok(spec)
+    if dtype == torch.float16 and not safe:
+        # Whoever asked (a T4's inference dtype, a recipe): in float16 its logits are NaN (`FP16_OVERFLOWS`).
+        log.warning("%s overflows float16: loading it in float32 instead", spec.source)
+        dtype = torch.float32
+    compute = dtype if dtype != torch.float32 else machine().quant_compute_dtype(device, safe)
+    quant = quantization_config(spec.quantization, compute_dtype=compute)
     kwargs = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device})
@@ -358,6 +387,17 @@ class LoadedModel:
     adapters: dict[str, str] = field(default_factory=dict)
 
 
+# Every pool of this process by id: a pool pickles as its id (`ModelPool.__reduce__`), found again here.
+_POOLS: weakref.WeakValueDictionary[int, ModelPool] = weakref.WeakValueDictionary()
+
+
+def _pool_by_id(key: int) -> ModelPool:
+    pool = _POOLS.get(key)
+    if pool is None:
+        raise FinetuneError("A model pool crosses only into a process forked from the one that made it (ZeroGPU).")
+    return pool
+
+
 class ModelPool:
     """Owns the app's loaded models: load on first use, shared by all users, evicted LRU past a memory budget."""
 
@@ -367,6 +407,12 @@ class ModelPool:
         self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._loading: dict[tuple, threading.Lock] = {}
         self._lock = threading.Lock()
+        _POOLS[id(self)] = self
+
+    def __reduce__(self):
+        # ZeroGPU's spaces.GPU pickles a call's arguments into a worker forked from this process: there the pool is
+        # the worker's copy of this one (and the models it loads on the GPU stay in that worker for its next calls).
+        return _pool_by_id, (id(self),)
 
     def get(self, spec: ModelSpec) -> LoadedModel:
         with self._lock:
@@ -421,6 +467,7 @@ class ModelPool:
                 break
             log.info("Evicting %s from the model pool (memory budget)", key[0])
             self._models.pop(key)
+            release_device_memory()
 
     def loaded(self) -> list[ModelSpec]:
         with self._lock:

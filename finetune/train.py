@@ -4,7 +4,7 @@
     python -m finetune train --config recipes/cpu_quick.yaml --set max_steps=40    # any key can be overridden
     python -m finetune train --run-dir RUN_DIR --resume                            # continue after a stop or a crash
     python -m finetune train --run-dir RUN_DIR --checkpoint 40                     # ...or from an earlier checkpoint
-    accelerate launch --num_processes 2 -m finetune train --config ...             # DDP (add --cpu on a CPU)
+    accelerate launch --num_processes 2 -m finetune train --config ...             # DDP (CPU: torchrun instead)
 
 `method: dpo` trains the same way on preference pairs, from an SFT run's adapter (`finetune.dpo`, with TRL's
 `DPOTrainer`): `python -m finetune train --config recipes/dpo_votes.yaml` learns from the Arena's blind votes.
@@ -281,6 +281,11 @@ class RunCallback(TrainerCallback):
                 elapsed=self.elapsed(),
             )
 
+    def on_evaluate(self, args, state, control, **kwargs):
+        # On every process (on_log below writes on process 0 only): whether training ended on an evaluation decides
+        # the final `trainer.evaluate()`, a collective all processes must enter together or none.
+        self.last_eval_step = state.global_step
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
@@ -294,7 +299,6 @@ class RunCallback(TrainerCallback):
             row.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), tokens_per_s=self.tokens_per_s)
         if "eval_loss" in logs:
             row["eval_loss"] = logs["eval_loss"]
-            self.last_eval_step = state.global_step
         row.update({name: logs[key] for key, name in PREFERENCE_METRICS.items() if key in logs})
         if len(row) == 2:
             return  # the final summary (train_runtime, ...) is in train.log already
@@ -446,7 +450,7 @@ def training_arguments(
         seed=cfg.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=machine().train_device() == "cpu",  # a ZeroGPU Space's CUDA is not this process's
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         train_sampling_strategy="group_by_length",
@@ -461,7 +465,13 @@ def training_arguments(
         disable_tqdm=True,  # train.log gets one readable line per logging step instead of progress bars
         dataloader_num_workers=0,
     )
-    return kind(**{**settings, **more})
+    args = kind(**{**settings, **more})
+    if args.n_gpu > 1:  # the Trainer would wrap the model in nn.DataParallel (see `hardware.pin_one_gpu`)
+        raise FinetuneError(
+            f"This process sees {args.n_gpu} GPUs: train on several with `accelerate launch --num_processes "
+            f"{args.n_gpu} -m finetune train ...`, or show it one (CUDA_VISIBLE_DEVICES=0)."
+        )
+    return args
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, checkpoint: int | None = None) -> Path:
@@ -504,11 +514,11 @@ def _train(
 ) -> Path:
     from transformers import set_seed
 
-    from finetune.models import load_tokenizer
+    from finetune.models import fp16_ok, load_tokenizer
 
     set_seed(cfg.seed)
     refresh_probe()  # the machine as this run finds it: its decisions and every later estimate
-    cfg, decided = resolve_auto(cfg, len(load_tokenizer(cfg.model)))
+    cfg, decided = resolve_auto(cfg, len(load_tokenizer(cfg.model)), fp16_ok=fp16_ok(cfg.model))
     # Saved with the adapter: the chat template that prompts it as trained (`finetune.serving`).
     chat_template = serving_chat_template(get_template(cfg.data.template), load_tokenizer(cfg.model))
     if step is not None:
@@ -543,7 +553,10 @@ def _train(
         trainer.add_callback(tracker)
     trainer.remove_callback(PrinterCallback)  # RunCallback logs one readable line per logging step instead
     trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
-    if has_eval and not callback.stopped and callback.last_eval_step != trainer.state.global_step:
+    final_eval = has_eval and not callback.stopped and callback.last_eval_step != trainer.state.global_step
+    log.info("final evaluation: %s (process %d)", "yes" if final_eval else "no, done at the last step",
+             trainer.args.process_index)  # fmt: skip
+    if final_eval:
         trainer.evaluate()  # the held-out loss after training, next to the one at step 0
     adapter = run.adapter_dir
     _save_adapter(trainer, adapter, chat_template)
@@ -560,9 +573,11 @@ def _train(
         run.update_status(message="Evaluating the adapter on held-out data")
         from finetune.evaluate import evaluate_run
 
-        evaluate_run(
-            run.path, progress=lambda done, total, what: run.update_status(message=f"{what} ({done}/{total})")
-        )
+        # On this process's own device: the app's (FINETUNE_APP_DEVICE, a ZeroGPU's GPU) is not this process's.
+        def progress(done: int, total: int, what: str) -> None:
+            run.update_status(message=f"{what} ({done}/{total})")
+
+        evaluate_run(run.path, progress=progress, device=machine().train_device())
     if cfg.push_to_hub:
         run.update_status(message=f"Pushing the adapter to {cfg.push_to_hub}")
         push_adapter(run.path, cfg.push_to_hub)
@@ -675,6 +690,15 @@ def timed_step(cfg: TrainConfig, model, loss) -> float:
     return sum(seconds[1:]) / (TIMED_RUNS - 1) * cfg.grad_accum
 
 
+def join_process_group() -> None:
+    """Join the process group the Trainer would start (under `accelerate launch` / torchrun), as it will: on the CPU
+    with gloo where this process trains on the CPU. Accelerate's state is shared and set once: a bare `PartialState()`
+    on a CPU decides "not distributed" for the Trainer too, and the processes then train apart."""
+    from accelerate import PartialState
+
+    PartialState(cpu=machine().train_device() == "cpu")
+
+
 def steps_in_budget(cfg: TrainConfig, rows: int, run: RunDir, rank0: bool, step_seconds: Callable[[], float],
                     remaining_s: Callable[[], float]) -> int:  # fmt: skip
     """`max_steps: auto`: the steps whose cost (`step_seconds()`, timed here) fit in what is left of max_minutes
@@ -687,10 +711,9 @@ def steps_in_budget(cfg: TrainConfig, rows: int, run: RunDir, rank0: bool, step_
         world = int(os.environ.get("WORLD_SIZE", 1))
         planned = planned_steps(remaining_s(), step_s, epoch_steps(rows, cfg, world))
         if world > 1:
-            from accelerate import PartialState
             from accelerate.utils import broadcast_object_list
 
-            PartialState()  # joins the process group the Trainer would start
+            join_process_group()
             planned = broadcast_object_list([planned])[0]
         log.info("one step takes %.2f s here: %d steps fit in the %.1f of %g min left", step_s, planned,
                  remaining_s() / 60, cfg.max_minutes)  # fmt: skip

@@ -145,6 +145,59 @@ def test_base_rows_of_a_mixed_adapter_batch_have_the_base_models_loss(runs, pool
     assert all(abs(t - b) > 1e-3 for (t, _), (b, _) in zip(mixed[3:], base))  # the adapter changes the loss
 
 
+def _full_logits_losses(model, encoded: list[dict], names: list[str]) -> list[tuple[float, int]]:
+    """The plain reference: each row alone, all its logits, float32 cross-entropy summed over its answer tokens."""
+    out = []
+    with torch.no_grad():
+        for e, name in zip(encoded, names):
+            logits = model(input_ids=torch.tensor([e["input_ids"]]), adapter_names=[name]).logits[0, :-1]
+            labels = torch.tensor(e["labels"][1:])
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+            out.append((loss.item(), int((labels != -100).sum())))
+    return out
+
+
+def _mixed_rows(runs, pool, tiny_llama):
+    _, run = runs
+    entry, name = pool.get_with_adapter(ModelSpec(tiny_llama, dtype="float32"), run / "adapter")
+    encoded = [encode_row(entry.tokenizer, TEMPLATES["qa"], {"instruction": q, "output": a}) for q, a in QA[:5]]
+    return entry, encoded + encoded, [BASE_ADAPTER] * 5 + [name] * 5
+
+
+def test_answer_losses_of_a_mixed_adapter_batch_equal_full_logits_cross_entropy_per_row(runs, pool, tiny_llama):
+    entry, encoded, names = _mixed_rows(runs, pool, tiny_llama)
+    ours = answer_losses(entry.model, entry.tokenizer, encoded, names, batch_size=4)  # batches of base and tuned rows
+    reference = _full_logits_losses(entry.model, encoded, names)
+    assert [n for _, n in ours] == [n for _, n in reference]
+    assert all(isinstance(s, float) and isinstance(n, int) for s, n in ours)
+    assert [s for s, _ in ours] == pytest.approx([s for s, _ in reference], rel=1e-4, abs=1e-4)
+
+
+def test_answer_losses_project_to_the_vocabulary_at_most_logits_chunk_positions_at_a_time(
+    runs, pool, tiny_llama, monkeypatch
+):
+    """Issue 23 (row J): a 262k vocabulary x every answer position of a batch at once was up to ~5 GB of logits."""
+    entry, encoded, names = _mixed_rows(runs, pool, tiny_llama)
+    chunk = 8
+    assert max(sum(label != -100 for label in e["labels"][1:]) for e in encoded) > chunk
+    monkeypatch.setattr("finetune.loss.LOGITS_CHUNK", chunk)
+    vocab = entry.model.get_output_embeddings().weight.shape[0]
+    projected, linear = [], torch.nn.functional.linear
+
+    def spy(input, weight, bias=None):  # nn.Linear (the lm_head) and finetune.loss both call F.linear
+        if weight.shape[0] == vocab:
+            projected.append(input.numel() // input.shape[-1])
+        return linear(input, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    ours = answer_losses(entry.model, entry.tokenizer, encoded, names, batch_size=4)
+    monkeypatch.undo()
+    assert sum(projected) == sum(n for _, n in ours)  # every answer position projected once, nothing else
+    assert max(projected) <= chunk, projected
+    reference = _full_logits_losses(entry.model, encoded, names)
+    assert [s for s, _ in ours] == pytest.approx([s for s, _ in reference], rel=1e-4, abs=1e-4)
+
+
 def test_evaluate_run_writes_eval_json_with_base_and_tuned_columns(runs, pool):
     root, run = runs
     reports = []
@@ -323,3 +376,27 @@ def test_evaluate_endpoint_runs_from_the_app(tmp_path, tiny_llama, free_port, mo
     assert len(table["data"]) == 2 and "tuned answer" in table["headers"]
     assert sorted(Path(f).name for f in files) == ["eval_questions.csv", "eval_questions.jsonl"]
     assert RunDir(tmp_path / "runs" / "tiny-run").eval_file.is_file()
+
+
+def test_evaluate_uses_the_arenas_copy_of_a_qlora_runs_base(tmp_path, tiny_llama, monkeypatch):
+    """A QLoRA run on a GPU: Evaluate used to load a second, 4-bit base beside the Arena's bfloat16 one (two copies,
+    and numbers unlike the Arena's). Now its spec is the Arena's tuned column's, so the pool holds one."""
+    import yaml
+
+    from finetune import evaluate, hardware
+    from finetune.arena import ArenaSetup, make_backends
+    from finetune.runs import RunDir
+
+    run = make_run(tmp_path, tiny_llama, "qlora-run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"].update(dtype="auto", quantization="4bit")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.delenv("FINETUNE_APP_DEVICE", raising=False)
+    monkeypatch.setattr(hardware, "_unprobed", lambda: hardware.Machine(gpus=(hardware.GPU(0, "L4", 22.0, (8, 9)),)))
+    hardware.machine.cache_clear()
+    try:
+        tuned = make_backends(ModelPool(), ArenaSetup(base_model=tiny_llama, adapter=str(run / "adapter")))["tuned"]
+        spec = evaluate.eval_spec(RunDir(run).read_config().model)
+    finally:
+        hardware.machine.cache_clear()
+    assert spec == tuned.spec == ModelSpec(tiny_llama, dtype="bfloat16")

@@ -126,3 +126,65 @@ def test_a_training_run_refreshes_a_stale_probe(monkeypatch, tmp_path):
         assert hardware.machine().probe == FAST_BF16 and hardware.cached_probe(hardware.machine()) == FAST_BF16
     finally:
         hardware.machine.cache_clear()
+
+
+# --- GPUs and Spaces the code has not run on (issue 23): each decision pinned on a machine built here ----------
+
+ZERO = GPU(0, "ZeroGPU", 70.0, (9, 0))
+
+
+def test_a_t4_never_computes_gemma3_in_float16():
+    """Compute capability 7.5: float16 (+ scaler) for a model within its range, float32 for Gemma-2/3, whose
+    activations overflow it (test_models.py shows the NaNs); the machine line says why."""
+    t4 = Machine(gpus=(T4,))
+    assert (t4.mixed_precision(), t4.inference_dtype(), t4.quant_compute_dtype()) == ("fp16", torch.float16,
+                                                                                       torch.float16)  # fmt: skip
+    gemma = (t4.mixed_precision(fp16_ok=False), t4.inference_dtype(fp16_ok=False))
+    assert gemma == ("no", torch.float32) and t4.quant_compute_dtype(fp16_ok=False) == torch.float32
+    assert t4.train_dtype() == torch.float32
+    assert "Gemma-2/3 in float32" in t4.describe()
+    cfg = TrainConfig(model=ModelSpec("gemma-3-270m"), batch_size="auto")
+    assert resolve_auto(cfg, 262_144, t4, fp16_ok=False)[0].mixed_precision == "no"
+    assert resolve_auto(cfg, 262_144, t4)[0].mixed_precision == "fp16"
+    l4 = Machine(gpus=(L4,))  # bfloat16 is native from compute capability 8: Gemma computes in it there
+    assert l4.inference_dtype(fp16_ok=False) == torch.bfloat16 and l4.mixed_precision(fp16_ok=False) == "bf16"
+
+
+def test_zero_gpu_serves_the_app_on_its_gpu_and_trains_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("FINETUNE_APP_DEVICE", raising=False)
+    zero = Machine(isa=AVX2, gpus=(ZERO,), zero_gpu=True, probe=SLOW_BF16)
+    assert zero.app_device() == "cuda:0" and zero.inference_dtype() == torch.bfloat16
+    assert zero.train_device() == "cpu" and zero.training_devices() == ["cpu"]
+    assert (zero.train_dtype(), zero.mixed_precision(), zero.train_vocab(262_144), zero.batch_size()) == (
+        torch.float32, "no", "data", 8)  # fmt: skip
+    line = "ZeroGPU (ZeroGPU (70 GB, compute 9.0)) for the Arena and Evaluate · training on the CPU: CPU CPU, 1 core"
+    assert zero.describe().startswith(line + ", AVX2 · no native bfloat16")
+    cfg = TrainConfig(model=ModelSpec("gemma-3-270m"), batch_size="auto")
+    assert resolve_auto(cfg, 262_144, zero)[1].startswith("cpu: float32 weights, no autocast")
+
+
+def test_zero_gpu_is_read_from_the_spaces_variables(monkeypatch, tmp_path):
+    """A process on a ZeroGPU Space (the app, or the training child that inherits its variables) reads the machine
+    without touching CUDA, and probes its CPU: that is where it trains."""
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
+    monkeypatch.setenv("SPACE_ID", "someone/workbench")
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    monkeypatch.setattr(hardware, "measure_probe", lambda: SLOW_BF16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("CUDA asked on ZeroGPU"))
+    hardware.machine.cache_clear()
+    try:
+        m = hardware.machine()
+        assert m.zero_gpu and m.gpus and m.train_device() == "cpu" and m.probe == SLOW_BF16
+    finally:
+        hardware.machine.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("env", "visible"),
+    [({}, "0"), ({"CUDA_VISIBLE_DEVICES": "2,3"}, "2"), ({"CUDA_VISIBLE_DEVICES": ""}, ""),
+     ({"CUDA_VISIBLE_DEVICES": "1,2", "WORLD_SIZE": "2"}, "1,2")],  # fmt: skip
+)
+def test_a_training_process_sees_one_gpu_unless_accelerate_launched_it(env, visible):
+    environ = dict(env)
+    hardware.pin_one_gpu(environ)
+    assert environ["CUDA_VISIBLE_DEVICES"] == visible

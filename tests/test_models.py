@@ -198,3 +198,55 @@ def test_an_embedded_tokenizer_is_saved_with_its_own_class(tmp_path):
     saved = AutoTokenizer.from_pretrained(tmp_path)
     assert type(saved).__name__ == "GemmaTokenizer" and saved.padding_side == "left"
     assert saved("Lamini").input_ids == load_tokenizer(spec)("Lamini").input_ids
+
+
+def test_an_evicted_model_gives_its_gpu_memory_back(monkeypatch):
+    """On one 16 GB GPU the pool's evictions make room for a training process beside it: torch's caching allocator
+    keeps freed blocks reserved for this process until `empty_cache`."""
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    pool = ModelPool(budget_bytes=1500, loader=lambda spec: (torch.nn.Linear(16, 16), object()))  # ~1.1 KB each
+    pool.get(ModelSpec("a"))
+    assert not emptied
+    pool.get(ModelSpec("b"))  # over budget: a goes, and its memory with it
+    assert [s.source for s in pool.loaded()] == ["b"] and emptied
+
+
+def test_a_pool_pickles_as_a_handle_to_itself():
+    """ZeroGPU pickles a handler's arguments into a worker forked from the app: the pool crosses as its id, and a
+    process that did not inherit it says so."""
+    import pickle
+
+    from finetune import models
+
+    pool = ModelPool(budget_bytes=0)
+    assert pickle.loads(pickle.dumps(pool)) is pool
+    data = pickle.dumps(pool)
+    models._POOLS.pop(id(pool))
+    with pytest.raises(FinetuneError, match="forked"):
+        pickle.loads(data)
+
+
+@pytest.mark.integration
+def test_gemma3_overflows_float16_so_it_loads_in_float32():
+    """The T4 decision's reason, on a CPU: the embedded Gemma-3-270M's residual stream passes float16's 65504 by its
+    9th layer (1e5 in float32), so in float16 its logits are NaN. Asked for float16, `load_model` gives float32."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models import fp16_ok, load_tokenizer
+
+    spec = ModelSpec("gemma-3-270m", dtype="float16")
+    tokenizer = load_tokenizer(spec)
+    ids = tokenizer("### Question:\nWhat is Lamini and how do I fine-tune a model with it?\n\n### Answer:\n",
+                    return_tensors="pt")  # fmt: skip
+    raw = AutoModelForCausalLM.from_pretrained(resolve_source(spec), dtype=torch.float16)
+    with torch.no_grad():
+        assert not torch.isfinite(raw(**ids).logits).all()
+    del raw
+    assert not fp16_ok(spec) and fp16_ok(ModelSpec("smollm2-135m-instruct"))
+    model, _ = load_model(spec, device="cpu")
+    assert next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(model(**ids).logits).all()

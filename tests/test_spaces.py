@@ -1,6 +1,4 @@
-import functools
-import importlib.machinery
-import inspect
+import multiprocessing
 import sys
 import types
 
@@ -33,71 +31,63 @@ def test_nodeps_install_only_on_a_space_missing_the_package(monkeypatch):
     assert calls and calls[0][-3:-1] == ["--no-deps", "-r"]
 
 
-# --- ZeroGPU: every use of the model pool runs under spaces.GPU ------------------------------------------
-
-
-class _GPUWindow:
-    """A fake `spaces` package: `GPU(duration)` opens a window while the wrapped handler runs (generators too)."""
-
-    def __init__(self):
-        self.open = 0
-        self.wrapped: list[str] = []
-
-    def GPU(self, duration: int = 60):  # noqa: N802 (the real package's name)
-        def wrap(fn):
-            self.wrapped.append(fn.__name__)
-
-            if inspect.isgeneratorfunction(fn):
-
-                @functools.wraps(fn)
-                def stream(*args, **kwargs):
-                    self.open += 1
-                    try:
-                        yield from fn(*args, **kwargs)
-                    finally:
-                        self.open -= 1
-
-                return stream
-
-            @functools.wraps(fn)
-            def call(*args, **kwargs):
-                self.open += 1
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    self.open -= 1
-
-            return call
-
-        return wrap
+# --- ZeroGPU: every handler that reaches the model pool runs under the real spaces.GPU --------------------------
 
 
 @pytest.fixture
 def zero_gpu(monkeypatch):
-    window = _GPUWindow()
-    module = types.ModuleType("spaces")
-    module.__spec__ = importlib.machinery.ModuleSpec("spaces", None)
-    module.GPU = window.GPU
-    monkeypatch.setitem(sys.modules, "spaces", module)
+    """The real `spaces` package's ZeroGPU wrappers, less what needs Hugging Face's GPU service (the scheduler) and a
+    GPU (moving tensors): each call's arguments are pickled into a worker forked from this process, and its results
+    (each yielded value of a generator) pickled back, as on a ZeroGPU Space. The app's models stay on the CPU here."""
+    pytest.importorskip("spaces")
+    from spaces.config import Config
+
+    monkeypatch.setattr(Config, "zero_gpu", True)
+    # Its torch part moves tensors to the GPU the scheduler grants (and needs a CUDA build): nothing to move here.
+    no_gpu = types.ModuleType("spaces.zero.torch")
+    for name in ("unpatch", "init", "move", "enter_mode"):
+        setattr(no_gpu, name, lambda *args, **kwargs: None)
+    no_gpu.size = lambda: 0
+    monkeypatch.setitem(sys.modules, "spaces.zero.torch", no_gpu)
+    from spaces.zero import client, decorator, wrappers
+
+    granted = types.SimpleNamespace(allowToken="token", nvidiaIndex=0, nvidiaUUID="GPU-test", idle=True)
+    monkeypatch.setattr(client, "schedule", lambda **kwargs: granted)
+    monkeypatch.setattr(client, "allow", lambda token: None)
+    monkeypatch.setattr(client, "release", lambda token, **kwargs: None)
+    monkeypatch.setattr(client, "get_duration_seconds", lambda *args: 600)
     monkeypatch.setenv("SPACE_ID", "me/workbench")
-    return window
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    monkeypatch.setenv("FINETUNE_APP_DEVICE", "cpu")  # the Space's GPU, played by this CPU
+    from finetune.hardware import machine
+
+    machine.cache_clear()
+    before = set(multiprocessing.active_children())
+    yield wrappers
+    for worker in set(multiprocessing.active_children()) - before:  # the forked workers wait for more calls
+        worker.kill()
+        worker.join(5)
+    decorator.decorated_cache.clear()
+    machine.cache_clear()
 
 
-class GuardedPool(ModelPool):
-    """Fails the way a ZeroGPU Space does when a model is used outside `spaces.GPU` (CUDA in the main process)."""
-
-    def __init__(self, window: _GPUWindow):
-        super().__init__()
-        self.window = window
+class WorkerPool(ModelPool):
+    """Fails the way a ZeroGPU Space does when a model is used outside `spaces.GPU`: no CUDA in the app's process."""
 
     def get(self, spec):
-        assert self.window.open, f"{spec.source} used outside spaces.GPU"
+        from spaces.zero import wrappers
+
+        assert wrappers.forked, f"{spec.source} used outside spaces.GPU, in the app's own process"
         return super().get(spec)
 
 
 def test_every_handler_that_reaches_the_model_pool_runs_under_spaces_gpu(
     zero_gpu, tiny_llama, tmp_path, free_port, monkeypatch
 ):
+    """The Evaluate tab, the Arena and the guided path's measurement, called as a browser calls them, through the
+    real ZeroGPU wrappers: their arguments and what they return or yield pickle (the pool as its handle), and the
+    models load in the forked worker only. Before: PicklingError on the pool's lock, the progress lambda and the
+    cancel Event."""
     from gradio_client import Client
 
     from finetune.guided import Guide
@@ -107,7 +97,7 @@ def test_every_handler_that_reaches_the_model_pool_runs_under_spaces_gpu(
 
     monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
     make_run(tmp_path, tiny_llama, "tiny-run")
-    pool = GuardedPool(zero_gpu)
+    pool = WorkerPool()
     runner = Runner(tmp_path / "runs", poll_interval=0.1)
     settings = Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
     app = build_app(settings, pool=pool, runner=runner).queue()
@@ -115,7 +105,7 @@ def test_every_handler_that_reaches_the_model_pool_runs_under_spaces_gpu(
     try:
         client = Client(f"http://127.0.0.1:{free_port}/", verbose=False)
         status, *_ = client.predict("tiny-run", 2, 16, False, "biggest wins", api_name="/evaluate")
-        assert "2 held-out questions" in status
+        assert "2 held-out questions" in status, status
         result = client.predict("What is Lamini?", 16, 0.7, 0.95, True, False, api_name="/arena")
         assert all("Error" not in str(s) for s in result[3:6]), result[3:6]
         steps = list(Guide(runner, pool, poll_interval=0.1).follow("tiny-run"))  # the guided measure step
@@ -123,5 +113,28 @@ def test_every_handler_that_reaches_the_model_pool_runs_under_spaces_gpu(
     finally:
         app.close()
         runner.close()
-    assert pool.loaded() and not zero_gpu.open
-    assert {"evaluate_run", "heldout_losses"} <= set(zero_gpu.wrapped)
+    assert not pool.loaded()  # in the worker's copy of the pool, never in the app's process
+    assert runner.devices == ["cpu"]  # and training runs on the CPU, in a subprocess (no GPU there)
+    assert {"evaluation", "heldout_losses", "run"} <= set(map(_name, zero_gpu_tasks()))
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__name__", "")
+
+
+def zero_gpu_tasks() -> list:
+    from spaces.zero import decorator
+
+    return [task for task, wrapped in decorator.decorated_cache.items() if task is not wrapped]
+
+
+def test_the_train_form_starts_from_the_recipe_of_where_runs_train(monkeypatch):
+    """A ZeroGPU Space trains on its CPU: the quick CPU recipe, not the 4-bit one of a GPU Space (T4 and up)."""
+    from finetune.hardware import GPU, Machine
+    from finetune.ui import train_tab
+
+    zero = Machine(gpus=(GPU(0, "ZeroGPU", 70.0, (9, 0)),), zero_gpu=True)
+    monkeypatch.setattr(train_tab, "machine", lambda: zero)
+    assert train_tab.default_config().model.quantization is None
+    monkeypatch.setattr(train_tab, "machine", lambda: Machine(gpus=(GPU(0, "Tesla T4", 15.0, (7, 5)),)))
+    assert train_tab.default_config().model.quantization == "4bit"

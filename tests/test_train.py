@@ -355,21 +355,65 @@ def test_export_merges_adapter_into_base(tiny_llama, qa_file, tmp_path):
     )
 
 
+# Two processes of DDP on the CPU (gloo), as `accelerate launch --num_processes 2` starts them on GPUs: torch's own
+# launcher, which accelerate's multi-GPU launcher calls. (`accelerate launch --cpu --num_processes 2` starts one
+# process: without mpirun, its CPU launcher is the single-process one.)
+TWO_CPU_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+
 def test_accelerate_launch_two_cpu_processes(tiny_llama, qa_file, tmp_path):
     """The same command under DDP: two processes train together and one writes the run folder."""
     run_dir = tmp_path / "ddp"
     sets = [f"model.source={tiny_llama}", f"data.source={qa_file}", "data.test_size=0.25", "max_length=64"]
     sets += ["max_steps=3", "batch_size=2", "eval_rows=4", "mixed_precision=no", "save_steps=2", "logging_steps=1"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", "train", "--run-dir", str(run_dir)]
+    sets += ["eval_steps=1"]  # the last step evaluates: no process may evaluate once more alone after it
+    cmd = TWO_CPU_PROCESSES + ["-m", "finetune", "train", "--run-dir", str(run_dir)]
     cmd += [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
     status = RunDir(run_dir).read_status()
     assert status["state"] == "finished" and status["step"] == 3
+    # Both processes decide the final evaluation alike (it is a collective): rank 1 used to see no evaluation at all
+    # (recorded by rank 0's logging alone) and evaluate again while rank 0 saved and left.
+    decisions = sorted(line.split("final evaluation: ")[1] for line in done.stderr.splitlines()
+                       if "final evaluation: " in line)  # fmt: skip
+    assert decisions == ["no, done at the last step (process 0)", "no, done at the last step (process 1)"], decisions
     assert (RunDir(run_dir).adapter_dir / "adapter_model.safetensors").is_file()
     assert sum(1 for r in RunDir(run_dir).read_metrics() if "loss" in r) == 3  # one writer, not two
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"SPACE_ID": "someone/workbench", "SPACES_ZERO_GPU": "true"},  # a ZeroGPU Space's child: no GPU of its own
+     {"FINETUNE_APP_DEVICE": "cuda:1"}],  # the app's models on a second GPU: not the child's device  # fmt: skip
+    ids=["zero-gpu-space", "app-device-elsewhere"],
+)
+def test_a_training_process_trains_and_evaluates_on_its_own_device(tiny_llama, qa_file, tmp_path, env):
+    """The runner's child inherits the app's variables. On ZeroGPU it used to train on the Space's `cuda:0` ("Torch not
+    compiled with CUDA enabled" here, no GPU in a subprocess there); with FINETUNE_APP_DEVICE its evaluation at the end
+    asked for the app's device. Both now run where the process trains: here, the CPU."""
+    run_dir = tmp_path / "run"
+    sets = [f"model.source={tiny_llama}", f"data.source={qa_file}", "data.test_size=0.25", "max_length=64"]
+    sets += ["max_steps=2", "batch_size=2", "eval_rows=4", "eval_at_end=true", "save_steps=100"]
+    cmd = [sys.executable, "-m", "finetune", "train", "--run-dir", str(run_dir)]
+    cmd += [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, **env, "FINETUNE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    status = RunDir(run_dir).read_status()
+    assert done.returncode == 0 and status["state"] == "finished", status.get("message") or done.stderr[-2000:]
+    assert " · cpu: " in status["summary"], status["summary"]  # the decided line: where it trained
+    assert RunDir(run_dir).read_eval()["questions"] > 0  # eval_at_end ran, on the CPU
+
+
+def test_training_arguments_refuse_data_parallel(tiny_llama, qa_file, tmp_path, monkeypatch):
+    """With two GPUs visible and no `accelerate launch`, the Trainer would wrap the model in nn.DataParallel and the
+    answer-only loss would fail at the first held-out loss (IndexError): a sentence instead, before any step."""
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(FinetuneError, match="sees 2 GPUs: train on several with `accelerate launch"):
+        training_arguments(tiny_config(tiny_llama, qa_file), tmp_path, has_eval=True)
 
 
 def test_accelerate_agrees_on_one_folder_and_on_the_time_budget(tiny_llama, qa_file, tmp_path):
@@ -387,8 +431,7 @@ def test_accelerate_agrees_on_one_folder_and_on_the_time_budget(tiny_llama, qa_f
     sets = [f"model.source={tiny_llama}", f"data.source={qa_file}", "data.test_size=0.25", "max_length=64"]
     sets += ["max_steps=100000", "max_minutes=0.1", "batch_size=2", "eval_rows=0", "mixed_precision=no"]
     sets += ["save_steps=100000", "logging_steps=1"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", "train"]
+    cmd = TWO_CPU_PROCESSES + ["-m", "finetune", "train"]
     cmd += [a for s in sets for a in ("--set", s)]
     path = os.pathsep.join([str(skew), str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_HOME": str(home), "PYTHONPATH": path}

@@ -6,6 +6,7 @@ Named API endpoints (gradio_client): `/arena` (question + settings -> three stre
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -250,7 +251,6 @@ def build_arena_tab(
         serve_fallback: bool,
         state: ArenaSession | None,
     ):
-        started = time.perf_counter()
         if state is None or state.blind != blind:
             state = ArenaSession.start(blind)
         env_key = os.environ.get(api_key_env.strip(), "") if api_key_env and api_key_env.strip() else ""
@@ -273,15 +273,24 @@ def build_arena_tab(
             stop=(),  # each column stops at its own template's header (see generate.LocalBackend)
         )
         backends = make_backends(pool, setup, warn=gr.Warning)
-        waiting = _wait_line(clock, settings.generation_concurrency)
         for i, columns in enumerate(ask(backends, state, question or "", params)):
             chats_and_stats = _chats(state, columns, labels=i == 0)
-            yield *chats_and_stats, state, _settings_line(params), "", gr.Group(visible=state.blind), "", waiting
+            # Plain values only: on ZeroGPU each one is pickled back from the worker (an update, not a component).
+            yield *chats_and_stats, state, _settings_line(params), "", gr.update(visible=state.blind), ""
+
+    answer = gpu(duration=60)(run)  # ZeroGPU: a GPU for the length of one answer, in a forked worker; elsewhere `run`
+
+    @functools.wraps(run)
+    def timed_round(**form_values):
+        # The round clock stays in this process: a ZeroGPU worker would time its own copy of it.
+        started, waiting = time.perf_counter(), _wait_line(clock, settings.generation_concurrency)
+        for values in answer(**form_values):
+            yield *values, waiting
         clock.add(time.perf_counter() - started)
 
     gr.on(
         [send.click, question.submit],
-        gpu(duration=60)(run),  # ZeroGPU: a GPU for the length of one answer; elsewhere `run` itself
+        timed_round,
         None,
         [*chats, *stats, session, settings_line, question, vote_box, verdict, wait_line],
         inputs_kwargs=form,

@@ -1,7 +1,7 @@
 """Evaluate tab: pick a training run (its final adapter or any checkpoint's), score base vs tuned on its held-out
 questions, see where the adapter helps.
 
-The work is `finetune.evaluate.evaluate_run`; this module only turns its result (kept in the run folder) into tables
+The work is `finetune.evaluate.evaluation`; this module only turns its result (kept in the run folder) into tables
 and charts.
 """
 
@@ -13,7 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from finetune.config import GenerationParams
-from finetune.evaluate import COLUMNS, METRIC_LABELS, EvalCancelled, evaluate_run
+from finetune.evaluate import COLUMNS, METRIC_LABELS, EvalCancelled, evaluation, follow_evaluation
 from finetune.models import ModelPool
 from finetune.runs import adapter_label, adapter_ref, list_runs, open_run, parse_adapter_ref
 from finetune.settings import Settings
@@ -178,18 +178,18 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
         picked, step = parse_adapter_ref(run_id)
         cancel = cancels[request.session_hash] = threading.Event()
         progress(0, desc="Loading the model and the test split...")
+        # ZeroGPU: a GPU while the questions are answered (the model pool is touched only in there), in a worker that
+        # gets the arguments pickled: plain values and the pool's handle; progress and Cancel stay on this side.
+        steps = gpu(duration=EVAL_GPU_SECONDS)(evaluation)(
+            picked,
+            limit=int(n) if n else None,
+            pool=pool,
+            params=GenerationParams(max_new_tokens=min(int(max_tokens), settings.max_new_tokens)),
+            benchmarks=with_arc,
+            checkpoint=step,
+        )
         try:
-            # ZeroGPU: a GPU while the questions are answered (the model pool is touched only in there).
-            gpu(duration=EVAL_GPU_SECONDS)(evaluate_run)(
-                picked,
-                checkpoint=step,
-                limit=int(n) if n else None,
-                pool=pool,
-                progress=lambda done, total, text: progress((done, total), desc=text),
-                cancel=cancel,
-                params=GenerationParams(max_new_tokens=min(int(max_tokens), settings.max_new_tokens)),
-                benchmarks=with_arc,
-            )
+            follow_evaluation(steps, lambda done, total, text: progress((done, total), desc=text), cancel)
         except EvalCancelled as e:
             return show(run_id, how, f"{e} The last finished evaluation (if any) is shown.")
         finally:

@@ -29,8 +29,9 @@ from finetune.ui.forms import component, form_config, get_dotted, help_of, more_
 
 
 def default_config() -> TrainConfig:
-    """The form's starting values: the quick CPU recipe here, the QLoRA recipe on a GPU."""
-    recipe = RECIPES / ("lamini_docs_qlora.yaml" if machine().kind == "cuda" else "cpu_quick.yaml")
+    """The form's starting values: the QLoRA recipe where runs train on a GPU, else the quick CPU recipe (a ZeroGPU
+    Space trains on its CPU)."""
+    recipe = RECIPES / ("lamini_docs_qlora.yaml" if machine().train_device() != "cpu" else "cpu_quick.yaml")
     return load_train_config(recipe if recipe.is_file() else None)
 
 
