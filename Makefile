@@ -32,6 +32,7 @@ browser: install-dev
 
 lint: install-dev
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

@@ -146,11 +146,11 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}; {load_note()} at start")
 
-    from finetune.arena import VoteStore
     from finetune.config import DataConfig, dump_train_config, load_train_config
     from finetune.data import load_splits
     from finetune.preferences import PairSet, write_pairs
     from finetune.runs import RunDir
+    from finetune.votes import VoteStore
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -3,7 +3,7 @@
     python bench/eta.py                       # both CPU classes (native, AVX2 reproduced), five forms, 50 steps each
     python bench/eta.py --cpu-class avx2 --steps 8
 
-For each form: `finetune.hardware.estimate_run` (the CPU probe and the form's shape, nothing trained), then a real
+For each form: `finetune.plan.estimate_run` (the CPU probe and the form's shape, nothing trained), then a real
 training run of the same config in its own process and its steady-state seconds per step (steps after the 4th: the
 first ones pay one-time kernel and allocation set-up, about 3 steps' worth in all). 50 steps: length grouping sorts
 each group of up to 50 batches longest first, so fewer steps time the longest rows only (12 steps: 1.06 s against
@@ -31,7 +31,7 @@ import json, sys, tempfile, time
 sys.path.insert(0, {bench!r})
 from finetune import train as ft
 from finetune.config import load_train_config
-from finetune.hardware import estimate_run
+from finetune.plan import estimate_run
 marks = []
 
 class Timed(ft.RunCallback):

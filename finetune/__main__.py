@@ -61,7 +61,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logging.getLogger("finetune").addHandler(handler)
     print(f"run folder: {run_dir}", flush=True)
-    adapter = train(cfg, run_dir, resume=args.resume, checkpoint=args.checkpoint)
+    from finetune.evaluate import evaluate_run
+
+    adapter = train(cfg, run_dir, resume=args.resume, checkpoint=args.checkpoint, evaluate=evaluate_run)
     print(f"adapter: {adapter}", flush=True)
     return 0
 
@@ -153,8 +155,8 @@ def add_compare(sub) -> None:
 
 
 def _cmd_votes(args: argparse.Namespace) -> int:
-    from finetune.arena import VoteStore
     from finetune.preferences import adapter_votes, preference_pairs, write_pairs
+    from finetune.votes import VoteStore
 
     votes = VoteStore().votes()
     pairs = preference_pairs(adapter_votes(votes, args.adapter) if args.adapter else votes)

@@ -41,6 +41,8 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 
 from finetune import FinetuneError, home
 from finetune.config import DataConfig
+from finetune.preferences import votes_file
+from finetune.runs import exports_dir
 from finetune.security import safe_name
 from finetune.settings import Settings, offline
 from finetune.templates import IGNORE_INDEX, Template, encode_row, get_template, render, validate
@@ -307,12 +309,8 @@ def _read_cached(path: str, size: int, mtime_ns: int) -> Dataset:
 
 def _source_key(source: str) -> tuple:
     """What identifies a source's content in caches: a file's path, size and mtime (so an edit is seen)."""
-    if source == VOTES_SOURCE:
-        from finetune.preferences import votes_file
-
-        path = votes_file()  # rewritten when votes were cast since: a new mtime
-    else:
-        path = BUNDLED.get(source) or Path(source)
+    # The votes' file is rewritten when votes were cast since: a new mtime.
+    path = votes_file() if source == VOTES_SOURCE else BUNDLED.get(source) or Path(source)
     if path.is_file():
         stat = path.stat()
         return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
@@ -884,11 +882,6 @@ def page_rows(ds: Dataset, page: int = 1, page_size: int = 20, query: str = "") 
 
 
 # --- export and hand-off to training --------------------------------------------------------------
-
-
-def exports_dir() -> Path:
-    """Where `export_splits` writes by default: `home()/exports`."""
-    return home() / "exports"
 
 
 def _digest(cfg: DataConfig) -> str:

@@ -27,15 +27,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune import FinetuneError
-from finetune.arena import VoteStore
 from finetune.config import RECIPES, TrainConfig, load_train_config
-from finetune.hardware import Machine, estimate_run, forward_seconds, machine
+from finetune.hardware import Machine, machine
 from finetune.models import ModelPool
+from finetune.plan import estimate_run, forward_seconds
 from finetune.preferences import adapter_votes, preference_pairs, write_pairs
 from finetune.runner import Runner
-from finetune.runs import ACTIVE_STATES, RunDir
+from finetune.runs import ACTIVE_STATES, RunDir, exports_dir
 from finetune.settings import Settings
 from finetune.spaces import gpu
+from finetune.votes import VoteStore
 
 RECIPE = RECIPES / "quickstart_cpu.yaml"
 DPO_RECIPE = RECIPES / "dpo_votes.yaml"
@@ -300,8 +301,6 @@ class Guide:
         pairs = preference_pairs(votes)
         if not pairs.pairs:
             raise FinetuneError(f"{pairs.summary}: no answer beat another yet; vote A, B or C on a few more answers.")
-        from finetune.data import exports_dir
-
         path = write_pairs(pairs, exports_dir() / f"votes-{run_id}.jsonl")
         dpo_id = start(self.runner, dpo_config(sft.read_config(), run_id, path), owner, limits)
         yield GuidedStep("vote", f"{pairs.summary}. Training on them (DPO).", run_id, self.runner.status(dpo_id))

@@ -18,13 +18,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from finetune import FinetuneError
-from finetune.runs import write_text_atomic
-
-if TYPE_CHECKING:
-    from finetune.arena import Vote, VoteStore
+from finetune.runs import exports_dir, write_text_atomic
+from finetune.votes import Vote, VoteStore
 
 VOTES_FILE = "arena_votes.jsonl"
 
@@ -91,9 +88,6 @@ def write_pairs(pairs: PairSet, path: str | Path) -> Path:
 
 def votes_file(store: VoteStore | None = None) -> Path:
     """`exports/arena_votes.jsonl`: the pairs of every vote in the store (default: the Arena's), written now."""
-    from finetune.arena import VoteStore  # the Arena module loads torch: only when votes are read
-    from finetune.data import exports_dir
-
     pairs = preference_pairs((store or VoteStore()).votes())
     if not pairs.pairs:
         raise FinetuneError(

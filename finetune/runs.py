@@ -433,6 +433,11 @@ def run_of_adapter(path: str | Path) -> tuple[RunDir, int | None] | None:
 # --- ids and the list of runs --------------------------------------------------------------------
 
 
+def exports_dir() -> Path:
+    """Where data splits and preference pairs are exported: `home()/exports`."""
+    return home() / "exports"
+
+
 def runs_root() -> Path:
     """Where runs live: `$FINETUNE_HOME/runs`."""
     path = home() / "runs"

@@ -17,8 +17,6 @@ from finetune.arena import (
     ArenaSession,
     ArenaSetup,
     Unavailable,
-    Vote,
-    VoteStore,
     ask,
     battles,
     install_adapter,
@@ -29,6 +27,7 @@ from finetune.config import GenerationParams
 from finetune.generate import Backend, LocalBackend, OpenAIBackend, TextStream
 from finetune.models import ModelPool
 from finetune.settings import Settings
+from finetune.votes import Vote, VoteStore
 from tests.test_generate_backends import make_tiny_adapter
 
 PARAMS = GenerationParams(max_new_tokens=24, stop=())

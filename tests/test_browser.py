@@ -160,7 +160,7 @@ def test_a_participant_goes_through_every_tab(browser, home, tiny_llama, free_po
         page.screenshot(path=ARTIFACTS / "browser-vote.png")
         page.context.close()
     runner.close()
-    from finetune.arena import VoteStore
+    from finetune.votes import VoteStore
 
     (vote,) = VoteStore().votes()
     assert vote.prompt == "What is Lamini?" and vote.winner == vote.order[1]

@@ -104,7 +104,7 @@ def test_errors_are_one_sentence_for_the_user(client, tiny_llama):
 
 
 def test_preference_pairs_preview_side_by_side(client, tiny_llama, tmp_path, monkeypatch):
-    from finetune.arena import Vote, VoteStore
+    from finetune.votes import Vote, VoteStore
 
     monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))  # the Arena's votes of this test only
     models = {"base": "m", "tuned": "m + run-1", "reference": "ref"}

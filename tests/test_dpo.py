@@ -15,12 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import FinetuneError
-from finetune.arena import Vote, VoteStore, list_adapters
+from finetune.arena import list_adapters
 from finetune.config import DataConfig, ModelSpec, TrainConfig
 from finetune.data import VOTES_SOURCE, check_mapping, detect_format, is_preference, load_rows
 from finetune.preferences import adapter_votes, preference_pairs, write_pairs
 from finetune.runs import RunDir
 from finetune.train import check_config, train
+from finetune.votes import Vote, VoteStore
 from tests.conftest import make_run
 
 ROOT = Path(__file__).resolve().parent.parent

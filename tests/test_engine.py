@@ -17,7 +17,7 @@ import pytest
 from conftest import transformers_serve  # tests/ is on sys.path
 from test_generate_backends import make_tiny_adapter
 
-from finetune.arena import VoteStore, serve_finished_runs
+from finetune.arena import serve_finished_runs
 from finetune.config import GenerationParams, ModelSpec
 from finetune.engine import ServeEngine, lora_name
 from finetune.generate import BackendError, LocalBackend, OpenAIBackend, conversation_prompt, stream_all
@@ -25,6 +25,7 @@ from finetune.models import ModelPool, resolve_source
 from finetune.runs import RunDir
 from finetune.settings import Settings
 from finetune.templates import TEMPLATES
+from finetune.votes import VoteStore
 from tests.test_arena import _fake_run
 from tests.test_workshop import client, running_app
 

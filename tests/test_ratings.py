@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from finetune.arena import Vote, battles, vote_counts
+from finetune.arena import battles, vote_counts
 from finetune.ratings import bootstrap_intervals, bradley_terry, compute_elo, leaderboard, leaderboard_csv
+from finetune.votes import Vote
 
 
 def test_elo_over_a_fixed_vote_list_gives_the_hand_computed_ratings():

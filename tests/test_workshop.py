@@ -22,9 +22,10 @@ import yaml
 
 import app as app_module
 from finetune import FinetuneError
-from finetune.arena import VoteStore, install_adapter
+from finetune.arena import install_adapter
 from finetune.security import saving
 from finetune.settings import Settings
+from finetune.votes import VoteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,6 @@ from finetune.arena import (
     ArenaSession,
     ArenaSetup,
     RoundClock,
-    VoteStore,
     ask,
     battles,
     example_questions,
@@ -41,6 +40,7 @@ from finetune.settings import Settings
 from finetune.spaces import gpu
 from finetune.templates import TEMPLATES
 from finetune.ui.common import adapter_choices, user_errors
+from finetune.votes import VoteStore
 
 AUTO_TEMPLATE = "auto (the adapter's)"
 VOTES = [("A is best", "A"), ("B is best", "B"), ("C is best", "C"), ("Tie", "tie"), ("All bad", "bad")]

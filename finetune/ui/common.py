@@ -12,7 +12,8 @@ import pandas as pd
 from finetune import FinetuneError
 from finetune.arena import list_adapters
 from finetune.config import TrainConfig
-from finetune.hardware import estimate_run, machine
+from finetune.hardware import machine
+from finetune.plan import estimate_run
 from finetune.runs import RunDir
 
 
