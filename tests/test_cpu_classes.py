@@ -35,16 +35,17 @@ def test_quick_start_and_arena_on_the_avx2_class(tmp_path):
     env = {**os.environ, **AVX2, "FINETUNE_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
     env.pop("FINETUNE_APP_DEVICE", None)
     run_dir = tmp_path / "runs" / "quick"
-    # The quick start's own recipe with a 90-s budget: its set-up (competitor tokens, the timed step) takes about
-    # 30 s of it on a quiet 2-core AVX2 CPU (more on a busy one), and it plans the steps that fit in the rest.
+    # The quick start's own recipe, 3 steps and no time budget: how many steps a budget fits depends on how busy the
+    # machine is (a 3-minute budget planned 1 step of 10 s with the suite beside it), which is no verdict on the
+    # class; the plan itself is pinned with an injected step time (test_train.py). What the class decides is the test.
     cmd = [sys.executable, "-m", "finetune", "train", "--config", "quickstart_cpu", "--run-dir", str(run_dir)]
-    cmd += ["--set", "max_minutes=1.5", "--set", "logging_steps=1", "--set", "data.max_rows=400"]
+    cmd += ["--set", "max_steps=3", "--set", "max_minutes=0", "--set", "logging_steps=1", "--set", "data.max_rows=40"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     status = RunDir(run_dir).read_status()
     assert "cpu: float32 weights, no autocast" in status["summary"]
-    assert status["planned_steps"] >= 2 and status["state"] == "finished"
-    assert status["step"] >= 2 and all(r["loss"] > 0 for r in RunDir(run_dir).read_metrics() if "loss" in r)
+    assert status["state"] == "finished" and status["step"] == 3
+    assert all(r["loss"] > 0 for r in RunDir(run_dir).read_metrics() if "loss" in r)
 
     arena = subprocess.run(
         [sys.executable, "-c", ARENA.format(adapter=str(run_dir / "adapter"))],
