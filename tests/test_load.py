@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from gradio_client.utils import Status
 
 from finetune.settings import Settings
 from tests.test_arena import _fake_run
@@ -48,11 +49,7 @@ def test_twenty_browsers_are_all_served_in_arrival_order(home, tiny_llama, tmp_p
         sent, done, results, errors = {}, {}, {}, {}
         lock = threading.Lock()
 
-        def user(i: int) -> None:
-            time.sleep(0.1 * i)  # arrivals 100 ms apart, so "arrival order" is well defined
-            with lock:
-                sent[i] = time.perf_counter()
-            job = browsers[i].submit(QUESTIONS[i % len(QUESTIONS)], MAX_NEW_TOKENS, api_name="/arena")
+        def wait(i: int, job) -> None:
             try:
                 results[i] = job.result(timeout=300)
             except Exception as e:  # noqa: BLE001 (counted and reported below)
@@ -60,9 +57,17 @@ def test_twenty_browsers_are_all_served_in_arrival_order(home, tiny_llama, tmp_p
             with lock:
                 done[i] = time.perf_counter()
 
-        threads = [threading.Thread(target=user, args=(i,)) for i in range(USERS)]
-        for t in threads:
-            t.start()
+        threads = []
+        for i in range(USERS):
+            sent[i] = time.perf_counter()
+            job = browsers[i].submit(QUESTIONS[i % len(QUESTIONS)], MAX_NEW_TOKENS, api_name="/arena")
+            # In the server's queue before the next browser asks: the arrival order is i on a machine of any speed
+            # (arrivals 100 ms apart were not, on a busy one). The deadline guards a hang; it decides nothing.
+            deadline = time.monotonic() + 120
+            while job.status().code in (Status.STARTING, Status.JOINING_QUEUE) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            threads.append(threading.Thread(target=wait, args=(i, job)))
+            threads[-1].start()
         for t in threads:
             t.join(timeout=600)
 
