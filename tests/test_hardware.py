@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,7 @@ def test_quantization_compute_dtype_follows_the_machine(monkeypatch):
     assert quantization_config("4bit").bnb_4bit_compute_dtype == torch.float16
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the AVX2 cap is an x86 ISA cap")
 def test_an_avx2_capped_cpu_chooses_float32(tmp_path):
     """This CPU with its instructions capped to AVX2 measures bfloat16 as slow (torch's reference path) and picks
     float32: the decision an AVX2-only laptop must make, whatever the flags of the machine running the test."""
