@@ -46,7 +46,7 @@ from finetune.generate import (
 from finetune.hardware import inference_dtype
 from finetune.models import ModelPool, embedded_name
 from finetune.ratings import Battle
-from finetune.runs import RunDir, adapter_label, list_runs, run_of_adapter
+from finetune.runs import ADAPTER_CONFIG, RunDir, adapter_label, is_adapter, list_runs, run_of_adapter
 from finetune.security import check_upload_size, extract_zip, safe_name
 from finetune.settings import Settings
 from finetune.votes import ROLES, Vote
@@ -76,7 +76,7 @@ def uploads_dir() -> Path:
 
 
 def _base_from_adapter_config(adapter: Path) -> str:
-    source = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    source = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
     # Older adapters trained on an embedded model name its converted cache folder: map it back to the short name.
     return embedded_name(source) or source
 
@@ -85,7 +85,7 @@ def adapter_info(path: str | Path, name: str | None = None, origin: str = "uploa
     """Describe the adapter folder `path`; the config of the run it is in (its final adapter or a checkpoint's) gives
     its model and template."""
     path = Path(path)
-    if not (path / "adapter_config.json").is_file():
+    if not is_adapter(path):
         raise FinetuneError(f"No LoRA adapter in {path} (adapter_config.json is missing).")
     base_model, template, method = _base_from_adapter_config(path), "qa", "sft"
     found = run_of_adapter(path)
@@ -113,11 +113,11 @@ def list_adapters() -> list[AdapterInfo]:
             runs.append(adapter_info(i.run.adapter_dir, i.run_id, "run"))
         for c in reversed(i.run.checkpoints()):
             runs.append(adapter_info(c.path, origin="checkpoint"))
-    uploads = sorted(p for p in uploads_dir().glob("*") if (p / "adapter_config.json").is_file())
+    uploads = sorted(p for p in uploads_dir().glob("*") if is_adapter(p))
     return runs + [adapter_info(p, p.name, "upload") for p in uploads]
 
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
 
 
 def install_adapter(files: list[str | Path], name: str) -> AdapterInfo:
@@ -161,7 +161,7 @@ def resolve_adapter(source: str | Path) -> AdapterInfo:
     if path.is_dir() or str(source).startswith(("/", ".", "~")) or str(source).count("/") != 1:
         return adapter_info(path)
     target = uploads_dir() / str(source).replace("/", "--")
-    if not (target / "adapter_config.json").is_file():
+    if not is_adapter(target):
         from huggingface_hub import snapshot_download
 
         try:

@@ -42,7 +42,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 from finetune import FinetuneError, home
 from finetune.config import DataConfig
 from finetune.preferences import votes_file
-from finetune.runs import exports_dir
+from finetune.runs import exports_dir, replaced_atomically
 from finetune.security import safe_name
 from finetune.settings import Settings, offline
 from finetune.templates import IGNORE_INDEX, Template, encode_row, get_template, render, validate
@@ -904,11 +904,10 @@ def export_splits(cfg: DataConfig, tokenizer=None, out_dir: str | Path | None = 
         if len(ds) == 0:
             continue
         path = out / f"{name}.jsonl"
-        with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as f:
+        with replaced_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:  # two exports never collide
             for row in ds:
                 record = {"text": "".join(render(template, row, tokenizer)), **{c: row[c] for c in originals}}
                 f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-        os.replace(path.with_suffix(".tmp"), path)
         paths[name] = path
     return paths
 
@@ -931,9 +930,8 @@ def persist_source(source: str) -> str:
     dest = kept_dir() / f"{digest.hexdigest()[:12]}-{safe_name(path.stem)}{path.suffix.lower()}"
     if not dest.is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, dest)
+        with replaced_atomically(dest) as tmp:
+            shutil.copyfile(path, tmp)
     return str(dest)
 
 

@@ -25,7 +25,7 @@ from trl import DPOConfig, DPOTrainer
 
 from finetune import FinetuneError
 from finetune.config import TrainConfig
-from finetune.runs import RunDir, list_runs, open_run
+from finetune.runs import RunDir, is_adapter, list_runs, open_run
 from finetune.templates import chat_messages, get_template, render
 from finetune.train import (
     Announce,
@@ -52,7 +52,7 @@ def resolve_base_adapter(cfg: TrainConfig) -> Path:
                 return info.run.adapter_dir
         raise FinetuneError(f"No SFT run on {cfg.model.source} has an adapter yet: train one first (method sft).")
     path = Path(name).expanduser()
-    if (path / "adapter_config.json").is_file():  # an adapter folder; in a run folder, its config is checked below
+    if is_adapter(path):  # an adapter folder; in a run folder, its config is checked below
         run, adapter = RunDir(path.parent), path
     else:
         run = open_run(path)  # a run id or a run folder; raises with what to give instead

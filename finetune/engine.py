@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from finetune.generate import BackendError, OpenAIBackend, api_root
+from finetune.runs import ADAPTER_CONFIG
 
 LORA_HELP = "start vLLM with --enable-lora and the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
 
@@ -40,7 +41,7 @@ def lora_name(name: str, adapter_dir: str | Path) -> str:
 def _rank(adapter_dir: Path) -> int | None:
     """The LoRA rank `r` of `adapter_config.json`; None when it cannot be read (the server then says why)."""
     try:
-        r = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r")
+        r = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("r")
     except (OSError, ValueError, AttributeError):
         return None
     return r if isinstance(r, int) else None

@@ -41,7 +41,7 @@ from finetune.loss import answer_loss_rows
 from finetune.models import LoadedModel, ModelPool, load_model, resolve_source
 from finetune.runs import RunDir, open_run
 from finetune.settings import offline
-from finetune.templates import IGNORE_INDEX, Template, chat_messages, encode_row, get_template, pad_id, render
+from finetune.templates import Template, chat_messages, encode_row, get_template, pad_batch, pad_id, render
 
 COLUMNS = ("base", "tuned")
 SCORES = ("exact_match", "f1", "rouge_l", "similarity")
@@ -238,14 +238,9 @@ def answer_losses(
     device = model.device
     out: list[tuple[float, int]] = []
     for i in range(0, len(encoded), batch_size):
-        rows = encoded[i : i + batch_size]
-        width = max(len(r["input_ids"]) for r in rows)
-        # Right padding: positions stay 0..n-1 for every row, as in training.
-        ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows], device=device)
-        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+        batch = pad_batch(encoded[i : i + batch_size], pad)
         # Labels stay on the host: the answer-token counts come from them without waiting for the device.
-        labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in rows])
-        batch = {"input_ids": ids, "attention_mask": mask.to(device), "labels": labels}
+        batch.update(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         kwargs = {"adapter_names": adapter_names[i : i + batch_size]} if adapter_names is not None else {}
         with torch.inference_mode():
             sums, counts = answer_loss_rows(model, batch, **kwargs)

@@ -35,6 +35,7 @@ import torch
 from finetune import FinetuneError, home
 from finetune.config import ModelSpec
 from finetune.hardware import FP16_OVERFLOWS, machine, torch_dtype
+from finetune.runs import is_adapter
 from finetune.settings import Settings, offline
 
 log = logging.getLogger(__name__)
@@ -442,7 +443,7 @@ class ModelPool:
 
         entry = self.get(spec)
         folder = Path(adapter_dir).resolve()
-        if not (folder / "adapter_config.json").is_file():
+        if not is_adapter(folder):
             raise FinetuneError(f"No LoRA adapter in {adapter_dir} (adapter_config.json is missing).")
         # Keyed by the weights' mtime too: an adapter rewritten on disk (stop, resume) is loaded afresh.
         weights = [p.stat().st_mtime_ns for p in folder.glob("adapter_model.*")]

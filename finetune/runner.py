@@ -360,7 +360,7 @@ class Runner:
 
     def _finished(self, run: RunDir) -> None:
         """Hand a run that ended with an adapter to `on_finished`, in its own thread (it may talk to a server)."""
-        if self.on_finished is None or not (run.adapter_dir / "adapter_config.json").is_file():
+        if self.on_finished is None or not run.has_adapter:
             return
 
         def call() -> None:

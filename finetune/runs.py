@@ -21,6 +21,7 @@ No torch here: the UI and the runner read runs without importing the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -30,6 +31,7 @@ import shutil
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -53,16 +55,23 @@ LOG_TAIL_LINES = 40
 # --- atomic writes -------------------------------------------------------------------------------
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file + `os.replace`: readers (the UI, the runner) never see a half-written file."""
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temp path beside `path` to write, moved over `path` (`os.replace`) once the block ends, deleted if it fails:
+    readers (the UI, the runner) never see a half-written file."""
     # Named per process and thread: two writers of one file never share a temp file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8", newline="")  # newline="": CSV rows keep their \r\n
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")  # newline="": CSV rows keep their \r\n
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -282,7 +291,7 @@ class RunDir:
 
     @property
     def has_adapter(self) -> bool:
-        return (self.adapter_dir / "adapter_config.json").is_file()
+        return is_adapter(self.adapter_dir)
 
     def adapter_path(self, step: int | None = None) -> Path:
         """The final adapter's folder, or the checkpoint's at `step` (it holds the adapter's two files as well)."""
@@ -431,6 +440,14 @@ def run_of_adapter(path: str | Path) -> tuple[RunDir, int | None] | None:
 
 
 # --- ids and the list of runs --------------------------------------------------------------------
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a PEFT adapter
+
+
+def is_adapter(folder: str | Path) -> bool:
+    """A PEFT LoRA adapter is there (its `adapter_config.json`): a run's final adapter, a checkpoint, an upload."""
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
 def exports_dir() -> Path:

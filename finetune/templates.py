@@ -328,6 +328,25 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def pad_batch(features: list[dict], pad_id: int) -> dict:
+    """Dynamic padding: pad encoded rows to the longest of this batch, on the right (positions stay 0..n-1 in every
+    row, as in training), labels with -100: training's collator and the held-out loss alike."""
+    import torch  # here: the rest of this module (the Data tab's views) needs no torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {
+        "input_ids": torch.full((len(features), width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(features), width), dtype=torch.long),
+        "labels": torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long),
+    }
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(f["input_ids"])
+        batch["attention_mask"][i, :n] = 1
+        batch["labels"][i, :n] = torch.tensor(f["labels"])
+    return batch
+
+
 def encode(tokenizer, prompt: str, answer: str, max_length: int | None = None, chat: bool = False) -> dict:
     """Token ids of prompt + answer with labels masked (-100) on the prompt, so loss is on the answer only.
 

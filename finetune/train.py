@@ -41,10 +41,10 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from finetune import FinetuneError
 from finetune.config import REPORT_TO, TrainConfig, load_train_config
 from finetune.hardware import machine, refresh_probe, resolve_auto
-from finetune.loss import NO_LOGITS, answer_loss_sum, causal_lm
-from finetune.runs import Checkpoint, RunDir, process_fields, run_of_adapter
+from finetune.loss import answer_hidden, answer_loss_sum, causal_lm
+from finetune.runs import Checkpoint, RunDir, is_adapter, process_fields, run_of_adapter
 from finetune.serving import serving_chat_template, write_chat_template
-from finetune.templates import IGNORE_INDEX, encode_row, get_template, pad_id, validate
+from finetune.templates import IGNORE_INDEX, encode_row, get_template, pad_batch, pad_id, validate
 
 log = logging.getLogger(__name__)
 # `evaluate(run_dir, progress=..., device=...)`: the evaluation at the end of a run (`finetune.evaluate.evaluate_run`)
@@ -99,23 +99,14 @@ def data_vocab(train, model=None, pad: int = 0, rows: int = COMPETITOR_ROWS, top
     the data's tokens alone would never push down, so the full-vocabulary loss would fall less than the trained one."""
     found = {t for ids in train["input_ids"] for t in ids}
     if model is not None and rows > 0:
-        lm = causal_lm(model)
-        head = lm.get_output_embeddings()
-        sample = [train[i] for i in range(min(rows, len(train)))]
-        captured = {}
-        hook = lm.get_decoder().register_forward_hook(lambda _m, _i, out: captured.update(h=out[0]))
-        try:
-            with torch.no_grad():
-                for row in sample:  # one row at a time: its answer positions x vocabulary logits stay small
-                    batch = pad_batch([row], pad)
-                    device = head.weight.device
-                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                          logits_to_keep=NO_LOGITS, use_cache=False)  # fmt: skip
-                    keep = batch["labels"][0, 1:] != IGNORE_INDEX
-                    logits = head(captured["h"][0, :-1][keep.to(device)])
-                    found.update(logits.topk(min(top, logits.shape[-1]), dim=-1).indices.flatten().tolist())
-        finally:
-            hook.remove()
+        head = causal_lm(model).get_output_embeddings()
+        with torch.no_grad():
+            for i in range(min(rows, len(train))):  # one row at a time: its answer positions x vocabulary stay small
+                batch = pad_batch([train[i]], pad)
+                inputs = {k: batch[k].to(head.weight.device) for k in ("input_ids", "attention_mask")}
+                _, hidden, _ = answer_hidden(model, {**inputs, "labels": batch["labels"]})
+                logits = head(hidden)
+                found.update(logits.topk(min(top, logits.shape[-1]), dim=-1).indices.flatten().tolist())
     return torch.tensor(sorted(found))
 
 
@@ -169,22 +160,6 @@ def check_config(cfg: TrainConfig) -> str:
             f"most rows would have no answer to learn: raise max_length to at least {typical + 64}."
         )
     return f"{cfg.model.source} on {cfg.data.source}: {len(rows)} rows, prompts ~{typical} tokens"
-
-
-def pad_batch(features: list[dict], pad_id: int) -> dict:
-    """Dynamic padding: pad to the longest row of this batch (right side), labels with -100."""
-    width = max(len(f["input_ids"]) for f in features)
-    batch = {
-        "input_ids": torch.full((len(features), width), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(features), width), dtype=torch.long),
-        "labels": torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long),
-    }
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        batch["input_ids"][i, :n] = torch.tensor(f["input_ids"])
-        batch["attention_mask"][i, :n] = 1
-        batch["labels"][i, :n] = torch.tensor(f["labels"])
-    return batch
 
 
 class AnswerOnlyTrainer(Trainer):
@@ -775,7 +750,7 @@ def _adapter_and_config(path: str | Path, step: int | None = None) -> tuple[Path
     path = Path(path)
     if step is not None or RunDir(path).adapter_dir.is_dir():
         path = RunDir(path).adapter_path(step)
-    if not (path / "adapter_config.json").is_file():
+    if not is_adapter(path):
         raise FinetuneError(f"No LoRA adapter in {path}: give a run folder or an adapter folder.")
     found = run_of_adapter(path)  # an adapter folder inside a run: its config says which base model
     return path, found[0].read_config() if found else load_train_config()

@@ -207,3 +207,30 @@ def test_a_checkpoint_is_an_adapter_named_by_run_id_and_step(run, monkeypatch):
     run.write_eval({"questions": 1, "rows": [{"q": 1}]}, step=2)
     assert run.read_eval(2)["questions"] == 1 and run.read_eval() is None  # kept apart from the final adapter's
     assert [p.name for p in run.eval_exports_of(2)] == ["eval_questions-step-2.csv", "eval_questions-step-2.jsonl"]
+
+
+def test_two_writers_of_one_file_never_share_a_temp_file(tmp_path):
+    """Two exports of one data config at once wrote the same `.tmp` and one moved the other's half-written file."""
+    import threading
+
+    from finetune.runs import replaced_atomically
+
+    target, temps, ready = tmp_path / "train.jsonl", [], threading.Barrier(2)
+
+    def write(text: str) -> None:
+        with replaced_atomically(target) as tmp:
+            temps.append(tmp)
+            tmp.write_text(text)
+            ready.wait(10)  # both temp files exist before either is moved over the target
+
+    threads = [threading.Thread(target=write, args=(text,)) for text in ("a" * 1000, "b" * 1000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(temps)) == 2 and target.read_text() in ("a" * 1000, "b" * 1000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
+    with pytest.raises(OSError, match="disk full"), replaced_atomically(target) as tmp:
+        tmp.write_text("half")
+        raise OSError("disk full")
+    assert target.read_text() in ("a" * 1000, "b" * 1000) and not tmp.exists()
