@@ -369,8 +369,7 @@ class Runner:
             except Exception as e:  # noqa: BLE001 (the run itself is done: say what failed next to it)
                 notice = f"After the run: {type(e).__name__}: {e}"
             if notice:
-                with self._lock:  # not between another writer's read and write of the same status
-                    run.update_status(notice=notice)
+                run.update_status(notice=notice)
 
         threading.Thread(target=call, name=f"finished-{run.run_id}", daemon=True).start()
 
@@ -391,7 +390,7 @@ class Runner:
         if device.startswith("cuda:"):  # the child sees its GPU alone, as cuda:0; two runs never share one
             env["CUDA_VISIBLE_DEVICES"] = visible_device(device)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
-        run.update_status(device=device)  # before the child starts writing its own status: no lost update
+        run.update_status(device=device)  # before the child starts: its status says where it runs from the start
         with open(run.log_file, "ab") as log_file:
             # Own session: a Ctrl-C of the app does not reach the trainer; the run goes on without the UI.
             proc = subprocess.Popen(

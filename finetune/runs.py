@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import psutil
+from filelock import FileLock
 
 from finetune import FinetuneError, home
 from finetune.config import TrainConfig, dump_train_config, load_train_config
@@ -238,10 +239,14 @@ class RunDir:
         return _read_json(self.status_file) or {}
 
     def update_status(self, **fields) -> dict:
-        """Merge `fields` into status.json (keys other writers set, like `owner`, are kept); returns the status."""
-        status = self.read_status()
-        status.update(fields, updated=time.time())
-        write_json_atomic(self.status_file, status)
+        """Merge `fields` into status.json (keys other writers set, like `owner`, are kept); returns the status.
+
+        The app's runner and the training process both write it: the read-merge-write holds a file lock, so neither
+        loses the other's keys."""
+        with FileLock(self.path / ".status.lock", timeout=60):
+            status = self.read_status()
+            status.update(fields, updated=time.time())
+            write_json_atomic(self.status_file, status)
         return status
 
     # --- metrics ---
@@ -314,12 +319,10 @@ class RunDir:
             return None
         target = self.path / f"{self.run_id}{'' if step is None else f'-step-{step}'}-adapter.zip"
         if not target.is_file() or target.stat().st_mtime < weights.stat().st_mtime:
-            tmp = target.with_name(f".{target.name}.tmp")
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            with replaced_atomically(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
                 for f in sorted(folder.iterdir()):
                     if f.name.startswith("adapter_") or f.name == "README.md":
                         archive.write(f, f.name)
-            tmp.replace(target)
         return target
 
     def checkpoints(self) -> list[Checkpoint]:

@@ -39,7 +39,7 @@ def test_status_updates_merge_and_leave_no_temp_file(run, monkeypatch):
     status = run.update_status(state="running", step=3)
     assert status["owner"] == "ada" and status["state"] == "running" and status["step"] == 3
     assert run.read_status() == status
-    assert [p.name for p in run.path.iterdir()] == [run.status_file.name]
+    assert sorted(p.name for p in run.path.iterdir()) == [".status.lock", run.status_file.name]
 
     def no_space(*_):
         raise OSError("No space left on device")
@@ -48,7 +48,7 @@ def test_status_updates_merge_and_leave_no_temp_file(run, monkeypatch):
     with pytest.raises(OSError):
         run.update_status(step=4)
     assert run.read_status() == status  # the last complete status, never half of one
-    assert [p.name for p in run.path.iterdir()] == [run.status_file.name]
+    assert sorted(p.name for p in run.path.iterdir()) == [".status.lock", run.status_file.name]  # no temp file
 
 
 def test_write_json_atomic_replaces_the_whole_file(tmp_path):
@@ -234,3 +234,33 @@ def test_two_writers_of_one_file_never_share_a_temp_file(tmp_path):
         tmp.write_text("half")
         raise OSError("disk full")
     assert target.read_text() in ("a" * 1000, "b" * 1000) and not tmp.exists()
+
+
+def test_two_writers_of_a_status_keep_each_others_keys(tmp_path):
+    """The app's runner and the trainer both read-merge-write status.json: under its file lock no update is lost."""
+    import multiprocessing
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    ctx = multiprocessing.get_context("spawn")  # two processes, as the runner and its trainer are
+    start = ctx.Barrier(2)  # writing at the same time, not one after the other
+    writers = [ctx.Process(target=_write_keys, args=(str(run.path), name, start)) for name in ("runner", "trainer")]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(120)
+    status = run.read_status()
+    assert all(w.exitcode == 0 for w in writers)
+    assert [k for k in status if k.startswith(("runner", "trainer"))] and all(
+        status.get(f"{name}{i}") == i for name in ("runner", "trainer") for i in range(WRITES)
+    ), sorted(status)
+
+
+WRITES = 300
+
+
+def _write_keys(path: str, name: str, start) -> None:
+    run = RunDir(Path(path))
+    start.wait(60)
+    for i in range(WRITES):
+        run.update_status(**{f"{name}{i}": i})
