@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # bundled YAML recipes (package data)
-REPORT_TO = ("none", "tensorboard", "trackio")  # trackers a run can also log to (`TrainConfig.report_to`)
+# The allowed values of the settings that take a word: written here once, in their types; loading a config checks
+# them (`_coerce`), and so do `check_choices` and the forms, which offer them.
+Method = typing.Literal["sft", "dpo"]
+MixedPrecision = typing.Literal["auto", "bf16", "fp16", "no"]
+TrainVocab = typing.Literal["auto", "full", "data"]
+ReportTo = typing.Literal["none", "tensorboard", "trackio"]  # trackers a run can also log to
+REPORT_TO = typing.get_args(ReportTo)
 
 
 @dataclass
@@ -86,7 +92,7 @@ class TrainConfig:
 
     model: ModelSpec = field(default_factory=ModelSpec, metadata={"help": "Base model; quantization 4bit = QLoRA."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data set, column mapping, template."})
-    method: str = field(
+    method: Method = field(
         default="sft",
         metadata={"help": "sft: learn the answers (prompt/answer rows); dpo: learn which answer is preferred "
                   "(prompt/chosen/rejected rows, e.g. arena_votes: the Arena's blind votes), starting from "
@@ -145,7 +151,7 @@ class TrainConfig:
     )  # fmt: skip
     logging_steps: int = field(default=5, metadata={"help": "Loss/metrics line every N steps."})
     seed: int = field(default=42, metadata={"help": "Seed for LoRA init and data order."})
-    mixed_precision: str = field(
+    mixed_precision: MixedPrecision = field(
         default="auto",
         metadata={"help": "auto (bf16 where the GPU/CPU computes it natively, fp16 on older GPUs), bf16, fp16 or no."},
     )
@@ -153,7 +159,7 @@ class TrainConfig:
         default=True,
         metadata={"help": "Compute the vocabulary projection only where the loss needs it (same loss, much faster)."},
     )
-    train_vocab: str = field(
+    train_vocab: TrainVocab = field(
         default="auto",
         metadata={
             "help": "full; data: the training softmax covers only the data's tokens (faster for a big vocabulary; "
@@ -162,11 +168,10 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (big models)."})
     eval_at_end: bool = field(default=False, metadata={"help": "Run the evaluation (finetune.evaluate) at the end."})
-    report_to: str = field(
+    report_to: ReportTo = field(
         default="none",
         metadata={"help": "Also log the run's metrics to tensorboard (events in the run folder's tensorboard/) or "
-                  "trackio, where installed; the app's own charts read the run folder either way.",
-                  "choices": REPORT_TO},
+                  "trackio, where installed; the app's own charts read the run folder either way."},
     )  # fmt: skip
     push_to_hub: str | None = field(
         default=None, metadata={"help": "Hub repo id to push the adapter to at the end (needs HF_TOKEN)."}
@@ -199,8 +204,42 @@ def _from_dict(cls, values: dict, prefix: str):
     return cls(**kwargs)
 
 
+def choices_of(hint) -> tuple[str, ...] | None:
+    """The allowed words of a `Literal` setting, else None."""
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+
+
+def check_choice(value, hint, key: str):
+    """`value` if it is one of the allowed words of `hint` (a `Literal`), else a FinetuneError naming them."""
+    allowed = choices_of(hint)
+    if allowed is not None and value not in allowed:
+        raise _config_error(f"{key} must be one of {', '.join(allowed)} (got {value!r}).")
+    return value
+
+
+def check_choices(cfg) -> None:
+    """Every word-valued setting of a config (and of the configs in it) is one of its allowed words: a config built
+    in Python skips `_coerce`."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_choices(value)
+        else:
+            check_choice(value, hints[f.name], f.name)
+
+
+# YAML 1.1 reads these words as booleans: `mixed_precision: no` would be False.
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
 def _coerce(value, hint, key: str):
     """YAML reads `3e-4` as text and `1` as int: convert scalars to the field's type."""
+    allowed = choices_of(hint)
+    if allowed is not None:
+        if isinstance(value, bool):
+            value = next((w for w in _YAML_BOOL_WORDS[value] if w in allowed), value)
+        return check_choice(value.strip() if isinstance(value, str) else value, hint, key)
     args = typing.get_args(hint)
     optional = type(None) in args
     if value is None or (optional and value in ("", "null", "None", "none")):

@@ -39,7 +39,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from finetune import FinetuneError
-from finetune.config import REPORT_TO, TrainConfig, load_train_config
+from finetune.config import ReportTo, TrainConfig, check_choice, check_choices, load_train_config
 from finetune.hardware import machine, refresh_probe, resolve_auto
 from finetune.loss import answer_hidden, answer_loss_sum, causal_lm
 from finetune.runs import Checkpoint, RunDir, is_adapter, process_fields, run_of_adapter
@@ -131,13 +131,8 @@ def check_config(cfg: TrainConfig) -> str:
         raise FinetuneError("max_steps auto fits the steps to max_minutes: set max_minutes above 0 too.")
     if cfg.max_steps != "auto" and cfg.max_steps <= 0 and cfg.num_epochs <= 0:
         raise FinetuneError("Set max_steps or num_epochs above 0.")
-    if cfg.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-        raise FinetuneError(f"mixed_precision must be auto, bf16, fp16 or no (got {cfg.mixed_precision!r}).")
-    if cfg.train_vocab not in ("auto", "full", "data"):
-        raise FinetuneError(f"train_vocab must be auto, full or data (got {cfg.train_vocab!r}).")
+    check_choices(cfg)  # method, mixed_precision, train_vocab, report_to: the words their types allow
     check_tracker(cfg.report_to)
-    if cfg.method not in ("sft", "dpo"):
-        raise FinetuneError(f"method must be sft or dpo (got {cfg.method!r}).")
     quantization_config(cfg.model.quantization)  # raises on an unknown kind or a missing bitsandbytes
     tokenizer = load_tokenizer(cfg.model)  # raises on an unknown model
     from finetune.data import load_rows
@@ -316,8 +311,7 @@ class KeepCheckpoints(TrainerCallback):
 
 def check_tracker(report_to: str) -> None:
     """A FinetuneError saying what to install when the tracker `report_to` names cannot be imported."""
-    if report_to not in REPORT_TO:
-        raise FinetuneError(f"report_to must be one of {', '.join(REPORT_TO)} (got {report_to!r}).")
+    check_choice(report_to, ReportTo, "report_to")
     if report_to != "none" and importlib.util.find_spec(report_to) is None:
         raise FinetuneError(
             f"report_to: {report_to} needs the {report_to} package: pip install {report_to} (or choose none)."

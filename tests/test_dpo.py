@@ -173,7 +173,7 @@ def test_check_config_says_what_a_dpo_run_needs(home, tiny_llama, tmp_path):
         check_config(dpo_config("smollm2-135m-instruct", pairs, base_adapter="run-1"))
     with pytest.raises(FinetuneError, match="No training run at nope"):
         check_config(dpo_config(tiny_llama, pairs, base_adapter="nope"))
-    with pytest.raises(FinetuneError, match="method must be sft or dpo"):
+    with pytest.raises(FinetuneError, match="method must be one of sft, dpo"):
         check_config(dpo_config(tiny_llama, pairs, method="rlhf"))
 
 

@@ -321,7 +321,7 @@ def test_check_config_rejects_bad_configs_with_a_sentence(tiny_llama, qa_file, t
         check_config(tiny_config(tiny_llama, qa_file, max_length=8))
     with pytest.raises(FinetuneError, match="batch_size"):
         check_config(tiny_config(tiny_llama, qa_file, batch_size=0))
-    with pytest.raises(FinetuneError, match="train_vocab must be auto, full or data"):
+    with pytest.raises(FinetuneError, match="train_vocab must be one of auto, full, data"):
         check_config(tiny_config(tiny_llama, qa_file, train_vocab="dataset"))
 
 
@@ -471,3 +471,11 @@ def test_4bit_keeps_the_vocabulary_layers_in_the_compute_dtype(tiny_llama, qa_fi
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert model.get_output_embeddings().weight.dtype == torch.bfloat16
     assert not model.get_output_embeddings().weight.requires_grad
+
+
+def test_word_settings_take_the_words_their_types_allow():
+    """One place for the allowed values (the config's Literal types): `--set mixed_precision=no` was YAML's False."""
+    assert load_train_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+    assert load_train_config(None, ["report_to=tensorboard", "method=dpo"]).report_to == "tensorboard"
+    with pytest.raises(FinetuneError, match=r"mixed_precision must be one of auto, bf16, fp16, no \(got 'bf17'\)"):
+        load_train_config(None, ["mixed_precision=bf17"])

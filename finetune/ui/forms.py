@@ -14,7 +14,7 @@ import typing
 
 import gradio as gr
 
-from finetune.config import TrainConfig, set_dotted
+from finetune.config import TrainConfig, choices_of, set_dotted
 
 # Not offered in the browser: remote code runs on the server, and a push would use the host's HF_TOKEN; the data
 # split settings belong to the Data tab ("Use for training" hands them over).
@@ -53,16 +53,17 @@ def _label(key: str) -> str:
 
 
 def component(key: str, value, hint=None, cls=TrainConfig, **kwargs) -> gr.components.Component:
-    """A component for a field by its type (default: the field's in `cls`): a dropdown of the field's `choices`
-    (metadata) where it has some, a box for bool, a number, a dropdown that also takes `auto` for `int | str`
-    settings, a text box for the rest (lists as comma-separated names)."""
+    """A component for a field by its type (default: the field's in `cls`): a dropdown of the words its `Literal`
+    type allows, a box for bool, a number, a dropdown that also takes `auto` for `int | str` settings, a text box
+    for the rest (lists as comma-separated names)."""
     hint = hint if hint is not None else next(h for k, _, h in leaves(cls) if k == key)
     args = typing.get_args(hint)
     kinds = set(args) or {hint}
     metadata = metadata_of(key, cls)
     kwargs = {"label": _label(key), "info": metadata.get("help", ""), **kwargs}
-    if "choices" in metadata:
-        return gr.Dropdown(list(metadata["choices"]), value=value, **kwargs)
+    choices = choices_of(hint)
+    if choices:
+        return gr.Dropdown(list(choices), value=value, **kwargs)
     if kinds <= {bool, type(None)}:
         return gr.Checkbox(bool(value), **kwargs)
     if str in kinds and kinds & {int, float}:
@@ -84,6 +85,8 @@ def more_settings(defaults: TrainConfig, placed: dict) -> dict[str, gr.component
 
 
 def _scalar(hint) -> bool:
+    if choices_of(hint):
+        return True  # one word of a Literal
     kinds = typing.get_args(hint) or (hint,)
     return all(t in (bool, int, float, str, type(None)) or typing.get_origin(t) is list for t in kinds)
 
