@@ -11,36 +11,38 @@ from conftest import assert_trained_exactly  # tests/ is on sys.path
 from finetune import FinetuneError, home
 from finetune.config import DataConfig
 from finetune.data import (
-    ANSWER_TOKEN,
-    ASSISTANT_TOKEN,
-    CUT_TOKEN,
     MAX_NESTING,
-    PROMPT_TOKEN,
-    SYSTEM_TOKEN,
-    TOOL_TOKEN,
-    USER_TOKEN,
     canonicalize,
     detect_format,
     detect_mapping,
     export_splits,
     finetuning_sample,
-    length_histogram,
-    length_summary,
     load_dataset_source,
     load_rows,
     load_splits,
     normalize_messages,
-    page_rows,
     persist_and_split,
     persist_source,
     pretraining_sample,
     read_file,
-    row_stats,
     stream_hub_texts,
+)
+from finetune.templates import IGNORE_INDEX, TEMPLATES, encode_row
+from finetune.views import (
+    ANSWER_TOKEN,
+    ASSISTANT_TOKEN,
+    CUT_TOKEN,
+    PROMPT_TOKEN,
+    SYSTEM_TOKEN,
+    TOOL_TOKEN,
+    USER_TOKEN,
+    length_histogram,
+    length_summary,
+    page_rows,
+    row_stats,
     token_lengths,
     token_view,
 )
-from finetune.templates import IGNORE_INDEX, TEMPLATES, encode_row
 
 QA = [{"question": "What is Lamini?", "answer": "An LLM engine."}, {"question": "Is it free?", "answer": "Partly."}]
 # SmolLM2 ids of "### Question:\nWhat is Lamini?\n\n### Answer:\n" and of "An LLM engine." (see test_templates).

@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 from gradio.utils import get_upload_folder
 
-from finetune import FinetuneError, data
+from finetune import FinetuneError, data, views
 from finetune.config import DataConfig, ModelSpec
 from finetune.models import load_tokenizer
 from finetune.settings import Settings
@@ -35,13 +35,13 @@ TEMPLATE_CHOICES = [
 PAGE_SIZE = 20
 CELL_CHARS = 300  # table cells are shortened; the template preview shows a row in full
 TOKEN_COLORS = {  # green: trained on; red: cut; a conversation's other turns each in their own colour
-    data.PROMPT_TOKEN: "#d1d5db",
-    data.ANSWER_TOKEN: "#86efac",
-    data.SYSTEM_TOKEN: "#e9d5ff",
-    data.USER_TOKEN: "#d1d5db",
-    data.TOOL_TOKEN: "#bfdbfe",
-    data.ASSISTANT_TOKEN: "#86efac",
-    data.CUT_TOKEN: "#fca5a5",
+    views.PROMPT_TOKEN: "#d1d5db",
+    views.ANSWER_TOKEN: "#86efac",
+    views.SYSTEM_TOKEN: "#e9d5ff",
+    views.USER_TOKEN: "#d1d5db",
+    views.TOOL_TOKEN: "#bfdbfe",
+    views.ASSISTANT_TOKEN: "#86efac",
+    views.CUT_TOKEN: "#fca5a5",
 }
 
 
@@ -303,7 +303,7 @@ def build_data_tab(settings: Settings) -> DataTabOutputs:
         cfg = make_config(values)
         ds = data.load_rows(cfg)
         try:
-            shown = data.page_rows(ds, page or 1, PAGE_SIZE, search or "")
+            shown = views.page_rows(ds, page or 1, PAGE_SIZE, search or "")
         except FinetuneError as e:  # an empty search result is a hint, not a failure
             gr.Warning(str(e))
             return pd.DataFrame(), "0 matching rows", gr.update(maximum=len(ds) - 1)
@@ -323,7 +323,7 @@ def build_data_tab(settings: Settings) -> DataTabOutputs:
         ds = data.load_rows(cfg)
         example = pick(ds, row)
         template, tokenizer = get_template(cfg.template), tokenizer_for(tokenizer_model)
-        view = data.token_view(tokenizer, template, example, int(max_length))
+        view = views.token_view(tokenizer, template, example, int(max_length))
         prompt, answer = render(template, example, tokenizer)
         info = (
             f"**{len(view.input_ids)} tokens** go into training: {view.prompt_tokens} prompt tokens (label "
@@ -344,12 +344,12 @@ def build_data_tab(settings: Settings) -> DataTabOutputs:
 
     def measure(tokenizer_model: str, **values):
         cfg = make_config(values)
-        return data.token_lengths(data.load_rows(cfg), tokenizer_for(tokenizer_model), get_template(cfg.template))
+        return views.token_lengths(data.load_rows(cfg), tokenizer_for(tokenizer_model), get_template(cfg.template))
 
     def stats_view(lengths, max_length: int, **values):
-        stats = data.row_stats(data.load_rows(make_config(values)))
-        summary = data.length_summary(lengths, int(max_length)) if lengths is not None else None
-        bins = data.length_histogram(lengths, int(max_length)) if lengths is not None else []
+        stats = views.row_stats(data.load_rows(make_config(values)))
+        summary = views.length_summary(lengths, int(max_length)) if lengths is not None else None
+        bins = views.length_histogram(lengths, int(max_length)) if lengths is not None else []
         # Category labels give wide bars (numbers give hairlines on a long axis); padded with spaces, which sort
         # before digits, so the plot's alphabetical order is numeric order (changing `sort` in an update is ignored).
         digits = len(str(bins[-1]["tokens"])) if bins else 0
