@@ -134,3 +134,19 @@ def test_guided_start_endpoint_streams_the_steps_and_the_manual_endpoints_see_th
     assert steps.count('data-state="done"') == len(STEPS) - 1  # all but the vote step
     assert "lower" in message and question and adapter.endswith("adapter")
     assert status["state"] == "finished" and [(r["run_id"], r["adapter"]) for r in runs] == [(run_id, adapter)]
+
+
+def test_a_zero_gpu_space_fits_the_quick_start_to_its_cpu():
+    """ZeroGPU trains on the CPU: the 5-minute path fits its training to the CPU's measured step, and leaves no time
+    for a held-out measurement on the CPU (it runs on the Space's GPU); a plain GPU machine keeps the recipe's minutes."""
+    from finetune.config import load_train_config
+    from finetune.guided import RECIPE, fit_budget
+    from finetune.hardware import GPU, Machine, Probe
+
+    slow_cpu = Probe(float32=20.0, bfloat16=1.0)  # a slow 2-core CPU: the 4.2 training minutes do not all fit
+    zero = Machine(isa=("avx2",), gpus=(GPU(0, "ZeroGPU", 70.0, (9, 0)),), zero_gpu=True, probe=slow_cpu)
+    cpu = Machine(isa=("avx2",), probe=slow_cpu)
+    minutes = load_train_config(RECIPE).max_minutes
+    on_zero, on_cpu = fit_budget(load_train_config(RECIPE), zero), fit_budget(load_train_config(RECIPE), cpu)
+    assert on_cpu.max_minutes < on_zero.max_minutes <= minutes  # the CPU also pays for the measurement
+    assert fit_budget(load_train_config(RECIPE), Machine(gpus=(GPU(0, "L4", 22.0, (8, 9)),))).max_minutes == minutes
