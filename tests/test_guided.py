@@ -138,7 +138,7 @@ def test_guided_start_endpoint_streams_the_steps_and_the_manual_endpoints_see_th
 
 def test_a_zero_gpu_space_fits_the_quick_start_to_its_cpu():
     """ZeroGPU trains on the CPU: the 5-minute path fits its training to the CPU's measured step, and leaves no time
-    for a held-out measurement on the CPU (it runs on the Space's GPU); a plain GPU machine keeps the recipe's minutes."""
+    for a held-out measurement on the CPU (it runs on the Space's GPU); a GPU machine keeps the recipe's minutes."""
     from finetune.config import load_train_config
     from finetune.guided import RECIPE, fit_budget
     from finetune.hardware import GPU, Machine, Probe
