@@ -111,10 +111,6 @@ class Machine:
     # --- what runs where ---
 
     @property
-    def kind(self) -> str:
-        return "cuda" if self.gpus else "mps" if self.mps else "cpu"
-
-    @property
     def cpu_bf16(self) -> bool:
         """bfloat16 is faster than float32 on this CPU, as measured (the flags are only a hint)."""
         return self.probe.bf16_fast if self.probe is not None else False
