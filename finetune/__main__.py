@@ -83,8 +83,8 @@ def add_train(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from finetune.export import export_merged
     from finetune.serving import serve_commands
-    from finetune.train import export_merged
 
     out = export_merged(args.run, args.out, base=args.base, step=args.checkpoint)
     print(f"merged model: {out}")

@@ -6,7 +6,7 @@
 This is `method: dpo` of `finetune.train`: the same runner, queue, run folder, live chart and resume as SFT. The run
 loads the SFT adapter (`base_adapter`) and trains it on; TRL keeps a frozen copy of it as the reference, so each
 pair nudges the adapter to make the chosen answer likelier than the rejected one *compared with where it started*
-(`beta`: how far it may move). metrics.jsonl gets the DPO loss and the reward margins (`train.PREFERENCE_METRICS`:
+(`beta`: how far it may move). metrics.jsonl gets the DPO loss and the reward margins (`callbacks.PREFERENCE_METRICS`:
 log-likelihood gain of chosen minus that of rejected, times beta); the result is a plain PEFT adapter in the run
 folder, which the Arena lists like any run's.
 """
@@ -24,12 +24,12 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from trl import DPOConfig, DPOTrainer
 
 from finetune import FinetuneError
+from finetune.callbacks import RunCallback
 from finetune.config import TrainConfig
 from finetune.runs import RunDir, is_adapter, list_runs, open_run
 from finetune.templates import chat_messages, get_template, render
 from finetune.train import (
     Announce,
-    RunCallback,
     build_model,
     held_out,
     steps_in_budget,

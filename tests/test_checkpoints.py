@@ -12,9 +12,10 @@ import torch
 from finetune.arena import ArenaSession, ArenaSetup, ask, list_adapters, make_backends
 from finetune.config import GenerationParams
 from finetune.evaluate import evaluate_run
+from finetune.export import export_merged
 from finetune.models import ModelPool
 from finetune.runs import RunDir
-from finetune.train import export_merged, train
+from finetune.train import train
 from tests.test_train import qa_file, tiny_config  # noqa: F401 (a fixture)
 
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from finetune import FinetuneError
+from finetune.callbacks import RunCallback
 from finetune.config import RECIPES, DataConfig, ModelSpec, TrainConfig, load_train_config
 from finetune.loss import answer_loss_sum
 from finetune.runs import RunDir
 from finetune.templates import IGNORE_INDEX
 from finetune.train import (
     AnswerOnlyTrainer,
-    RunCallback,
     build_model,
     check_config,
     data_vocab,
@@ -342,7 +342,7 @@ def test_cli_train_and_bad_override(tiny_llama, qa_file, tmp_path):
 def test_export_merges_adapter_into_base(tiny_llama, qa_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from finetune.train import export_merged
+    from finetune.export import export_merged
 
     run_dir = tmp_path / "run"
     train(tiny_config(tiny_llama, qa_file, max_steps=2, eval_rows=0), run_dir)
