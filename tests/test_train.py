@@ -479,3 +479,16 @@ def test_word_settings_take_the_words_their_types_allow():
     assert load_train_config(None, ["report_to=tensorboard", "method=dpo"]).report_to == "tensorboard"
     with pytest.raises(FinetuneError, match=r"mixed_precision must be one of auto, bf16, fp16, no \(got 'bf17'\)"):
         load_train_config(None, ["mixed_precision=bf17"])
+
+
+def test_the_train_command_shows_itself_one_gpu(monkeypatch):
+    """`python -m finetune train` started by hand on a 2-GPU box (no accelerate): one GPU, never DataParallel."""
+    import argparse
+
+    from finetune.__main__ import _cmd_train
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(FinetuneError, match="Give --config"):  # fails after pinning, before anything loads
+        _cmd_train(argparse.Namespace(run_dir=None, config=None, set=[], resume=False, checkpoint=None))
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
