@@ -286,13 +286,14 @@ def _load_model(spec: ModelSpec, device: str | None):
     source = resolve_source(spec)
     device = device or machine().app_device()
     dtype = torch_dtype(spec.dtype, device)
-    safe = fp16_ok(spec)
-    if dtype == torch.float16 and not safe:
+    if dtype == torch.float16 and not fp16_ok(spec):
         # Whoever asked (a T4's inference dtype, a recipe): in float16 its logits are NaN (`FP16_OVERFLOWS`).
         log.warning("%s overflows float16: loading it in float32 instead", spec.source)
         dtype = torch.float32
-    compute = dtype if dtype != torch.float32 else machine().quant_compute_dtype(device, safe)
-    quant = quantization_config(spec.quantization, compute_dtype=compute)
+    compute = None  # the model's config is read only where the answer can matter: a float32 load, quantized
+    if spec.quantization and dtype == torch.float32:
+        compute = machine().quant_compute_dtype(device, fp16_ok(spec))
+    quant = quantization_config(spec.quantization, compute_dtype=compute or dtype)
     kwargs = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device})
