@@ -76,9 +76,10 @@ def main() -> None:
     from peft import PeftModel
 
     from finetune.arena import ArenaSession, ArenaSetup, ask, make_backends
+    from finetune.backends import conversation_prompt
     from finetune.config import DataConfig, GenerationParams, ModelSpec
     from finetune.data import load_splits
-    from finetune.generate import CPU_THREADS, conversation_prompt, threads_per_generation
+    from finetune.generate import CPU_THREADS, threads_per_generation
     from finetune.hardware import inference_dtype
     from finetune.models import BASE_MODEL, REFERENCE_MODEL, ModelPool, load_model, model_bytes
     from finetune.templates import get_template

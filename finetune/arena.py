@@ -30,19 +30,19 @@ from pathlib import Path
 import yaml
 
 from finetune import FinetuneError, home
-from finetune.config import DataConfig, GenerationParams, ModelSpec
-from finetune.engine import ServeEngine, lora_name
-from finetune.generate import (
+from finetune.backends import (
     Backend,
     BackendError,
-    Column,
     LocalBackend,
     OpenAIBackend,
-    TextStream,
+    StreamState,
     merge_streams,
     stream_all,
     token_counters,
 )
+from finetune.config import DataConfig, GenerationParams, ModelSpec
+from finetune.engine import ServeEngine, lora_name
+from finetune.generate import TextStream
 from finetune.hardware import inference_dtype
 from finetune.models import ModelPool, embedded_name
 from finetune.ratings import Battle
@@ -357,7 +357,7 @@ def ask(
     session: ArenaSession,
     question: str,
     params: GenerationParams,
-) -> Iterator[dict[str, Column]]:
+) -> Iterator[dict[str, StreamState]]:
     """Stream every column's answer to `question` (each with its own history); the session keeps the answers."""
     question = question.strip()
     if not question:

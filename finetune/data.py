@@ -9,22 +9,20 @@ and `observation` turns), `tools` (the JSON schemas a chat may call), `text` (pl
 one); the original columns stay beside them. `arena_votes` is the Arena's blind votes as preference pairs
 (`finetune.preferences`). Every user mistake raises `FinetuneError` with one sentence saying what to fix.
 
-    from finetune.config import DataConfig
+from finetune.config import DataConfig
     from finetune.data import load_splits
     splits = load_splits(DataConfig("lamini_docs"))  # DatasetDict: train (1,260 rows), test (140 rows)
 
-The Data tab's views of a data set (stats, token lengths, which tokens are trained on) are `finetune.views`.
-
-Local files are parsed here (json, csv, pyarrow) into in-memory data sets, so nothing is written to the
-`datasets` cache; exports and uploads kept for training go under `finetune.home()`.
+Files are read by `finetune.readers` (json, csv, pyarrow, into in-memory data sets, so nothing is written to the
+`datasets` cache) and chats and tool calls normalized by `finetune.chats`; the Data tab's views of a data set (stats,
+token lengths, which tokens are trained on) are `finetune.views`. Exports and uploads kept for training go under
+`finetune.home()`.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
-import io
 import json
 import math
 import os
@@ -35,15 +33,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, List, Value
 
 from finetune import FinetuneError, home
+from finetune.chats import TOOL_MESSAGE, answer_text, as_text, has_tool_turns, normalize_messages, normalize_tools
 from finetune.config import DataConfig
 from finetune.preferences import votes_file
+from finetune.readers import FILE_TYPES, read_file
 from finetune.runs import exports_dir, replaced_atomically
 from finetune.security import safe_name
-from finetune.settings import Settings, offline
+from finetune.settings import offline
 from finetune.templates import Template, get_template, render, validate
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # package data: found after `pip install .` too
@@ -53,204 +52,8 @@ BUNDLED: dict[str, Path] = {
 }
 PRETRAINING_SAMPLE = ASSETS / "c4_demo.jsonl"
 VOTES_SOURCE = "arena_votes"  # the Arena's blind votes as preference pairs, exported when read
-FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 CANONICAL = ("instruction", "input", "output", "messages", "tools", "text", "chosen", "rejected")
 PREFERENCE = ("chosen", "rejected")
-# Levels of objects and lists in one row, the row's own object being the first. Real data sets need under 10
-# (a chat with content parts: 4). Turning rows into Arrow recurses ~20 Python frames per level and fails past
-# ~45 levels from a bare stack (Arrow itself stops at 64), so the limit leaves room for the caller's frames.
-MAX_NESTING = 20
-
-
-# --- reading files -------------------------------------------------------------------------------
-
-
-def max_upload_mb() -> float:
-    """Largest file accepted, in MB (`Settings.max_upload_mb`: the app's upload limit too)."""
-    return Settings.current().max_upload_mb
-
-
-def read_file(path: str | Path) -> Dataset:
-    """The rows of a .jsonl, .json (array of objects), .csv or .parquet file, checked and held in memory."""
-    path = Path(path)
-    name = path.name
-    kind = path.suffix.lower()
-    if kind not in FILE_TYPES:
-        raise FinetuneError(f"{name}: unsupported file type; use {', '.join(FILE_TYPES)}.")
-    size = path.stat().st_size
-    if size > max_upload_mb() * 2**20:
-        raise FinetuneError(
-            f"{name} is {size / 2**20:.1f} MB, over the {max_upload_mb():g} MB upload limit: upload a smaller "
-            "file (or raise FINETUNE_MAX_UPLOAD_MB)."
-        )
-    if size == 0:
-        raise FinetuneError(f"{name} is empty: upload a file with a header or one row per line.")
-    if kind == ".parquet":
-        ds = _read_parquet(path)
-    else:
-        text = _decode(path.read_bytes(), name)
-        if not text.strip():
-            raise FinetuneError(f"{name} is empty: upload a file with a header or one row per line.")
-        parse = {".jsonl": _parse_jsonl, ".json": _parse_json, ".csv": _parse_csv}[kind]
-        ds = _to_dataset(parse(text, name), name)
-    if len(ds) == 0:
-        raise FinetuneError(f"{name} has no rows: add at least one row of data.")
-    return ds
-
-
-def _decode(data: bytes, name: str) -> str:
-    try:
-        return data.decode("utf-8-sig")  # -sig: Excel and Notepad write a byte-order mark
-    except UnicodeDecodeError as e:
-        raise FinetuneError(
-            f"{name} is not UTF-8 text (invalid byte at position {e.start}): save it as UTF-8 "
-            "(e.g. 'CSV UTF-8' in Excel) and upload it again."
-        ) from None
-
-
-def _too_deep(what: str, where: str = "") -> FinetuneError:
-    return FinetuneError(
-        f"{what} nests too deeply to be a data set (more than {MAX_NESTING} levels{where}): make each row one "
-        "object whose values are text, numbers, or lists of messages."
-    )
-
-
-def _depth(value) -> int:
-    """Levels of objects and lists in `value` (a scalar: 0), counted without recursion; stops past MAX_NESTING."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        item, level = todo.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, level)
-        if deepest > MAX_NESTING:
-            break
-        todo.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
-
-
-def _parse_jsonl(text: str, name: str) -> list[dict]:
-    rows = []
-    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON text may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FinetuneError(f"{name}: invalid JSON on line {number} ({e.msg}): fix or remove that line.") from None
-        except RecursionError:  # the decoder recurses once per level: ~1000 `[` exhaust the stack
-            raise _too_deep(name, f" on line {number}") from None
-        if not isinstance(row, dict):
-            raise FinetuneError(f"{name}: line {number} is not a JSON object; write one {{...}} object per line.")
-        rows.append(row)
-    return rows
-
-
-def _parse_json(text: str, name: str) -> list[dict]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # several top-level values: JSON Lines saved as .json
-            return _parse_jsonl(text, name)
-        raise FinetuneError(
-            f"{name}: invalid JSON on line {e.lineno} ({e.msg}): fix the file and upload it again."
-        ) from None
-    except RecursionError:  # the decoder recurses once per level: ~1000 `[` exhaust the stack
-        raise _too_deep(name) from None
-    if not isinstance(data, list):
-        raise FinetuneError(f"{name} must hold a JSON array of objects ([{{...}}, {{...}}]) or one object per line.")
-    for number, row in enumerate(data, 1):
-        if not isinstance(row, dict):
-            raise FinetuneError(f"{name}: item {number} of the array is not a JSON object; make every item {{...}}.")
-    return data
-
-
-def _parse_csv(text: str, name: str) -> list[dict]:
-    # Excel in many locales writes ';'; the header line (rarely quoted) tells the delimiter.
-    header_line = text.lstrip().split("\n", 1)[0]
-    delimiter = max(",;\t", key=header_line.count)
-    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long answers exceed the 128 KB default
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = next(reader)
-        header = [h.strip() or f"column_{i + 1}" for i, h in enumerate(header)]
-        rows = []
-        for fields in reader:
-            if not fields:  # blank line
-                continue
-            if len(fields) != len(header):
-                raise FinetuneError(
-                    f"{name}: line {reader.line_num} has {len(fields)} fields but the header has {len(header)}; "
-                    "fix that row (quote fields that contain the delimiter)."
-                )
-            rows.append(dict(zip(header, fields)))
-    except csv.Error as e:
-        raise FinetuneError(f"{name}: line {reader.line_num} is not valid CSV ({e}); fix that row.") from None
-    return rows
-
-
-def _read_parquet(path: Path) -> Dataset:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise FinetuneError(f"{path.name} is not a valid Parquet file ({e}); export it again.") from None
-    return Dataset(table)
-
-
-def _kind(value) -> str:
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {str: "text", list: "list", dict: "object"}.get(type(value), type(value).__name__)
-
-
-def _json_text(value):
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
-
-
-def _freeze_tool_json(row: dict) -> None:
-    """Tool schemas and call arguments as JSON text: Arrow merges the keys of all objects in a column, so each tool
-    would come back with every other tool's parameters as nulls (and parameters of differing types would not load)."""
-    if "tools" in row:
-        row["tools"] = _json_text(row["tools"])
-    for value in row.values():
-        for message in value if isinstance(value, list) else ():
-            calls = message.get("tool_calls") if isinstance(message, dict) else None
-            for call in calls if isinstance(calls, list) else ():
-                function = call.get("function", call) if isinstance(call, dict) else None
-                if isinstance(function, dict) and "arguments" in function:
-                    function["arguments"] = _json_text(function["arguments"])
-
-
-def _to_dataset(rows: list[dict], name: str) -> Dataset:
-    """Rows -> Dataset, after checking each column holds one type (Arrow would fail with a cryptic message)."""
-    first_seen: dict[str, tuple[str, int]] = {}
-    for number, row in enumerate(rows, 1):
-        if _depth(row) > MAX_NESTING:  # deeper rows break the Arrow conversion with a RecursionError
-            raise _too_deep(name, f" in row {number}")
-        _freeze_tool_json(row)
-        for column, value in row.items():
-            if value is None:
-                continue
-            kind = _kind(value)
-            seen_kind, seen_row = first_seen.setdefault(column, (kind, number))
-            if kind != seen_kind:
-                raise FinetuneError(
-                    f"{name}: column {column!r} mixes types ({seen_kind} in row {seen_row}, {kind} in row {number}); "
-                    "make every value of a column the same type."
-                )
-    try:
-        return Dataset.from_list(rows)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise FinetuneError(
-            f"{name}: values nested in a column have inconsistent types ({e}); make them uniform."
-        ) from None
-    except RecursionError:  # within MAX_NESTING, but called from a deep stack already
-        raise _too_deep(name) from None
 
 
 # --- sources: bundled, local files, the Hub -------------------------------------------------------
@@ -451,160 +254,6 @@ def check_mapping(mapping: dict[str, str], columns: list[str]) -> None:
         )
 
 
-ROLES = {
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "bot": "assistant",
-    "model": "assistant",
-    "chatgpt": "assistant",
-    "function_call": "assistant",  # ShareGPT: an assistant turn that calls a tool; its value is the call's JSON
-    "system": "system",
-    "tool": "tool",
-    "observation": "tool",  # ShareGPT: what the called tool returned
-    "function": "tool",  # OpenAI's older name
-}
-TOOL_ROLES = {name for name, role in ROLES.items() if role == "tool"} | {"function_call"}
-# A chat message once a data set has tool calls: every message has every field (Arrow needs one schema per column);
-# call arguments stay JSON text (see `_freeze_tool_json`).
-TOOL_MESSAGE = {
-    "role": Value("string"),
-    "content": Value("string"),
-    "tool_calls": List(
-        {
-            "type": Value("string"),
-            "function": {"name": Value("string"), "arguments": Value("string")},
-            "id": Value("string"),
-        }
-    ),
-    "tool_call_id": Value("string"),
-}
-
-
-def _as_text(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):  # OpenAI content parts: [{"type": "text", "text": ...}, ...]
-        return "".join(p.get("text") or "" if isinstance(p, dict) else str(p) for p in value)
-    return str(value)
-
-
-def _bad_call(row_number: int) -> FinetuneError:
-    return FinetuneError(
-        f'Row {row_number}: a tool call must be JSON like {{"name": "get_weather", "arguments": {{"city": "Paris"}}}}.'
-    )
-
-
-def _tool_calls(value, row_number: int) -> list[dict]:
-    """Calls as OpenAI's `[{"type": "function", "function": {"name", "arguments"}}]` (arguments as JSON text), from
-    OpenAI `tool_calls` or a ShareGPT `function_call` turn's JSON (one call or a list)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise _bad_call(row_number) from None
-    calls = []
-    for call in [value] if isinstance(value, dict) else value if isinstance(value, list) else [None]:
-        function = call.get("function", call) if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not function.get("name"):
-            raise _bad_call(row_number)
-        arguments = function.get("arguments", {})
-        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        calls.append({"type": "function", "function": {"name": str(function["name"]), "arguments": text}})
-        if call.get("id"):
-            calls[-1]["id"] = str(call["id"])
-    if not calls:
-        raise _bad_call(row_number)
-    return calls
-
-
-def _without_nulls(value):
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    return [_without_nulls(v) for v in value] if isinstance(value, list) else value
-
-
-def normalize_tools(value, row_number: int = 1) -> str:
-    """A row's tools as JSON text of OpenAI-style schemas `[{"type": "function", "function": {...}}]` ("" for none),
-    from a list, or JSON text, of those or of bare function schemas (LLaMA-Factory's `tools`)."""
-    if value is None or value == "":
-        return ""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            value = None
-        except RecursionError:
-            raise _too_deep(f"Row {row_number}'s tools") from None
-    if _depth(value) > MAX_NESTING:
-        raise _too_deep(f"Row {row_number}'s tools")
-    value = [value] if isinstance(value, dict) else value
-    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise FinetuneError(f"Row {row_number}: the tools column must hold a JSON list of function schemas.")
-    # Parquet and Hub sets merge the keys of all schemas (see `_freeze_tool_json`): the nulls are not theirs.
-    tools = [_without_nulls(t if "function" in t else {"type": "function", "function": t}) for t in value]
-    return json.dumps(tools, ensure_ascii=False) if tools else ""
-
-
-def normalize_messages(value, row_number: int = 1) -> list[dict]:
-    """A chat list as `[{"role", "content"}]`, from OpenAI (role/content) or ShareGPT (from/value) style; assistant
-    turns that call tools get `tool_calls`, and tools' replies are `tool` turns (with `tool_call_id` when given)."""
-    if value is None:  # a row without a chat: nothing to train on, counted as an empty row
-        return []
-    if isinstance(value, str):  # CSV and some Parquet files store the list as JSON text
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-        except RecursionError:
-            raise _too_deep(f"Row {row_number}'s chat") from None
-    if _depth(value) > MAX_NESTING:
-        raise _too_deep(f"Row {row_number}'s chat")
-    if not isinstance(value, list):
-        raise FinetuneError(f"Row {row_number}: the chat column must hold a list of messages, not {_kind(value)}.")
-    messages = []
-    for message in value:
-        if not isinstance(message, dict):
-            raise FinetuneError(f"Row {row_number}: each message must be an object with a role and a content.")
-        role = message.get("role", message.get("from"))
-        key = str(role).strip().lower()
-        normal = ROLES.get(key)
-        if normal is None:
-            raise FinetuneError(
-                f"Row {row_number}: unknown chat role {role!r}; use user, assistant, system or tool (ShareGPT: human, "
-                "gpt, function_call, observation)."
-            )
-        out = {"role": normal, "content": _as_text(message.get("content", message.get("value")))}
-        if key == "function_call":
-            out.update(content="", tool_calls=_tool_calls(out["content"], row_number))
-        elif normal == "assistant" and message.get("tool_calls"):
-            out["tool_calls"] = _tool_calls(message["tool_calls"], row_number)
-        elif normal == "tool" and message.get("tool_call_id"):
-            out["tool_call_id"] = str(message["tool_call_id"])
-        messages.append(out)
-    return messages
-
-
-def _has_tool_turns(chats: list) -> bool:
-    """Whether a chat column holds tool calls or replies (its messages then all get the fields of TOOL_MESSAGE)."""
-    for chat in chats:
-        if isinstance(chat, str) and re.search(r'"(tool_calls|function_call|observation|tool|function)"', chat):
-            return True
-        for m in chat if isinstance(chat, list) else ():
-            if isinstance(m, dict) and (
-                m.get("tool_calls") or str(m.get("role", m.get("from"))).lower() in TOOL_ROLES
-            ):
-                return True
-    return False
-
-
-def _answer_text(message: dict) -> str:
-    """An answer's text for search and stats: its content, or its calls as `name(arguments)`."""
-    calls = message.get("tool_calls") or []
-    return message["content"] or "; ".join(f"{c['function']['name']}({c['function']['arguments']})" for c in calls)
-
-
 def canonicalize(ds: Dataset, mapping: dict[str, str]) -> Dataset:
     """Add the canonical fields next to the original columns.
 
@@ -613,7 +262,7 @@ def canonicalize(ds: Dataset, mapping: dict[str, str]) -> Dataset:
     text) when they call tools; plain text gets `text`; preference pairs get chosen and rejected, and the chosen
     answer as output (what SFT would learn).
     """
-    tooled = "tools" in mapping or ("messages" in mapping and _has_tool_turns(ds[mapping["messages"]]))
+    tooled = "tools" in mapping or ("messages" in mapping and has_tool_turns(ds[mapping["messages"]]))
 
     def convert(row: dict, index: int) -> dict:
         out = {}
@@ -623,18 +272,18 @@ def canonicalize(ds: Dataset, mapping: dict[str, str]) -> Dataset:
                 messages = [{**dict.fromkeys(TOOL_MESSAGE), **m} for m in messages]
             last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
             question = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
-            answer = _answer_text(messages[last]) if last < len(messages) else ""
+            answer = answer_text(messages[last]) if last < len(messages) else ""
             out.update(messages=messages, instruction=question, input="", output=answer)
         if tooled:
             out["tools"] = normalize_tools(row.get(mapping["tools"]), index + 1) if "tools" in mapping else ""
         if {"instruction", "input", "output"} & set(mapping):
             out.update(
-                {f: _as_text(row.get(mapping[f])) if f in mapping else "" for f in ("instruction", "input", "output")}
+                {f: as_text(row.get(mapping[f])) if f in mapping else "" for f in ("instruction", "input", "output")}
             )
         if "text" in mapping:
-            out["text"] = _as_text(row.get(mapping["text"]))
+            out["text"] = as_text(row.get(mapping["text"]))
         if "chosen" in mapping:
-            out.update({f: _as_text(row.get(mapping[f])) for f in PREFERENCE})
+            out.update({f: as_text(row.get(mapping[f])) for f in PREFERENCE})
             if "output" not in mapping:
                 out["output"] = out["chosen"]
         return out
@@ -728,8 +377,6 @@ def check_chat_rows(row: dict, tokenizer, template: Template | None = None) -> N
             "Chat rows (messages) need a model with a chat template and this one has none: choose an instruct "
             "model, e.g. smollm2-135m-instruct, or the `tools` plain template."
         )
-
-
 
 
 # --- export and hand-off to training --------------------------------------------------------------

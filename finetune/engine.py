@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from finetune.generate import BackendError, OpenAIBackend, api_root
+from finetune.backends import BackendError, OpenAIBackend, api_root
 from finetune.runs import ADAPTER_CONFIG
 
 LORA_HELP = "start vLLM with --enable-lora and the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"

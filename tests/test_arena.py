@@ -23,8 +23,9 @@ from finetune.arena import (
     list_adapters,
     make_backends,
 )
+from finetune.backends import Backend, LocalBackend, OpenAIBackend
 from finetune.config import GenerationParams
-from finetune.generate import Backend, LocalBackend, OpenAIBackend, TextStream
+from finetune.generate import TextStream
 from finetune.models import ModelPool
 from finetune.settings import Settings
 from finetune.votes import Vote, VoteStore

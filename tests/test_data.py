@@ -9,9 +9,9 @@ import pytest
 from conftest import assert_trained_exactly  # tests/ is on sys.path
 
 from finetune import FinetuneError, home
+from finetune.chats import normalize_messages
 from finetune.config import DataConfig
 from finetune.data import (
-    MAX_NESTING,
     canonicalize,
     detect_format,
     detect_mapping,
@@ -20,13 +20,12 @@ from finetune.data import (
     load_dataset_source,
     load_rows,
     load_splits,
-    normalize_messages,
     persist_and_split,
     persist_source,
     pretraining_sample,
-    read_file,
     stream_hub_texts,
 )
+from finetune.readers import MAX_NESTING, read_file
 from finetune.templates import IGNORE_INDEX, TEMPLATES, encode_row
 from finetune.views import (
     ANSWER_TOKEN,

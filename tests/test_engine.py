@@ -18,9 +18,9 @@ from conftest import transformers_serve  # tests/ is on sys.path
 from test_generate_backends import make_tiny_adapter
 
 from finetune.arena import serve_finished_runs
+from finetune.backends import BackendError, LocalBackend, OpenAIBackend, conversation_prompt, stream_all
 from finetune.config import GenerationParams, ModelSpec
 from finetune.engine import ServeEngine, lora_name
-from finetune.generate import BackendError, LocalBackend, OpenAIBackend, conversation_prompt, stream_all
 from finetune.models import ModelPool, resolve_source
 from finetune.runs import RunDir
 from finetune.settings import Settings

@@ -3,8 +3,9 @@ import threading
 import pytest
 import torch
 
+from finetune.backends import merge_streams
 from finetune.config import GenerationParams, ModelSpec
-from finetune.generate import StopFilter, generate_batch, merge_streams, stream
+from finetune.generate import StopFilter, generate_batch, stream
 from finetune.models import load_model
 from finetune.templates import TEMPLATES, build_prompt
 

@@ -10,18 +10,17 @@ from pathlib import Path
 import pytest
 from conftest import transformers_serve  # tests/ is on sys.path
 
-from finetune.config import GenerationParams, ModelSpec
-from finetune.generate import (
+from finetune.backends import (
     BackendError,
     LocalBackend,
     OpenAIBackend,
     conversation_prompt,
     merge_streams,
-    stream,
     stream_all,
-    stream_rows,
     token_counters,
 )
+from finetune.config import GenerationParams, ModelSpec
+from finetune.generate import stream, stream_rows
 from finetune.models import ModelPool, load_model
 from finetune.templates import TEMPLATES, build_prompt
 

@@ -9,8 +9,9 @@ import pytest
 from conftest import make_run, transformers_serve  # tests/ is on sys.path
 
 from finetune.__main__ import main
+from finetune.backends import OpenAIBackend, conversation_prompt
 from finetune.config import GenerationParams, ModelSpec
-from finetune.generate import OpenAIBackend, conversation_prompt, prompt_inputs, stream
+from finetune.generate import prompt_inputs, stream
 from finetune.models import load_model, load_tokenizer
 from finetune.serving import serving_chat_template, write_chat_template
 from finetune.templates import TEMPLATES, conversation, custom_template, encode_row, render

@@ -30,8 +30,8 @@ from finetune.arena import (
     register_adapter,
     vote_counts,
 )
+from finetune.backends import StreamState
 from finetune.config import GenerationParams
-from finetune.generate import Column
 from finetune.models import EMBEDDED, ModelPool
 from finetune.preferences import VOTES_FILE, preference_pairs, write_pairs
 from finetune.ratings import LEADERBOARD_COLUMNS, leaderboard, leaderboard_csv
@@ -46,7 +46,7 @@ AUTO_TEMPLATE = "auto (the adapter's)"
 VOTES = [("A is best", "A"), ("B is best", "B"), ("C is best", "C"), ("Tie", "tie"), ("All bad", "bad")]
 
 
-def _stats(col: Column | None) -> str:
+def _stats(col: StreamState | None) -> str:
     if col is None:
         return ""
     if col.error:
@@ -75,7 +75,7 @@ def _label(session: ArenaSession, position: int) -> str:
     return f"{prefix}{role.title()} · {name}" if name else f"{prefix}{role.title()}"
 
 
-def _chats(session: ArenaSession, columns: dict[str, Column] | None = None, labels: bool = True) -> list:
+def _chats(session: ArenaSession, columns: dict[str, StreamState] | None = None, labels: bool = True) -> list:
     """Chatbot and stats values in display order (A, B, C); `labels`: also set the chatbots' titles.
 
     Titles change only when a round starts or names are revealed; plain message lists otherwise keep the
@@ -270,7 +270,7 @@ def build_arena_tab(
             max_new_tokens=max(1, min(int(max_new_tokens), settings.max_new_tokens)),
             temperature=0.0 if greedy else float(temperature),
             top_p=float(top_p),
-            stop=(),  # each column stops at its own template's header (see generate.LocalBackend)
+            stop=(),  # each column stops at its own template's header (see backends.LocalBackend)
         )
         backends = make_backends(pool, setup, warn=gr.Warning)
         for i, columns in enumerate(ask(backends, state, question or "", params)):

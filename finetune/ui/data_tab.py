@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 from gradio.utils import get_upload_folder
 
-from finetune import FinetuneError, data, views
+from finetune import FinetuneError, data, readers, views
 from finetune.config import DataConfig, ModelSpec
 from finetune.models import load_tokenizer
 from finetune.settings import Settings
@@ -141,8 +141,8 @@ def build_data_tab(settings: Settings) -> DataTabOutputs:
             info="e.g. owner/name or owner/name:config",
         )
         upload = gr.File(
-            label=f"…or upload .jsonl, .json, .csv or .parquet (up to {data.max_upload_mb():g} MB)",
-            file_types=list(data.FILE_TYPES),
+            label=f"…or upload .jsonl, .json, .csv or .parquet (up to {readers.max_upload_mb():g} MB)",
+            file_types=list(readers.FILE_TYPES),
             height=110,
         )
         with gr.Column(min_width=140):
