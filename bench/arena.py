@@ -80,14 +80,14 @@ def main() -> None:
     from finetune.config import DataConfig, GenerationParams, ModelSpec
     from finetune.data import load_splits
     from finetune.generate import CPU_THREADS, threads_per_generation
-    from finetune.hardware import inference_dtype
+    from finetune.hardware import inference_dtype_name
     from finetune.models import BASE_MODEL, REFERENCE_MODEL, ModelPool, load_model, model_bytes
     from finetune.templates import get_template
 
     print(f"machine: {machine()}; {load_note()} at start")
     questions = load_splits(DataConfig("lamini_docs"))["test"]["instruction"][: args.questions]
     params = GenerationParams(max_new_tokens=args.max_new_tokens, stop=())
-    dtype = inference_dtype()
+    dtype = inference_dtype_name()
     bandwidth = memory_bandwidth_gbs()
 
     with tempfile.TemporaryDirectory() as tmp:

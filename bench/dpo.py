@@ -70,10 +70,10 @@ def tuned(adapter: Path):
     from peft import PeftModel
 
     from finetune.config import ModelSpec
-    from finetune.hardware import inference_dtype
+    from finetune.hardware import inference_dtype_name
     from finetune.models import load_model
 
-    base, tokenizer = load_model(ModelSpec(BASE, dtype=inference_dtype()))
+    base, tokenizer = load_model(ModelSpec(BASE, dtype=inference_dtype_name()))
     return PeftModel.from_pretrained(base, str(adapter)).eval(), tokenizer
 
 
@@ -112,11 +112,11 @@ def reference_pairs(adapter: Path, questions: list[str], max_new_tokens: int) ->
     """Pairs the reference model prefers: of two sampled answers of the adapter, the one it finds likelier (a lower
     mean cross-entropy per token, as its own chat answer)."""
     from finetune.config import ModelSpec
-    from finetune.hardware import inference_dtype
+    from finetune.hardware import inference_dtype_name
     from finetune.models import load_model
 
     answers = sampled_answers(adapter, questions, max_new_tokens)
-    model, tokenizer = load_model(ModelSpec(REFERENCE, dtype=inference_dtype()))
+    model, tokenizer = load_model(ModelSpec(REFERENCE, dtype=inference_dtype_name()))
     flat = [(q, a) for q, two in zip(questions, answers) for a in two]
     means = [s / max(n, 1) for s, n in answer_sums(model.eval(), tokenizer, "chat", flat)]
     pairs = []

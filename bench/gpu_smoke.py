@@ -271,13 +271,13 @@ def app_models(pool, want: dict, on_gpu: bool) -> float | None:
     import torch
 
     from finetune.config import ModelSpec
-    from finetune.hardware import dtype_name, inference_dtype
+    from finetune.hardware import dtype_name, inference_dtype_name
     from finetune.models import BASE_MODEL, REFERENCE_MODEL
 
     before = torch.cuda.memory_allocated() if on_gpu else 0
     got = []
     for source, safe in ((BASE_MODEL, False), (REFERENCE_MODEL, True)):
-        entry = pool.get(ModelSpec(source, dtype=inference_dtype()))
+        entry = pool.get(ModelSpec(source, dtype=inference_dtype_name()))
         weights = next(entry.model.parameters())
         got.append((source, str(weights.device), dtype_name(weights.dtype), want["inference dtype"][safe]))
     held = (torch.cuda.memory_allocated() - before) / 2**30 if on_gpu else None
@@ -364,10 +364,10 @@ def evaluate_in_pool(pool, run_dir: str, on_gpu: bool) -> dict:
 
     from finetune.config import GenerationParams, ModelSpec
     from finetune.evaluate import eval_spec, evaluate_run
-    from finetune.hardware import inference_dtype
+    from finetune.hardware import inference_dtype_name
     from finetune.models import BASE_MODEL
 
-    arena_base = ModelSpec(BASE_MODEL, dtype=inference_dtype())
+    arena_base = ModelSpec(BASE_MODEL, dtype=inference_dtype_name())
     qlora = eval_spec(ModelSpec(BASE_MODEL, quantization="4bit"))
     check("Evaluate's model of a QLoRA run is the Arena's base", qlora.key == arena_base.key, str(qlora.key), "O")
     loaded = [s.key for s in pool.loaded()]
@@ -396,10 +396,10 @@ def heldout_loss_memory(pool) -> float:
 
     from finetune.config import ModelSpec
     from finetune.evaluate import answer_losses
-    from finetune.hardware import inference_dtype
+    from finetune.hardware import inference_dtype_name
     from finetune.models import BASE_MODEL
 
-    entry = pool.get(ModelSpec(BASE_MODEL, dtype=inference_dtype()))
+    entry = pool.get(ModelSpec(BASE_MODEL, dtype=inference_dtype_name()))
     tok = entry.tokenizer
     ids = tok(" ".join(r["answer"] for r in lamini_rows()[:100]), add_special_tokens=False).input_ids[:512]
     rows = [{"input_ids": ids, "labels": ids} for _ in range(4)]  # every next token an answer token

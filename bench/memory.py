@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, {bench!r})
 from common import random_adapter
 from finetune.config import ModelSpec
-from finetune.hardware import inference_dtype
+from finetune.hardware import inference_dtype_name
 from finetune.models import BASE_MODEL, load_model
-random_adapter(load_model(ModelSpec(BASE_MODEL, dtype=inference_dtype()))[0], Path({out!r}))
+random_adapter(load_model(ModelSpec(BASE_MODEL, dtype=inference_dtype_name()))[0], Path({out!r}))
 """
 
 
@@ -60,7 +60,7 @@ def measure(args, tmp: Path) -> None:
     from app import create_app
     from finetune.arena import ArenaSession, ArenaSetup, ask, make_backends
     from finetune.config import GenerationParams, load_train_config
-    from finetune.hardware import inference_dtype
+    from finetune.hardware import inference_dtype_name
     from finetune.models import BASE_MODEL, ModelPool
     from finetune.runner import Runner
 
@@ -106,7 +106,7 @@ def measure(args, tmp: Path) -> None:
     model = f"{cfg.model.source} ({cfg.model.quantization or 'no quantization'}, {cfg.model.dtype})"
     print(
         f"training: {Path(args.recipe).name}: {model}, batch {cfg.batch_size}, max_length {cfg.max_length}, "
-        f"{status.get('step')} steps; Arena: {inference_dtype()}, base + random LoRA r=16, reference"
+        f"{status.get('step')} steps; Arena: {inference_dtype_name()}, base + random LoRA r=16, reference"
     )
     print(table(rows, "Resident memory (RSS and PSS, GiB)"))
     print(f"{load_note()} at end")

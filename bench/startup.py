@@ -27,10 +27,10 @@ LOAD = """
 import json, time
 t0 = time.perf_counter()
 from finetune.config import ModelSpec
-from finetune.hardware import inference_dtype
+from finetune.hardware import inference_dtype_name
 from finetune.models import import_model_code, load_model, load_tokenizer
 from transformers import PreTrainedTokenizerFast  # tokenizer code: an import, not part of a load
-spec = ModelSpec({name!r}, dtype=inference_dtype())
+spec = ModelSpec({name!r}, dtype=inference_dtype_name())
 t1 = time.perf_counter()
 load_tokenizer(spec)  # cold: converts the GGUF first
 t2 = time.perf_counter()

@@ -43,7 +43,7 @@ from finetune.backends import (
 from finetune.config import DataConfig, GenerationParams, ModelSpec
 from finetune.engine import ServeEngine, lora_name
 from finetune.generate import TextStream
-from finetune.hardware import inference_dtype
+from finetune.hardware import inference_dtype_name
 from finetune.models import ModelPool, embedded_name
 from finetune.ratings import Battle
 from finetune.runs import ADAPTER_CONFIG, RunDir, adapter_label, is_adapter, list_runs, run_of_adapter
@@ -280,7 +280,7 @@ def make_backends(pool: ModelPool, setup: ArenaSetup, warn: Callable[[str], None
 
     With `setup.serve_url`, base and tuned come from that serving engine; `warn` hears when they fall back to this
     process (`setup.serve_fallback`)."""
-    dtype = inference_dtype()
+    dtype = inference_dtype_name()
     info = resolve_adapter(setup.adapter) if setup.adapter else None
     template = setup.template or (info.template if info else "qa")
     backends: dict[str, Backend] = {"base": LocalBackend(pool, ModelSpec(setup.base_model, dtype=dtype), template)}

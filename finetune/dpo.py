@@ -32,8 +32,8 @@ from finetune.train import (
     Announce,
     build_model,
     held_out,
+    step_seconds,
     steps_in_budget,
-    timed_step,
     training_arguments,
 )
 
@@ -180,4 +180,4 @@ def dpo_step_seconds(trainer: DPOTrainer, cfg: TrainConfig) -> float:
     rows = [trainer.train_dataset[i] for i in range(min(cfg.batch_size, len(trainer.train_dataset)))]
     device = next(trainer.model.parameters()).device
     batch = {k: v.to(device) for k, v in trainer.data_collator(rows).items()}
-    return timed_step(cfg, trainer.model, lambda: trainer.compute_loss(trainer.model, batch))
+    return step_seconds(cfg, trainer.model, lambda: trainer.compute_loss(trainer.model, batch))

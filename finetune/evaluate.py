@@ -36,7 +36,7 @@ import torch
 from finetune import FinetuneError
 from finetune.config import DataConfig, GenerationParams, ModelSpec
 from finetune.generate import BASE_ADAPTER, generate_batch
-from finetune.hardware import inference_dtype
+from finetune.hardware import inference_dtype_name
 from finetune.loss import answer_loss_rows
 from finetune.models import LoadedModel, ModelPool, load_model, resolve_source
 from finetune.runs import RunDir, open_run
@@ -217,7 +217,7 @@ def eval_spec(spec: ModelSpec, device: str | None = None) -> ModelSpec:
     """The run's base model as the Arena serves it (`arena.make_backends`): the inference dtype of `device` (default:
     the app's), never quantized. So Evaluate and the Arena share one copy in the pool and show the same numbers; a
     QLoRA adapter works on the de-quantized base too (that is what merging does)."""
-    dtype = inference_dtype(device) if spec.dtype == "auto" else spec.dtype
+    dtype = inference_dtype_name(device) if spec.dtype == "auto" else spec.dtype
     return replace(spec, dtype=dtype, quantization=None)
 
 

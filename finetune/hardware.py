@@ -420,7 +420,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
 
-def inference_dtype(device: str | None = None) -> str:
+def inference_dtype_name(device: str | None = None) -> str:
     """The ModelSpec dtype of the app's models here, or of models run on `device` (`Machine.inference_dtype`)."""
     return dtype_name(machine().inference_dtype(device))
 

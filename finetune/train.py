@@ -440,7 +440,7 @@ def _sft_trainer(
     announce(summary, f"{len(data.train)} train{skipped}, {len(test)} held out for the loss")
     vocab = data_vocab(data.train, model, pad) if cfg.train_vocab == "data" and cfg.answer_only_logits else None
     if cfg.max_steps == "auto":
-        timed = functools.partial(time_step, cfg, model, data.train, pad, vocab)
+        timed = functools.partial(sft_step_seconds, cfg, model, data.train, pad, vocab)
         cfg.max_steps = steps_in_budget(cfg, len(data.train), run, rank0, timed, callback.remaining)
     trainer_cls = AnswerOnlyTrainer if cfg.answer_only_logits else Trainer
     trainer = trainer_cls(
@@ -470,9 +470,9 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def time_step(cfg: TrainConfig, model, train, pad: int, vocab: torch.Tensor | None = None) -> float:
+def sft_step_seconds(cfg: TrainConfig, model, train, pad: int, vocab: torch.Tensor | None = None) -> float:
     """Seconds of one optimizer step on this machine: forward + backward of a batch of rows of about the mean length
-    (as length-grouped batches are), timed by `timed_step`."""
+    (as length-grouped batches are), timed by `step_seconds`."""
     lengths = train["length"]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     mean = sum(lengths) / len(lengths)
@@ -490,10 +490,10 @@ def time_step(cfg: TrainConfig, model, train, pad: int, vocab: torch.Tensor | No
             return total / max(count, 1)
         return model(**batch).loss
 
-    return timed_step(cfg, model, loss)
+    return step_seconds(cfg, model, loss)
 
 
-def timed_step(cfg: TrainConfig, model, loss) -> float:
+def step_seconds(cfg: TrainConfig, model, loss) -> float:
     """Seconds of one optimizer step: `loss()` (a batch's forward) and its backward under the run's autocast, the
     mean of the runs after the first (which pays one-time allocations), times grad_accum. Gradients are dropped after
     each run: a backward that adds into kept gradients took 25% longer (2-core AVX2), and planned too few steps."""

@@ -21,12 +21,12 @@ ARENA = """
 import json
 from finetune.arena import ArenaSession, ArenaSetup, ask, make_backends
 from finetune.config import GenerationParams
-from finetune.hardware import inference_dtype
+from finetune.hardware import inference_dtype_name
 from finetune.models import ModelPool
 backends = make_backends(ModelPool(), ArenaSetup(adapter={adapter!r}))
 for columns in ask(backends, ArenaSession.start(), "What is Lamini?", GenerationParams(max_new_tokens=12)):
     pass
-print(json.dumps({{"dtype": inference_dtype(), "columns": {{r: [c.text, c.error] for r, c in columns.items()}}}}))
+print(json.dumps({{"dtype": inference_dtype_name(), "columns": {{r: [c.text, c.error] for r, c in columns.items()}}}}))
 """
 
 
