@@ -108,9 +108,14 @@ def prepare_head(model) -> None:
     head.forward = forward
 
 
+def first_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Where the first of `stops` starts in `text`, or -1."""
+    return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+
+
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return text[: min(cuts)] if cuts else text
+    cut = first_stop(text, stops)
+    return text[:cut] if cut >= 0 else text
 
 
 def generate_batch(
@@ -147,7 +152,7 @@ class StopFilter:
         if self.stopped:
             return ""
         buf = self._pending + chunk
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut = first_stop(buf, self.stops)
         if cut >= 0:
             self.stopped, self._pending = True, ""
             return self._release(buf[:cut])
