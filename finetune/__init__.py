@@ -12,6 +12,11 @@ from finetune.settings import Settings
 
 __version__ = "0.1.0"
 
+_HERE = Path(__file__).resolve().parent
+# The bundled data sets and lesson notes: the repository's top-level assets/ in a checkout (a Space, an editable
+# install), the package's own finetune/assets/ in a wheel (pyproject.toml maps one onto the other).
+ASSETS = _HERE / "assets" if (_HERE / "assets").is_dir() else _HERE.parent / "assets"
+
 
 class FinetuneError(Exception):
     """An error the user can fix; its message says how. The UI shows it as `gr.Error`."""

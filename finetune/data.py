@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 
 from datasets import Dataset, DatasetDict, Features, List, Value
 
-from finetune import FinetuneError, home
+from finetune import ASSETS, FinetuneError, home
 from finetune.chats import TOOL_MESSAGE, answer_text, as_text, has_tool_turns, normalize_messages, normalize_tools
 from finetune.config import DataConfig
 from finetune.preferences import votes_file
@@ -45,7 +45,6 @@ from finetune.security import safe_name
 from finetune.settings import offline
 from finetune.templates import Template, get_template, render, validate
 
-ASSETS = Path(__file__).resolve().parent / "assets"  # package data: found after `pip install .` too
 BUNDLED: dict[str, Path] = {
     "lamini_docs": ASSETS / "lamini_docs.jsonl",
     "alpaca_sample": ASSETS / "alpaca_en_demo.json",

