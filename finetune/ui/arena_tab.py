@@ -46,6 +46,11 @@ AUTO_TEMPLATE = "auto (the adapter's)"
 VOTES = [("A is best", "A"), ("B is best", "B"), ("C is best", "C"), ("Tie", "tie"), ("All bad", "bad")]
 
 
+def _model_choice(default: str, label: str) -> gr.Dropdown:
+    """A model picker: the configured default and the embedded models, or any Hub id or folder typed in."""
+    return gr.Dropdown(list(dict.fromkeys([default, *EMBEDDED])), value=default, allow_custom_value=True, label=label)
+
+
 def _stats(col: StreamState | None) -> str:
     if col is None:
         return ""
@@ -139,12 +144,7 @@ def build_arena_tab(
     )
     with gr.Accordion("Models", open=not adapters):
         with gr.Row():
-            base_model = gr.Dropdown(
-                list(dict.fromkeys([settings.base_model, *EMBEDDED])),
-                value=settings.base_model,
-                allow_custom_value=True,
-                label="Base: model (embedded name, Hub id or local folder)",
-            )
+            base_model = _model_choice(settings.base_model, "Base: model (embedded name, Hub id or local folder)")
             adapter = gr.Dropdown(
                 adapters,
                 value=adapters[0][1] if adapters else "",
@@ -162,12 +162,7 @@ def build_arena_tab(
             upload_name = gr.Textbox(label="Name of the uploaded adapter", placeholder="my-adapter")
             add = gr.Button("Add adapter", size="sm")
         with gr.Row():
-            reference_model = gr.Dropdown(
-                list(dict.fromkeys([settings.reference_model, *EMBEDDED])),
-                value=settings.reference_model,
-                allow_custom_value=True,
-                label="Reference: local model (chat template)",
-            )
+            reference_model = _model_choice(settings.reference_model, "Reference: local model (chat template)")
             endpoint_url = gr.Textbox(
                 "", label="…or an OpenAI-compatible endpoint (base URL)", placeholder="http://127.0.0.1:8000/v1"
             )
