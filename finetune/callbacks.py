@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from finetune import FinetuneError
-from finetune.config import ReportTo, TrainConfig, check_choice
+from finetune.config import TrainConfig
 from finetune.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,8 @@ class KeepCheckpoints(TrainerCallback):
 
 
 def check_tracker(report_to: str) -> None:
-    """A FinetuneError saying what to install when the tracker `report_to` names cannot be imported."""
-    check_choice(report_to, ReportTo, "report_to")
+    """A FinetuneError saying what to install when the tracker `report_to` names cannot be imported (the word itself
+    is checked with the config's other choices: `config.check_choices`)."""
     if report_to != "none" and importlib.util.find_spec(report_to) is None:
         raise FinetuneError(
             f"report_to: {report_to} needs the {report_to} package: pip install {report_to} (or choose none)."

@@ -46,7 +46,8 @@ def test_the_wheel_carries_every_bundled_file(tmp_path):
     """Data sets and lessons (top-level assets/) and recipes ship in the wheel as package data, where finetune.ASSETS
     finds them after `pip install .`: a file the globs miss would exist only in a checkout."""
     source = tmp_path / "source"  # a copy: a checkout's own build/ folder could hold files from an older layout
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "artifacts"))
+    skip = shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "artifacts")
+    shutil.copytree(ROOT, source, ignore=skip)
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."]
     subprocess.run(build, cwd=source, check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("*.whl")
