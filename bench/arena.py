@@ -76,13 +76,12 @@ def main() -> None:
     from peft import PeftModel
 
     from finetune.arena import ArenaSession, ArenaSetup, ask, make_backends
-    from finetune.backends import conversation_prompt
     from finetune.config import DataConfig, GenerationParams, ModelSpec
     from finetune.data import load_splits
     from finetune.generate import CPU_THREADS, threads_per_generation
     from finetune.hardware import inference_dtype_name
     from finetune.models import BASE_MODEL, REFERENCE_MODEL, ModelPool, load_model, model_bytes
-    from finetune.templates import get_template
+    from finetune.templates import conversation_prompt, get_template
 
     print(f"machine: {machine()}; {load_note()} at start")
     questions = load_splits(DataConfig("lamini_docs"))["test"]["instruction"][: args.questions]

@@ -6,6 +6,7 @@
     python -m finetune eval --run runs/<id> [--limit N] [--checkpoint STEP]  # base vs tuned, kept in the run
     python -m finetune compare RUN RUN...                # the settings that differ, losses, evaluations side by side
     python -m finetune votes [--out pairs.jsonl]         # the Arena's blind votes as preference pairs (for DPO)
+    python -m finetune code RUN [--out DIR]              # the run as one standalone Python file and notebook
 
 Each command is an `add_<name>(subparsers)` function that registers its parser and sets `func`.
 """
@@ -86,6 +87,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from finetune.export import export_merged
     from finetune.serving import serve_commands
 
+    if args.gguf or args.gguf_lora:
+        return _export_gguf(args)
     out = export_merged(args.run, args.out, base=args.base, step=args.checkpoint)
     print(f"merged model: {out}")
     if not (out / "chat_template.jinja").is_file():
@@ -94,12 +97,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_gguf(args: argparse.Namespace) -> int:
+    from finetune.export import adapter_and_config
+    from finetune.gguf_export import base_gguf, export_gguf, export_gguf_lora
+
+    if args.gguf:
+        result = export_gguf(args.run, args.out, args.gguf, step=args.checkpoint)
+        print(f"GGUF ({args.gguf}): {result.gguf}")
+        print(f"Ollama Modelfile: {result.modelfile}" if result.modelfile else "no Modelfile: no Ollama form here")
+        print(f"run it:\n{result.commands()}")
+    if args.gguf_lora:
+        lora = export_gguf_lora(args.run, args.out, step=args.checkpoint)
+        base = base_gguf(adapter_and_config(args.run, args.checkpoint)[1].model.source)
+        print(f"GGUF LoRA: {lora}\nrun it over the base model's own GGUF: llama-cli -m {base} --lora {lora}")
+    return 0
+
+
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="Merge a run's adapter into its base model and save it (safetensors).")
+    p = sub.add_parser("export", help="Merge a run's adapter into its base model and save it (safetensors or GGUF).")
     p.add_argument("run", help="Run folder or adapter folder.")
     p.add_argument("out", help="Output folder for the merged model.")
     p.add_argument("--base", help="Base model (default: the one in the run's config).")
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="The adapter of this checkpoint, not the final one.")
+    p.add_argument("--gguf", metavar="TYPE", help="Write the merged model as one GGUF file instead (llama.cpp, "
+                   "Ollama), with an Ollama Modelfile: f16, q8_0 or q4_0.")  # fmt: skip
+    p.add_argument("--gguf-lora", action="store_true", help="Write the adapter alone as a GGUF LoRA (for --lora).")
     p.set_defaults(func=_cmd_export)
 
 
@@ -173,7 +195,22 @@ def add_votes(sub) -> None:
     p.set_defaults(func=_cmd_votes)
 
 
-COMMANDS = [add_train, add_export, add_eval, add_compare, add_votes]
+def _cmd_code(args: argparse.Namespace) -> int:
+    from finetune.runcode import write_run_code
+
+    for path in write_run_code(Path(args.run), args.out):  # a folder or an id, as typed (see _cmd_compare)
+        print(f"written: {path}")
+    return 0
+
+
+def add_code(sub) -> None:
+    p = sub.add_parser("code", help="A run as code: one Python file (and notebook) that trains it with transformers.")
+    p.add_argument("run", help="Run folder (runs/<id>) or run id.")
+    p.add_argument("--out", help="Folder to write train_<id>.py and train_<id>.ipynb to (default: the run's code/).")
+    p.set_defaults(func=_cmd_code)
+
+
+COMMANDS = [add_train, add_export, add_eval, add_compare, add_votes, add_code]
 
 
 def main(argv: list[str] | None = None) -> int:

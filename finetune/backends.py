@@ -29,31 +29,11 @@ from finetune import FinetuneError
 from finetune.config import GenerationParams, ModelSpec
 from finetune.generate import BatchJob, StopFilter, TextStream, stream_batch, threads_per_generation
 from finetune.models import ModelPool
-from finetune.templates import Template, build_prompt, chat_prompt, get_template
+from finetune.templates import conversation_prompt, get_template
 
 
 class BackendError(FinetuneError):
     """A backend could not answer (server down, refused key, timeout, broken stream); shown in its column."""
-
-
-def conversation_prompt(template: Template, messages: list[dict], tokenizer=None) -> str:
-    """The prompt for a conversation that ends with the user's turn, in `template`'s format.
-
-    A chat template (the model's, or the `tools` one) renders the whole message list; a text template (Q/A, Alpaca)
-    repeats its question/answer block for each earlier turn, so a base model sees the history as in training.
-    """
-    if not messages or messages[-1]["role"] != "user":
-        raise FinetuneError("A conversation must end with the user's question.")
-    if template.chat or template.chat_template:
-        return chat_prompt(template, messages, tokenizer)
-    text, question = "", None
-    for m in messages:
-        if m["role"] == "user":
-            question = m["content"]
-        elif m["role"] == "assistant" and question is not None:
-            text += build_prompt(template, question) + m["content"].strip() + "\n\n"
-            question = None
-    return text + build_prompt(template, messages[-1]["content"])
 
 
 class Backend(ABC):

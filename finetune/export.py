@@ -17,7 +17,7 @@ from finetune.serving import serving_chat_template, write_chat_template
 from finetune.templates import get_template
 
 
-def _adapter_and_config(path: str | Path, step: int | None = None) -> tuple[Path, TrainConfig]:
+def adapter_and_config(path: str | Path, step: int | None = None) -> tuple[Path, TrainConfig]:
     """A run folder's adapter (or its checkpoint's at `step`), or an adapter folder; and the config it was trained
     with (its run's, else the defaults)."""
     path = Path(path)
@@ -33,15 +33,11 @@ def export_merged(path: str | Path, out_dir: str | Path, base: str | None = None
     """Merge a run's adapter (or its checkpoint's at `step`) into its (unquantized) base model and save model +
     tokenizer as safetensors, with the chat template of the run's prompt template (so a server prompts it as
     trained)."""
-    from peft import PeftModel
+    from finetune.models import save_tokenizer
 
-    from finetune.config import ModelSpec
-    from finetune.models import load_model, save_tokenizer
-
-    adapter, cfg = _adapter_and_config(path, step)
-    spec = ModelSpec(base or cfg.model.source, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    model, tokenizer = load_model(spec, device="cpu")
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    adapter, cfg = adapter_and_config(path, step)
+    spec = _base_spec(cfg, base)
+    merged, tokenizer = merged_model(adapter, cfg, base)
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     save_tokenizer(spec, tokenizer, out_dir)
@@ -49,11 +45,27 @@ def export_merged(path: str | Path, out_dir: str | Path, base: str | None = None
     return out_dir
 
 
+def _base_spec(cfg: TrainConfig, base: str | None = None):
+    from finetune.config import ModelSpec
+
+    return ModelSpec(base or cfg.model.source, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def merged_model(adapter: Path, cfg: TrainConfig, base: str | None = None):
+    """(the adapter merged into its unquantized base model on the CPU, the tokenizer)."""
+    from peft import PeftModel
+
+    from finetune.models import load_model
+
+    model, tokenizer = load_model(_base_spec(cfg, base), device="cpu")
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), tokenizer
+
+
 def push_adapter(path: str | Path, repo_id: str, private: bool = True) -> str:
     """Upload a run's adapter to the Hub with the token in HF_TOKEN (never printed); returns the repo URL."""
     from huggingface_hub import HfApi
 
-    adapter, _ = _adapter_and_config(path)
+    adapter, _ = adapter_and_config(path)
     token = os.environ.get("HF_TOKEN")
     if not token:
         raise FinetuneError("Set the HF_TOKEN environment variable to push to the Hub.")

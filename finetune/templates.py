@@ -316,6 +316,26 @@ def build_prompt(template: Template, question: str, context: str = "", tokenizer
     return render(template, {"instruction": question, "input": context, "output": ""}, tokenizer)[0]
 
 
+def conversation_prompt(template: Template, messages: list[dict], tokenizer=None) -> str:
+    """The prompt for a conversation that ends with the user's turn, in `template`'s format.
+
+    A chat template (the model's, or the `tools` one) renders the whole message list; a text template (Q/A, Alpaca)
+    repeats its question/answer block for each earlier turn, so a base model sees the history as in training.
+    """
+    if not messages or messages[-1]["role"] != "user":
+        raise FinetuneError("A conversation must end with the user's question.")
+    if template.chat or template.chat_template:
+        return chat_prompt(template, messages, tokenizer)
+    text, question = "", None
+    for m in messages:
+        if m["role"] == "user":
+            question = m["content"]
+        elif m["role"] == "assistant" and question is not None:
+            text += build_prompt(template, question) + m["content"].strip() + "\n\n"
+            question = None
+    return text + build_prompt(template, messages[-1]["content"])
+
+
 def chat_prompt(template: Template, messages: list[dict], tokenizer=None, tools: list[dict] | None = None) -> str:
     """The prompt for a conversation that ends with the user's (or a tool's) turn, with a chat-like template."""
     messages = [_template_message(m) for m in messages]

@@ -343,6 +343,8 @@ def _train(
     set_seed(cfg.seed)
     refresh_probe()  # the machine as this run finds it: its decisions and every later estimate
     cfg, decided = resolve_auto(cfg, len(load_tokenizer(cfg.model)), fp16_ok=fp16_ok(cfg.model))
+    if rank0:  # what `auto` became on this machine, read back by `finetune.runcode`
+        run.update_status(decided=decided_settings(cfg))
     # Saved with the adapter: the chat template that prompts it as trained (`finetune.serving`).
     chat_template = serving_chat_template(get_template(cfg.data.template), load_tokenizer(cfg.model))
     if step is not None:
@@ -411,6 +413,11 @@ def _train(
                  f"{100 * final['eval_reward_accuracy']:.0f}% of held-out pairs)")  # fmt: skip
     run.update_status(state="finished", step=step, total=total, eta_s=0, message=f"Finished {step} steps{note}.")
     return adapter
+
+
+def decided_settings(cfg: TrainConfig) -> dict:
+    """The settings `auto` leaves to the machine, as a run decided them (kept in its status)."""
+    return {"dtype": cfg.model.dtype, "mixed_precision": cfg.mixed_precision, "batch_size": cfg.batch_size}
 
 
 Announce = Callable[[str, str], None]  # (summary, rows): what trains on what, said once model and data are ready

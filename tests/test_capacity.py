@@ -63,7 +63,7 @@ def test_the_arena_tells_how_long_a_round_takes_here(home, tiny_llama, free_port
     assert "2 at a time are answered" in line and "each place ahead of you in the queue adds about" in line
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_the_capacity_benchs_two_participant_row_serves_everyone(monkeypatch, tmp_path):
     """`bench/workshop.py`'s N=2 row, with the real Gemma and SmolLM2 in `python app.py`: all served, none failed."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))

@@ -30,7 +30,7 @@ print(json.dumps({{"dtype": inference_dtype_name(), "columns": {{r: [c.text, c.e
 """
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_quick_start_and_arena_on_the_avx2_class(tmp_path):
     env = {**os.environ, **AVX2, "FINETUNE_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
     env.pop("FINETUNE_APP_DEVICE", None)

@@ -18,13 +18,13 @@ from conftest import transformers_serve  # tests/ is on sys.path
 from test_generate_backends import make_tiny_adapter
 
 from finetune.arena import serve_finished_runs
-from finetune.backends import BackendError, LocalBackend, OpenAIBackend, conversation_prompt, stream_all
+from finetune.backends import BackendError, LocalBackend, OpenAIBackend, stream_all
 from finetune.config import GenerationParams, ModelSpec
 from finetune.engine import ServeEngine, lora_name
 from finetune.models import ModelPool, resolve_source
 from finetune.runs import RunDir
 from finetune.settings import Settings
-from finetune.templates import TEMPLATES
+from finetune.templates import TEMPLATES, conversation_prompt
 from finetune.votes import VoteStore
 from tests.test_arena import _fake_run
 from tests.test_workshop import client, running_app
@@ -332,7 +332,7 @@ def served_gemma(tmp_path_factory):
         yield url, folder
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_the_base_column_streams_from_transformers_serve_and_stops_at_the_templates_header(served_gemma):
     url, folder = served_gemma
     engine = ServeEngine(url, folder)

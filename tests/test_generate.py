@@ -83,7 +83,7 @@ def test_merge_streams_interleaves_and_isolates_errors():
     assert any(0 < a < 4 and 0 < b < 4 for a, b in order)
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_embedded_models_answer_offline():
     params = GenerationParams(max_new_tokens=24)
     ref, ref_tok = load_model(ModelSpec("smollm2-135m-instruct", dtype="bfloat16"))

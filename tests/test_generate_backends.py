@@ -14,7 +14,6 @@ from finetune.backends import (
     BackendError,
     LocalBackend,
     OpenAIBackend,
-    conversation_prompt,
     merge_streams,
     stream_all,
     token_counters,
@@ -22,7 +21,7 @@ from finetune.backends import (
 from finetune.config import GenerationParams, ModelSpec
 from finetune.generate import stream, stream_rows
 from finetune.models import ModelPool, load_model
-from finetune.templates import TEMPLATES, build_prompt
+from finetune.templates import TEMPLATES, build_prompt, conversation_prompt
 
 GREEDY = GenerationParams(max_new_tokens=16, stop=())
 

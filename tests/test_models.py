@@ -92,7 +92,7 @@ def test_pool_loads_once_and_evicts_least_recently_used():
     assert pool.get(ModelSpec("a")).nbytes == 1024
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_cache_round_trip_gives_the_same_logits(tmp_path, monkeypatch):
     """Convert the GGUF into a fresh cache, reload from safetensors: the GGUF-loaded model's logits, up to the
     bfloat16 rounding of the cached weights."""
@@ -150,7 +150,7 @@ def test_concurrent_loads_of_different_models_are_complete(tiny_llama):
         torch.testing.assert_close(model.lm_head.weight.float(), reference.float(), atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EMBEDDED))
 def test_embedded_tokenizer_loads_as_autotokenizer_would(name):
     """The cache's tokenizer.json loaded as is (fast, small) encodes, decodes and templates like AutoTokenizer."""
@@ -186,7 +186,7 @@ def test_import_model_code_imports_the_architecture(tiny_llama):
     assert done.stdout.split() == ["False", "True"], done.stderr[-2000:]
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_an_embedded_tokenizer_is_saved_with_its_own_class(tmp_path):
     """Loaded with the generic class for speed, but an export keeps the model's own (Gemma's pads on the left)."""
     from transformers import AutoTokenizer
@@ -229,7 +229,7 @@ def test_a_pool_pickles_as_a_handle_to_itself():
         pickle.loads(data)
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_gemma3_overflows_float16_so_it_loads_in_float32():
     """The T4 decision's reason, on a CPU: the embedded Gemma-3-270M's residual stream passes float16's 65504 by its
     9th layer (1e5 in float32), so in float16 its logits are NaN. Asked for float16, `load_model` gives float32."""

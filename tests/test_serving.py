@@ -9,12 +9,12 @@ import pytest
 from conftest import make_run, transformers_serve  # tests/ is on sys.path
 
 from finetune.__main__ import main
-from finetune.backends import OpenAIBackend, conversation_prompt
+from finetune.backends import OpenAIBackend
 from finetune.config import GenerationParams, ModelSpec
 from finetune.generate import prompt_inputs, stream
 from finetune.models import load_model, load_tokenizer
 from finetune.serving import serving_chat_template, write_chat_template
-from finetune.templates import TEMPLATES, conversation, custom_template, encode_row, render
+from finetune.templates import TEMPLATES, conversation, conversation_prompt, custom_template, encode_row, render
 
 GREEDY = GenerationParams(max_new_tokens=16, stop=())
 QUESTION = [{"role": "user", "content": "What is Lamini?"}]
@@ -97,7 +97,7 @@ def test_training_saves_the_chat_template_with_the_adapter(tiny_llama, tmp_path,
     assert (adapter / "chat_template.jinja").read_text() == serving_chat_template(TEMPLATES["qa"], smol_tokenizer)
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_merged_export_served_by_transformers_serve_answers_with_the_training_template(
     tiny_llama, tmp_path, capsys, smol_tokenizer
 ):

@@ -190,6 +190,7 @@ def test_train_writes_run_folder(tiny_llama, qa_file, tmp_path):
     status = RunDir(run_dir).read_status()
     assert status["state"] == "finished" and status["step"] == status["total"] == 4
     assert "trainable parameters" in status["summary"]
+    assert status["decided"] == {"dtype": "float32", "mixed_precision": "no", "batch_size": 4}  # what `auto` became
     metrics = RunDir(run_dir).read_metrics()
     losses = [r["loss"] for r in metrics if "loss" in r]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
@@ -443,7 +444,7 @@ def test_accelerate_agrees_on_one_folder_and_on_the_time_budget(tiny_llama, qa_f
     assert "time budget" in (run_dir / "train.log").read_text()
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_embedded_gemma_trains_with_4bit_on_cpu(tmp_path):
     pytest.importorskip("bitsandbytes")
     cfg = TrainConfig(

@@ -1,6 +1,6 @@
 """The Train tab's checkpoints of the shown run: each with its step, training and held-out loss; resume from any of
-them or download its adapter. The Evaluate and Arena tabs list them too (`run · step N`). Named API endpoint:
-train_resume_from.
+them or download its adapter. The Evaluate and Arena tabs list them too (`run · step N`). "Show the code": the run as
+one standalone Python file and notebook (`finetune.runcode`). Named API endpoints: train_resume_from, train_show_code.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from finetune import FinetuneError
+from finetune.runcode import write_run_code
 from finetune.runner import Runner
 from finetune.runs import RunDir
 from finetune.ui.common import current_user, user_errors
@@ -39,6 +40,12 @@ def build_checkpoints_panel(runner: Runner, run: gr.Dropdown, timer: gr.Timer) -
             "Every checkpoint holds a usable adapter: the Evaluate and Arena tabs list them as *run · step N*, and "
             "`python -m finetune export runs/<id> OUT --checkpoint N` merges one into its base model."
         )
+        with gr.Row():
+            show_code = gr.Button("Show the code", scale=1)
+            code_files = gr.File(label="This run as code: script and notebook", file_count="multiple", visible=False,
+                                 scale=3)  # fmt: skip
+        code = gr.Code(language="python", label="This run as code (python -m finetune code runs/<id>)", visible=False,
+                       interactive=False)  # fmt: skip
 
     def _open(run_id: str | None) -> RunDir | None:
         try:
@@ -65,7 +72,17 @@ def build_checkpoints_panel(runner: Runner, run: gr.Dropdown, timer: gr.Timer) -
         runner.resume(run_id, user=current_user(request), checkpoint=int(at))
         return f"Queued to resume from step {int(at)}: the steps after it are trained again."
 
+    @user_errors
+    def as_code(run_id: str | None):
+        """The shown run as a Python file (shown) and a notebook (both to download)."""
+        if not run_id:
+            raise gr.Error("Pick a run first.")
+        script, notebook = write_run_code(runner.open(run_id).path)
+        return (gr.update(value=script.read_text(encoding="utf-8"), visible=True),
+                gr.update(value=[str(script), str(notebook)], visible=True))  # fmt: skip
+
     gr.on([run.change, timer.tick], show, [run, step], [table, step], api_visibility="private", show_progress="hidden",
           queue=False)  # fmt: skip
     step.change(zipped, [run, step], download, api_visibility="private", show_progress="hidden")
     resume.click(resume_from, [run, step], notice, api_name="train_resume_from")
+    show_code.click(as_code, run, [code, code_files], api_name="train_show_code")
