@@ -24,11 +24,15 @@ test: install-dev browser
 
 # The browser tests drive a Chromium: Debian's package where apt-get can install it (root, as on CI), else
 # playwright's own build (`playwright install chromium`), which tests/test_browser.py finds when there is no system one.
+# Go renders the Ollama Modelfile's template in tests/test_gguf_export.py, as Ollama does (Debian's golang-go).
 browser: install-dev
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	       && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	  || $(PY) -m playwright install chromium
+	@command -v go >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; } \
+	  || echo "No Go here (apt-get install golang-go): the Modelfile template test will say so and skip."
 
 lint: install-dev
 	$(PY) -m ruff check .

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,3 +202,32 @@ def test_the_cli_writes_the_gguf_lora_and_says_how_to_run_it(smol_run, tmp_path,
     out = capsys.readouterr().out
     assert f"GGUF LoRA: {tmp_path / 'run-1-lora.gguf'}" in out
     assert f"llama-cli -m {EMBEDDED[SMOL].locate_gguf()} --lora" in out
+
+
+def test_the_train_tab_exports_the_gguf_lora_and_says_what_is_missing(smol_run, tiny_llama, tmp_path):
+    """The handlers as the Train tab calls them, without a server."""
+    import gradio as gr
+
+    from finetune.runner import Runner
+    from finetune.ui.checkpoints import build_checkpoints_panel
+
+    runner = Runner(root=smol_run.parent)
+    try:
+        with gr.Blocks() as app:
+            build_checkpoints_panel(runner, gr.Dropdown(allow_custom_value=True), gr.Timer(active=False))
+        handler = {d.api_name: d.fn for d in app.fns.values()}
+        files, howto = handler["train_export_gguf_lora"]("run-1", "q8_0", progress=lambda *a, **k: None)
+        (lora,) = files["value"]
+        assert lora.endswith("run-1-lora.gguf") and read_header_of(lora) == "adapter"
+        assert f"--lora {Path(lora).name}" in howto["value"]
+        make_run(smol_run.parent.parent, tiny_llama, run_id="tiny")  # a base with no GGUF of its own
+        with pytest.raises(gr.Error, match="has none here"):
+            handler["train_export_gguf"]("tiny", "q8_0", progress=lambda *a, **k: None)
+        with pytest.raises(gr.Error, match="Pick a run first"):
+            handler["train_export_gguf"]("", "q8_0", progress=lambda *a, **k: None)
+    finally:
+        runner.close()
+
+
+def read_header_of(path: str) -> str:
+    return gguf.GGUFReader(path).fields["general.type"].contents()

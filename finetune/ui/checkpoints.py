@@ -1,6 +1,8 @@
 """The Train tab's checkpoints of the shown run: each with its step, training and held-out loss; resume from any of
 them or download its adapter. The Evaluate and Arena tabs list them too (`run · step N`). "Show the code": the run as
-one standalone Python file and notebook (`finetune.runcode`). Named API endpoints: train_resume_from, train_show_code.
+one standalone Python file and notebook (`finetune.runcode`). "Take it home": the tuned model as a GGUF file with an
+Ollama Modelfile, or the adapter alone as a GGUF LoRA (`finetune.gguf_export`). Named API endpoints: train_resume_from,
+train_show_code, train_export_gguf.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ import gradio as gr
 import pandas as pd
 
 from finetune import FinetuneError
+from finetune.gguf_export import KINDS, base_gguf, export_gguf, export_gguf_lora
 from finetune.runcode import write_run_code
 from finetune.runner import Runner
-from finetune.runs import RunDir
+from finetune.runs import RunDir, exports_dir
 from finetune.ui.common import current_user, user_errors
 
 COLUMNS = ["step", "train loss", "held-out loss", "note"]
@@ -46,6 +49,12 @@ def build_checkpoints_panel(runner: Runner, run: gr.Dropdown, timer: gr.Timer) -
                                  scale=3)  # fmt: skip
         code = gr.Code(language="python", label="This run as code (python -m finetune code runs/<id>)", visible=False,
                        interactive=False)  # fmt: skip
+        with gr.Row():
+            gguf_kind = gr.Dropdown(list(KINDS), value="q8_0", label="Take it home: GGUF type", scale=1)
+            gguf = gr.Button("Export for llama.cpp and Ollama", scale=1)
+            gguf_lora = gr.Button("Export the adapter as a GGUF LoRA", scale=1)
+        gguf_files = gr.File(label="GGUF files", file_count="multiple", visible=False)
+        gguf_howto = gr.Markdown(visible=False)
 
     def _open(run_id: str | None) -> RunDir | None:
         try:
@@ -81,8 +90,39 @@ def build_checkpoints_panel(runner: Runner, run: gr.Dropdown, timer: gr.Timer) -
         return (gr.update(value=script.read_text(encoding="utf-8"), visible=True),
                 gr.update(value=[str(script), str(notebook)], visible=True))  # fmt: skip
 
+    def take_home(run_id: str | None, kind: str, lora: bool, progress: gr.Progress):
+        """The run's adapter as GGUF files to download, and the commands that run them."""
+        if not run_id:
+            raise gr.Error("Pick a run first.")
+        found = runner.open(run_id)
+        if not found.has_adapter:
+            raise gr.Error(f"{run_id} has no adapter yet: export it once it has saved one.")
+        out = exports_dir() / "gguf" / found.run_id
+        progress(0.1, desc="merging the adapter and writing the GGUF (a minute for a 270M model)")
+        if lora:
+            path = export_gguf_lora(found.path, out)
+            base = base_gguf(found.read_config().model.source)
+            files, howto = [path], f"Over the base model's own GGUF: `llama-cli -m {base.name} --lora {path.name}`"
+        else:
+            result = export_gguf(found.path, out, kind)
+            files = [result.gguf, *([result.modelfile] if result.modelfile else [])]
+            howto = f"```\n{result.commands()}\n```"
+        return (gr.update(value=[str(f) for f in files], visible=True),
+                gr.update(value=f"Written to `{out}`. {howto}", visible=True))  # fmt: skip
+
     gr.on([run.change, timer.tick], show, [run, step], [table, step], api_visibility="private", show_progress="hidden",
           queue=False)  # fmt: skip
     step.change(zipped, [run, step], download, api_visibility="private", show_progress="hidden")
     resume.click(resume_from, [run, step], notice, api_name="train_resume_from")
     show_code.click(as_code, run, [code, code_files], api_name="train_show_code")
+
+    @user_errors
+    def export_model(run_id: str | None, kind: str, progress=gr.Progress()):
+        return take_home(run_id, kind, False, progress)
+
+    @user_errors
+    def export_lora(run_id: str | None, kind: str, progress=gr.Progress()):
+        return take_home(run_id, kind, True, progress)
+
+    gguf.click(export_model, [run, gguf_kind], [gguf_files, gguf_howto], api_name="train_export_gguf")
+    gguf_lora.click(export_lora, [run, gguf_kind], [gguf_files, gguf_howto], api_name="train_export_gguf_lora")
