@@ -41,6 +41,15 @@ from finetune.settings import Settings, offline
 log = logging.getLogger(__name__)
 
 
+def _not_the_online_kernel(record: logging.LogRecord) -> bool:
+    # bitsandbytes (on AVX512-BF16 CPUs) tries an optional kernel from the Hub at import and warns when it cannot:
+    # offline, that is every start, and its own CPU kernel answers. Its other warnings still show.
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_online_kernel)
+
+
 # --- embedded models ---------------------------------------------------------------------------
 
 

@@ -1,3 +1,4 @@
+import logging
 import threading
 import time
 
@@ -250,3 +251,13 @@ def test_gemma3_overflows_float16_so_it_loads_in_float32():
     assert next(model.parameters()).dtype == torch.float32
     with torch.no_grad():
         assert torch.isfinite(model(**ids).logits).all()
+
+
+def test_bitsandbytes_missing_online_kernel_is_not_shown_and_its_other_warnings_are(caplog):
+    import finetune.models  # noqa: F401 (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module")
+        logger.warning("Something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["Something else went wrong"]
