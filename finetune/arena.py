@@ -222,7 +222,21 @@ class Unavailable(Backend):
         return TextStream(fail)
 
 
-NO_ADAPTER = "No adapter chosen: train one in the Train tab, or upload one."
+# Not an error: what the tuned column shows (in its place) before there is an adapter to answer with.
+NO_ADAPTER = (
+    "No tuned model yet: press **Fine-tune in 5 minutes** on the Start tab (or train one in the Train tab), "
+    "or pick an adapter under *Models and settings*."
+)
+
+
+def measured_note(adapter: str | Path | None) -> str:
+    """What the guided path measured of a run's final adapter, for the tuned column's title ("" when nothing was)."""
+    found = run_of_adapter(adapter) if adapter else None
+    guided = found[0].read_guided() if found and found[1] is None else None
+    if not guided:
+        return ""
+    before, after = guided["loss_before"], guided["loss_after"]
+    return f"held-out loss {before:.2f} → {after:.2f} ({-100 * guided['reduction']:+.0f}%)"
 
 
 def _serve_engine(url: str, model: str = "") -> ServeEngine:
@@ -314,6 +328,7 @@ class ArenaSession:
     blind: bool = False
     voted: bool = False
     models: dict[str, str] = field(default_factory=dict)  # role -> model label of the current round
+    notes: dict[str, str] = field(default_factory=dict)  # role -> what was measured of it, shown beside its name
     params: dict = field(default_factory=dict)
 
     @classmethod

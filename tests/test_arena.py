@@ -14,6 +14,7 @@ import yaml
 from finetune import FinetuneError
 from finetune.arena import (
     LABELS,
+    NO_ADAPTER,
     ArenaSession,
     ArenaSetup,
     Unavailable,
@@ -22,6 +23,7 @@ from finetune.arena import (
     install_adapter,
     list_adapters,
     make_backends,
+    measured_note,
 )
 from finetune.backends import Backend, LocalBackend, OpenAIBackend
 from finetune.config import GenerationParams
@@ -143,7 +145,7 @@ def test_three_columns_stream_interleaved_with_per_column_history(home, trained_
 def test_a_column_without_adapter_says_what_to_do_while_others_answer(home, tiny_llama):
     backends = make_backends(ModelPool(), ArenaSetup(base_model=tiny_llama, reference_model=tiny_llama))
     final = list(ask(backends, ArenaSession.start(), "Hi", PARAMS))[-1]
-    assert final["tuned"].error.startswith("No adapter chosen: train one in the Train tab")
+    assert final["tuned"].error == NO_ADAPTER and "Fine-tune in 5 minutes" in NO_ADAPTER
     assert final["base"].text and final["reference"].text and not final["base"].error
 
 
@@ -256,3 +258,23 @@ def test_embedded_model_records_its_short_name_for_adapters():
 
     model, _ = load_model(ModelSpec("smollm2-135m-instruct"))
     assert model.config.name_or_path == "smollm2-135m-instruct"
+
+
+def test_the_tuned_column_carries_what_the_guided_path_measured(tmp_path, tiny_llama):
+    from conftest import make_run
+
+    from finetune.runs import RunDir
+    from finetune.ui.arena_tab import _chats
+
+    run = RunDir(make_run(tmp_path, tiny_llama))
+    assert measured_note(run.adapter_dir) == "" and measured_note(None) == ""  # nothing measured yet
+    run.write_guided({"loss_before": 2.254, "loss_after": 1.786, "reduction": 0.2076, "questions": 40})
+    assert measured_note(run.adapter_dir) == "held-out loss 2.25 → 1.79 (-21%)"
+    assert measured_note(run.checkpoints_dir / "checkpoint-3") == ""  # a checkpoint: the numbers are the final one's
+    session = ArenaSession.start()
+    session.models, session.notes = {"tuned": "tiny + run-1"}, {"tuned": measured_note(run.adapter_dir)}
+    titles = [chat.label for chat in _chats(session)[:3]]
+    assert titles[1] == "Tuned · tiny + run-1 · held-out loss 2.25 → 1.79 (-21%)" and titles[0] == "Base"
+    blind = ArenaSession.start(blind=True)
+    blind.notes = session.notes
+    assert all("held-out" not in chat.label for chat in _chats(blind)[:3])  # blind: no names, no numbers

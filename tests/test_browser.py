@@ -67,8 +67,8 @@ def home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home"
 
 
-def open_page(browser, url: str):
-    page = browser.new_context(viewport=VIEWPORT).new_page()
+def open_page(browser, url: str, viewport: dict = VIEWPORT):
+    page = browser.new_context(viewport=viewport).new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
     page.get_by_role("heading", name="Fine-tuning Workbench").wait_for()
@@ -180,3 +180,43 @@ def test_two_browsers_do_not_share_a_screen(browser, home, tiny_llama, free_port
         assert bob.get_by_text("Ann asks").count() == 0
         ann.context.close()
         bob.context.close()
+
+
+def in_first_screen(page, locator) -> bool:
+    box = locator.bounding_box()
+    size = page.viewport_size
+    return (
+        box is not None
+        and box["x"] >= 0
+        and box["y"] >= 0
+        and box["x"] + box["width"] <= size["width"]
+        and (box["y"] + box["height"] <= size["height"])
+    )
+
+
+def test_the_arena_fits_the_first_screen_and_a_missing_adapter_is_a_hint(browser, home, tiny_llama, free_port):
+    """A laptop's 1366x768: the question, Ask and the three columns without scrolling; models folded away."""
+    settings = Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
+    with running_app(settings, free_port) as url:
+        page = open_page(browser, url, viewport={"width": 1366, "height": 768})
+        page.get_by_role("tab", name="Arena").click()
+        question, send = (
+            page.get_by_role("textbox", name="Question"),
+            page.get_by_role("button", name="Ask", exact=True),
+        )
+        question.wait_for()
+        columns = page.locator('[role="log"]')
+        assert columns.count() == 3
+        page.screenshot(path=ARTIFACTS / "browser-arena-first-screen.png")
+        for name, locator in (
+            ("question", question),
+            ("Ask", send),
+            *((f"column {i}", columns.nth(i)) for i in range(3)),
+        ):
+            assert in_first_screen(page, locator), f"{name} is below the first screen: {locator.bounding_box()}"
+        models = page.get_by_text("Models and settings")
+        assert models.is_visible() and not page.get_by_text("Tuned: LoRA adapter").is_visible()  # folded away
+        ask(page, "What is Lamini?", answered=2)
+        tuned = columns.nth(1).locator('[data-testid="bot"]').last
+        assert tuned.inner_text().startswith("No tuned model yet") and "Error" not in page.locator("body").inner_text()
+        page.context.close()

@@ -53,7 +53,14 @@ def test_guided_start_advances_survives_a_reload_and_opens_the_arena(browser, ho
         page.get_by_role("tab", name="Arena", selected=True).wait_for()
         expect(page.locator("#guided-message")).to_contain_text("lower")  # the held-out loss before and after
         (run,) = runner.runs()  # one run: the reload started nothing new
-        adapter = re.compile("^" + re.escape(run.run_id))
-        expect(page.get_by_label("Tuned: LoRA adapter")).to_have_value(adapter)  # its adapter
-        expect(page.get_by_role("textbox", name="Question")).not_to_have_value("")  # a held-out question is filled in
+        held_out = run.run.read_guided()["question"]  # a held-out question, filled in and asked
+        expect(page.locator('[role="log"]').first).to_contain_text(held_out[:40], timeout=TRAIN_TIMEOUT_MS)
+        # ... and asked: three answers stream, the tuned column (its adapter) titled with the held-out loss the path
+        # measured.
+        measured = r" · held-out loss \d+\.\d\d → \d+\.\d\d \([-+]\d+%\)"
+        page.get_by_text(re.compile(rf"Tuned · .*{re.escape(run.run_id)}{measured}")).wait_for()
+        page.wait_for_function(
+            "() => (document.body.innerText.match(/tokens\\/s/g) || []).length >= 3", timeout=TRAIN_TIMEOUT_MS
+        )
+        assert all(log.locator('[data-testid="bot"]').count() == 1 for log in page.locator('[role="log"]').all())
         page.screenshot(path=ARTIFACTS / "browser-guided-arena.png")

@@ -47,8 +47,8 @@ def build_app(
                 note = lesson_note("evaluate")
                 note.fill(build_eval_tab(settings, pool))
             with gr.Tab("Arena", id="arena") as arena_tab:
-                note = lesson_note("arena")
+                note = lesson_note("arena", open=False)  # folded: the question and the answers fit the first screen
                 arena = build_arena_tab(settings, pool, tab=arena_tab)
                 note.fill(arena)
-        guided.opens_arena(tabs, "arena", arena["adapter"], arena["question"])
+        guided.opens_arena(tabs, "arena", arena)
     return app

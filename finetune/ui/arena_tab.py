@@ -18,6 +18,7 @@ import pandas as pd
 from finetune import FinetuneError
 from finetune.arena import (
     LABELS,
+    NO_ADAPTER,
     ROLES,
     ArenaSession,
     ArenaSetup,
@@ -27,6 +28,7 @@ from finetune.arena import (
     example_questions,
     install_adapter,
     make_backends,
+    measured_note,
     register_adapter,
     vote_counts,
 )
@@ -54,6 +56,8 @@ def _model_choice(default: str, label: str) -> gr.Dropdown:
 def _stats(col: StreamState | None) -> str:
     if col is None:
         return ""
+    if col.error == NO_ADAPTER:
+        return ""  # the column itself says what to do
     if col.error:
         return f"**Error:** {col.error}"
     parts = []
@@ -77,7 +81,8 @@ def _label(session: ArenaSession, position: int) -> str:
     if session.blind and not session.voted:
         return f"Answer {LABELS[position]}"
     prefix = f"{LABELS[position]} = " if session.blind else ""
-    return f"{prefix}{role.title()} · {name}" if name else f"{prefix}{role.title()}"
+    title = " · ".join(part for part in (role.title(), name, session.notes.get(role, "")) if part)
+    return prefix + title
 
 
 def _chats(session: ArenaSession, columns: dict[str, StreamState] | None = None, labels: bool = True) -> list:
@@ -90,7 +95,9 @@ def _chats(session: ArenaSession, columns: dict[str, StreamState] | None = None,
     for position, role in enumerate(session.order):
         messages = list(session.histories[role])
         col = (columns or {}).get(role)
-        if col is not None and col.error and messages:
+        if col is not None and col.error == NO_ADAPTER:  # a hint where the answer would be, not an error
+            messages = [*messages[:-1], {"role": "assistant", "content": NO_ADAPTER}]
+        elif col is not None and col.error and messages:
             messages[-1] = {"role": "assistant", "content": f"{col.text.strip()}\n\n*Error: {col.error}*".strip()}
         chats.append(gr.Chatbot(value=messages, label=_label(session, position)) if labels else messages)
         stats.append(_stats(col))
@@ -142,7 +149,28 @@ def build_arena_tab(
         "adapter) and a **reference** instruct model answer side by side. Base and tuned run in one batched "
         "pass on one shared model. Turn on **blind mode** to vote without seeing names."
     )
-    with gr.Accordion("Models", open=not adapters):
+    session = gr.State(None)
+    # The question and the three columns fit the first screen (1366x768); models and settings are folded below.
+    with gr.Row(equal_height=True):
+        question = gr.Textbox("", label="Question", placeholder="Ask something...", scale=4, lines=1, max_lines=4)
+        send = gr.Button("Ask", variant="primary", scale=1, min_width=100)
+        clear = gr.Button("Clear", scale=0, min_width=80)
+        blind = gr.Checkbox(value=False, label="Blind mode (A/B/C, then vote)", scale=1)
+    with gr.Row(equal_height=True):
+        chats, stats = [], []
+        for role in ROLES:
+            with gr.Column():
+                chats.append(gr.Chatbot(label=role.title(), height=300))
+                stats.append(gr.Markdown())
+    with gr.Group(visible=False) as vote_box:
+        with gr.Row():
+            choice = gr.Radio(VOTES, label="Which answer is best?", scale=4)
+            vote = gr.Button("Vote", variant="primary", scale=1)
+        verdict = gr.Markdown()
+    settings_line = gr.Markdown()
+    wait_line = gr.Markdown(lambda: _wait_line(clock, settings.generation_concurrency))
+    gr.Examples([[q] for q in example_questions()], inputs=question, label="Examples (lamini_docs test questions)")
+    with gr.Accordion("Models and settings", open=False):
         with gr.Row():
             base_model = _model_choice(settings.base_model, "Base: model (embedded name, Hub id or local folder)")
             adapter = gr.Dropdown(
@@ -179,34 +207,13 @@ def build_arena_tab(
                 settings.serve_model, label="Base model's name on that server", placeholder="the base model above"
             )
             serve_fallback = gr.Checkbox(value=False, label="If the server fails, answer base and tuned in this app")
-    with gr.Row():
-        max_new_tokens = gr.Slider(
-            16, settings.max_new_tokens, value=min(128, settings.max_new_tokens), step=16, label="Max new tokens"
-        )
-        greedy = gr.Checkbox(value=True, label="Greedy")
-        temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (when not greedy)")
-        top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p (when not greedy)")
-        blind = gr.Checkbox(value=False, label="Blind mode (A/B/C, then vote)")
-    session = gr.State(None)
-    with gr.Row(equal_height=True):
-        chats, stats = [], []
-        for role in ROLES:
-            with gr.Column():
-                chats.append(gr.Chatbot(label=role.title(), height=380))
-                stats.append(gr.Markdown())
-    settings_line = gr.Markdown()
-    wait_line = gr.Markdown(lambda: _wait_line(clock, settings.generation_concurrency))
-    with gr.Row():
-        question = gr.Textbox("", label="Question", placeholder="Ask something...", scale=4, lines=2)
-        with gr.Column(scale=1, min_width=160):
-            send = gr.Button("Ask", variant="primary")
-            clear = gr.Button("Clear")
-    gr.Examples([[q] for q in example_questions()], inputs=question, label="Examples (lamini_docs test questions)")
-    with gr.Group(visible=False) as vote_box:
         with gr.Row():
-            choice = gr.Radio(VOTES, label="Which answer is best?", scale=4)
-            vote = gr.Button("Vote", variant="primary", scale=1)
-        verdict = gr.Markdown()
+            max_new_tokens = gr.Slider(
+                16, settings.max_new_tokens, value=min(128, settings.max_new_tokens), step=16, label="Max new tokens"
+            )
+            greedy = gr.Checkbox(value=True, label="Greedy")
+            temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (when not greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p (when not greedy)")
     with gr.Accordion("Leaderboard (blind votes)", open=False):
         board = gr.Dataframe(headers=list(LEADERBOARD_COLUMNS), interactive=False)
         with gr.Row():
@@ -248,6 +255,7 @@ def build_arena_tab(
     ):
         if state is None or state.blind != blind:
             state = ArenaSession.start(blind)
+        state.notes = {"tuned": measured_note(adapter)}
         env_key = os.environ.get(api_key_env.strip(), "") if api_key_env and api_key_env.strip() else ""
         setup = ArenaSetup(
             base_model=base_model,
@@ -283,16 +291,17 @@ def build_arena_tab(
             yield *values, waiting
         clock.add(time.perf_counter() - started)
 
-    gr.on(
-        [send.click, question.submit],
-        timed_round,
-        None,
-        [*chats, *stats, session, settings_line, question, vote_box, verdict, wait_line],
-        inputs_kwargs=form,
-        api_name="arena",
-        concurrency_limit=settings.generation_concurrency,
-        concurrency_id="arena",
-    )
+    answers = [*chats, *stats, session, settings_line, question, vote_box, verdict, wait_line]
+    queued = dict(concurrency_limit=settings.generation_concurrency, concurrency_id="arena")
+    gr.on([send.click, question.submit], timed_round, None, answers, inputs_kwargs=form, api_name="arena", **queued)
+
+    def asked_if_filled(**form_values):
+        if (form_values["question"] or "").strip():  # nothing filled in (no adapter ready yet): nothing to ask
+            yield from timed_round(**form_values)
+
+    def answer_after(event) -> None:
+        """Ask the question in the box once `event` has filled it (the guided path opening the Arena)."""
+        event.then(asked_if_filled, None, answers, inputs_kwargs=form, api_visibility="private", **queued)
 
     def reset(blind_: bool):
         state = ArenaSession.start(blind_)
@@ -352,4 +361,4 @@ def build_arena_tab(
             lambda: _wait_line(clock, settings.generation_concurrency), None, wait_line, api_visibility="private"
         )
         tab.select(*pairs_view, api_visibility="private")
-    return {"question": question, "adapter": adapter}
+    return {"question": question, "adapter": adapter, "answer_after": answer_after}

@@ -61,8 +61,10 @@ class GuidedPanel:
     finished: list  # events that end when the guided path has reached the Arena (or failed)
     learned: object  # the vote step's event: it opens the Arena only when it succeeded
 
-    def opens_arena(self, tabs: gr.Tabs, arena_id: str, adapter: gr.Dropdown, question: gr.Textbox) -> None:
-        """Once ready (and on "Open the Arena"): select the Arena tab with the new adapter and a held-out question."""
+    def opens_arena(self, tabs: gr.Tabs, arena_id: str, arena: dict) -> None:
+        """Once ready (and on "Open the Arena"): select the Arena tab with the new adapter and a held-out question,
+        and ask it (`arena`: what `build_arena_tab` returns)."""
+        adapter, question = arena["adapter"], arena["question"]
 
         def to_arena(adapter_dir: str, text: str):
             if not adapter_dir:
@@ -71,9 +73,10 @@ class GuidedPanel:
 
         args = (to_arena, [self.adapter, self.question], [tabs, adapter, question])
         for event in self.finished:
-            event.then(*args, api_visibility="private")
-        self.learned.success(*args, api_visibility="private")  # a refusal (too few votes) stays on this tab
-        self.open_arena.click(*args, api_visibility="private")
+            arena["answer_after"](event.then(*args, api_visibility="private"))
+        # A refusal (too few votes) stays on this tab.
+        arena["answer_after"](self.learned.success(*args, api_visibility="private"))
+        arena["answer_after"](self.open_arena.click(*args, api_visibility="private"))
 
 
 def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None = None) -> GuidedPanel:
