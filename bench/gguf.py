@@ -15,10 +15,13 @@ Measures issue 25's "Done when" on the embedded Gemma-3-270M:
    tuned model (transformers `generate` of the merged model in the app's inference dtype, with the app's output-layer
    step `finetune.generate.prepare_head`), same prompts, the three interleaved per question in the same run.
 
-The baseline of the speed ratio is the app's path measured in this run. Decode speed is tokens after the first over
-the time after the first (both sides run exactly N new tokens: EOS is suppressed); end-to-end tokens/s includes the
-prompt. Default `--cpu-class native` (llama.cpp picks its own kernels; the ISA caps of `--cpu-class avx2` reach only
-torch's side). Writes the report (markdown) and the numbers (JSON) to `--out` (default artifacts/gguf/).
+The baseline of the speed ratio is the app's path measured in this run, at the same thread count (`--threads 2,1`:
+torch's intra-op threads and llama.cpp's n_threads; the app itself decodes one answer on all cores). Decode speed is
+tokens after the first over the time after the first (both sides run exactly N new tokens: EOS is suppressed);
+tokens/s "with prompt" includes the prompt. One thread is measured too because llama.cpp's threads wait for each other
+at every operation: with another process on one of 2 cores, 2 threads decoded 10x slower than 1 (measured here).
+Default `--cpu-class native` (llama.cpp picks its own kernels; the ISA caps of `--cpu-class avx2` reach only torch's
+side). Writes the report (markdown) and the numbers (JSON) to `--out` (default artifacts/gguf/), with the GGUF files.
 """
 
 from __future__ import annotations
@@ -135,20 +138,25 @@ def hf_answers(model, tokenizer, prompts: list[str], n: int) -> list[str]:
     return out
 
 
-def hf_speed(model, tokenizer, prompt: str, n: int) -> dict:
-    """One greedy `generate` of exactly `n` new tokens (EOS suppressed): tokens, seconds, time of the first token."""
+def hf_speed(model, tokenizer, prompt: str, n: int, threads: int) -> dict:
+    """One greedy `generate` of exactly `n` new tokens (EOS suppressed) on `threads` torch threads: tokens, seconds,
+    time of the first token."""
     import torch
 
     from finetune.config import GenerationParams
-    from finetune.generate import generate_kwargs, prompt_inputs
+    from finetune.generate import CPU_THREADS, generate_kwargs, prompt_inputs
 
     inputs = prompt_inputs(tokenizer, prompt, model.device)
     streamer = FirstToken()
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, **generate_kwargs(tokenizer, GenerationParams(max_new_tokens=n, stop=())),
-                             min_new_tokens=n, streamer=streamer)  # fmt: skip
-    end = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            out = model.generate(**inputs, **generate_kwargs(tokenizer, GenerationParams(max_new_tokens=n, stop=())),
+                                 min_new_tokens=n, streamer=streamer)  # fmt: skip
+    finally:
+        end = time.perf_counter()
+        torch.set_num_threads(CPU_THREADS)
     return {"tokens": out.shape[1] - inputs["input_ids"].shape[1], "s": end - t0, "first_s": streamer.at - t0}
 
 
@@ -216,10 +224,12 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=5)
     parser.add_argument("--answer-tokens", type=int, help="New tokens of each greedy answer (default 32; --quick 24).")
     parser.add_argument("--speed-tokens", type=int, help="New tokens of each speed run (default 64; --quick 48).")
+    parser.add_argument("--threads", default="2,1", help="Thread counts of the speed runs, both sides (default 2,1).")
     parser.add_argument("--out", default=str(ROOT / "artifacts" / "gguf"), help="GGUF files, run, report, JSON.")
     args = parser.parse_args()
     answer_n = args.answer_tokens or (24 if args.quick else 32)
     speed_n = args.speed_tokens or (48 if args.quick else 64)
+    threads = [int(t) for t in args.threads.split(",")]
     steps = args.steps or (20 if args.quick and not args.run else None)
     os.environ.setdefault("FINETUNE_MODEL_CACHE", str(Path.home() / ".cache" / "finetune-workbench" / "models"))
 
@@ -246,8 +256,9 @@ def main() -> None:
     load_start = os.getloadavg()
     print(f"machine: {machine()}; {load_note()} at start")
     print(f"CPU class: {hw_machine().describe()}")
-    print(f"torch threads: {torch.get_num_threads()}; llama.cpp: "
-          f"{llama_cpp.__version__ if llama_cpp else 'not installed'}, n_threads=2\n", flush=True)  # fmt: skip
+    version = llama_cpp.__version__ if llama_cpp else "not installed"
+    print(f"torch threads: {torch.get_num_threads()}; llama.cpp (llama-cpp-python): {version}; speed runs on "
+          f"{', '.join(map(str, threads))} threads\n", flush=True)  # fmt: skip
 
     # --- 1. the quick-start adapter ----------------------------------------------------------------------------------
     if args.run:
@@ -301,7 +312,8 @@ def main() -> None:
     answers[app_label] = hf_answers(app_model, tokenizer, prompts, answer_n)
 
     # --- 4. llama.cpp ------------------------------------------------------------------------------------------------
-    speed, llama_note, tokenization = {}, "", {}
+    llama_note, tokenization = "", {}
+    paths = {(app_label, t): (lambda p, ids, t=t: hf_speed(app_model, tokenizer, p, speed_n, t)) for t in threads}
     if llama_cpp is None:
         llama_note = "llama-cpp-python is not installed: no llama.cpp numbers"
     else:
@@ -309,27 +321,28 @@ def main() -> None:
             "llama.cpp q8_0 (merged)": (exports["q8_0"], None),
             "llama.cpp Q4_K_M base + GGUF LoRA": (base_gguf, lora),
         }
-        loaded = {}
         for label, (model_path, lora_path) in llms.items():
             kwargs = {"lora_path": str(lora_path)} if lora_path else {}
-            llm, loads[label] = timed(lambda m=model_path, k=kwargs: llama_cpp.Llama(
-                model_path=str(m), n_threads=2, n_ctx=512, verbose=False, **k))  # fmt: skip
-            loaded[label] = llm
-            own = [llm.tokenize(p.encode(), add_bos=True, special=True) for p in prompts]
-            tokenization[label] = sum(a == b for a, b in zip(own, prompt_ids, strict=True))
-            logits[label] = compare_logits(np.stack([llama_logits(llm, ids) for ids in prompt_ids]), ref_logits)
-            answers[label] = [llama_answer(llm, p, answer_n) for p in prompts]
-        # Speed: the three paths interleaved per question, after a warm-up each, so that other work on the machine
-        # slows all of them alike.
-        hf_speed(app_model, tokenizer, prompts[0], 4)
-        for llm in loaded.values():
-            llama_speed(llm, prompt_ids[0], 4)
-        runs = {app_label: [], **{label: [] for label in loaded}}
-        for p, ids in zip(prompts, prompt_ids, strict=True):
-            runs[app_label].append(hf_speed(app_model, tokenizer, p, speed_n))
-            for label, llm in loaded.items():
-                runs[label].append(llama_speed(llm, ids, speed_n))
-        speed = {label: speed_summary(r) for label, r in runs.items()}
+            for t in threads:  # one instance per thread count; the first answers and gives the logits
+                llm, seconds = timed(lambda m=model_path, k=kwargs, t=t: llama_cpp.Llama(
+                    model_path=str(m), n_threads=t, n_ctx=512, verbose=False, **k))  # fmt: skip
+                paths[(label, t)] = lambda p, ids, llm=llm: llama_speed(llm, ids, speed_n)
+                if label in logits:
+                    continue
+                loads[label] = seconds
+                own = [llm.tokenize(p.encode(), add_bos=True, special=True) for p in prompts]
+                tokenization[label] = sum(a == b for a, b in zip(own, prompt_ids, strict=True))
+                logits[label] = compare_logits(np.stack([llama_logits(llm, ids) for ids in prompt_ids]), ref_logits)
+                answers[label] = [llama_answer(llm, p, answer_n) for p in prompts]
+    # Speed: every path and thread count interleaved per question, after a warm-up each, so that other work on the
+    # machine slows all of them alike.
+    for run_one in paths.values():
+        run_one(prompts[0], prompt_ids[0])
+    runs = {key: [] for key in paths}
+    for p, ids in zip(prompts, prompt_ids, strict=True):
+        for key, run_one in paths.items():
+            runs[key].append(run_one(p, ids))
+    speed = {key: speed_summary(r) for key, r in runs.items()}
 
     # --- 5. report ---------------------------------------------------------------------------------------------------
     load_end = os.getloadavg()
@@ -355,13 +368,16 @@ def main() -> None:
         for label, texts in answers.items():
             answer_table.append({"question": cell(q, 60) if label == next(iter(answers)) else "", "model": label,
                                  f"greedy answer ({answer_n} new tokens at most)": cell(texts[i])})  # fmt: skip
-    base_speed = speed.get(app_label)
+    def ratio(label: str, t: int) -> float:
+        """Decode tokens/s of `label` over the app path's, at the same thread count."""
+        return speed[(label, t)]["decode_tokens_per_s"] / speed[(app_label, t)]["decode_tokens_per_s"]
+
     speed_table = [
-        {"path": label, "new tokens": s["tokens"], "s": round(s["s"], 1),
+        {"path": label, "threads": t, "new tokens": s["tokens"], "s": round(s["s"], 1),
          "tokens/s (with prompt)": round(s["tokens_per_s"], 1), "decode tokens/s": round(s["decode_tokens_per_s"], 1),
-         "vs app path (decode)": f"{s['decode_tokens_per_s'] / base_speed['decode_tokens_per_s']:.2f}x",
+         "vs app path (decode, same threads)": f"{ratio(label, t):.2f}x",
          "first token p50 s": round(s["first_token_p50_s"], 3)}  # fmt: skip
-        for label, s in speed.items()
+        for (label, t), s in sorted(speed.items(), key=lambda item: -item[0][1])
     ]
     run_table = [{"run": run.name, **{k: v for k, v in run_info.items() if k not in ("path",)}}]
     sections = [
@@ -373,9 +389,8 @@ def main() -> None:
         table(same_rows, "Greedy answers: identical"),
         table(answer_table, "Greedy answers side by side"),
     ]
-    if speed:
-        title = f"Decode speed: {speed_n} new tokens x {len(prompts)} questions, 2 threads"
-        sections.append(table(speed_table, title))
+    title = f"Decode speed: {speed_n} new tokens x {len(prompts)} questions (EOS suppressed), greedy, interleaved"
+    sections.append(table(speed_table, title))
     if tokenization:
         sections.append("llama.cpp's own tokenization of the prompt text equals the app's: "
                         + ", ".join(f"{k} {v}/{len(prompts)}" for k, v in tokenization.items()))  # fmt: skip
@@ -388,7 +403,8 @@ def main() -> None:
         "machine": machine(), "cpu_class": hw_machine().describe(), "loadavg_start": load_start,
         "loadavg_end": load_end, "run": run_info, "exports": export_rows, "load_s": loads,
         "logits": logits,
-        "questions": questions, "answers": answers, "identical": same_rows, "speed": speed, "speed_tokens": speed_n,
+        "questions": questions, "answers": answers, "identical": same_rows, "speed_tokens": speed_n,
+        "speed": [{"path": label, "threads": t, **s} for (label, t), s in speed.items()],
         "answer_tokens": answer_n, "app_dtype": app_dtype, "llama_cpp_tokenization_same": tokenization,
         "llama_cpp": llama_cpp.__version__ if llama_cpp else None,
     }  # fmt: skip
@@ -401,14 +417,15 @@ def main() -> None:
     line = (f"headline: logits vs merged, max |diff| f16 {f16['max_abs']:.3g} ({100 * f16['max_rel']:.2f}% of the "
             f"largest), q8_0 {q8['max_abs']:.3g} ({100 * q8['max_rel']:.2f}%); identical greedy answers f16 "
             f"{same['f16 GGUF (transformers)']}, q8_0 {same['q8_0 GGUF (transformers)']}")  # fmt: skip
-    if speed:
-        ratios = ", ".join(
-            f"{label.removeprefix('llama.cpp ')} {s['decode_tokens_per_s'] / base_speed['decode_tokens_per_s']:.1f}x"
-            for label, s in speed.items() if label != app_label
-        )
+    if llama_cpp is not None:
         llama_same = ", ".join(f"{k.removeprefix('llama.cpp ')} {v}" for k, v in same.items() if k.startswith("llama"))
-        line += (f"; llama.cpp answers identical to the app's: {llama_same}; llama.cpp decode {ratios} the app's "
-                 f"transformers path ({app_dtype}, {base_speed['decode_tokens_per_s']:.1f} tokens/s)")  # fmt: skip
+        line += f"; llama.cpp answers identical to the app's: {llama_same}"
+        for t in threads:
+            ratios = ", ".join(f"{label.removeprefix('llama.cpp ')} {ratio(label, t):.1f}x"
+                               for (label, n), _ in speed.items() if n == t and label != app_label)  # fmt: skip
+            app = speed[(app_label, t)]["decode_tokens_per_s"]
+            line += (f"; {t} thread{'s' if t > 1 else ''}: llama.cpp decodes {ratios} the app's transformers path "
+                     f"({app_dtype}, {app:.1f} tokens/s)")  # fmt: skip
     print(line + f"; load avg {load_start[0]:.1f}-{load_end[0]:.1f} on {os.cpu_count()} cores")
 
 

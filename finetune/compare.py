@@ -48,7 +48,8 @@ def differing_settings(configs: dict[str, dict]) -> list[dict]:
     return rows
 
 
-TRAINING_RESULTS = ("steps", "tokens seen", "last training loss", "last held-out loss")
+TRAINING_RESULTS = ("steps", "tokens seen", "last training loss", "last held-out loss",
+                    "held-out loss before (guided path)", "held-out loss after (guided path)")  # fmt: skip
 
 
 def training_results(run: RunDir) -> dict[str, object]:
@@ -56,11 +57,14 @@ def training_results(run: RunDir) -> dict[str, object]:
     rows = run.read_metrics()
     step = max((r["step"] for r in rows if isinstance(r.get("step"), int)), default=0)
     held_out = [p["loss"] for p in run.loss_curve() if p["series"] == "held-out"]
+    guided = run.read_guided() or {}  # the guided path measures base and tuned on the same held-out questions
     return dict(zip(TRAINING_RESULTS, (
         step,
         max((r["tokens"] for r in rows if isinstance(r.get("tokens"), int)), default=None),
         losses_at(rows, step)[0],
         held_out[-1] if held_out else None,
+        guided.get("loss_before"),
+        guided.get("loss_after"),
     )))  # fmt: skip
 
 
@@ -94,7 +98,8 @@ def compare_runs(runs: list[RunDir]) -> Comparison:
         raise FinetuneError("Pick two or more runs to compare.")
     if len({r.run_id for r in runs}) < len(runs):
         raise FinetuneError("A run is picked twice: pick different runs to compare.")
-    configs = {run.run_id: run.read_config().to_dict() for run in runs}
+    # What each run trained with: `auto` as it decided it on its machine (dtype, batch size, steps).
+    configs = {run.run_id: run.read_decided_config().to_dict() for run in runs}
     return Comparison(runs, differing_settings(configs), results(runs))
 
 

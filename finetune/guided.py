@@ -20,6 +20,7 @@ running in its own process.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -218,6 +219,9 @@ def _train_message(status: dict) -> str:
         parts.insert(0, f"step {step}/{total}")
     if status.get("loss") is not None:
         parts.append(f"training loss {status['loss']:.3f}")
+    if status.get("state") == "running" and status.get("eta_s") is not None:
+        eta = status["eta_s"]
+        parts.append(f"about {math.ceil(eta / 60)} min left" if eta >= 60 else f"about {eta:.0f} s left")
     return " · ".join(p for p in parts if p)
 
 

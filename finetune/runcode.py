@@ -17,7 +17,6 @@ chat template say so.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -27,7 +26,7 @@ from finetune import FinetuneError
 from finetune.config import TrainConfig
 from finetune.data import BUNDLED, detect_mapping, is_hub_id, load_dataset_source
 from finetune.models import EMBEDDED, resolve_source
-from finetune.runs import open_run
+from finetune.runs import RunDir, open_run
 from finetune.templates import Template, get_template
 
 CODE_DIR = "code"  # in the run folder: where `write_run_code` writes by default
@@ -35,25 +34,18 @@ TEXT_FIELDS = ("instruction", "input", "output")  # the fields a prompt/answer r
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # datasets' builder per file
 
 
-def decided_config(cfg: TrainConfig, status: dict) -> TrainConfig:
-    """A copy of a run's config with each `auto` setting as the run decided it (its status: `decided` and the
-    planned steps)."""
-    decided = {**(status.get("decided") or {}), "max_steps": status.get("planned_steps")}
-    out = copy.deepcopy(cfg)
-    autos = {"dtype": out.model.dtype, "mixed_precision": out.mixed_precision, "batch_size": out.batch_size,
-             "max_steps": out.max_steps}  # fmt: skip
-    missing = [key for key, value in autos.items() if value == "auto" and decided.get(key) is None]
+def decided_config(run: RunDir) -> TrainConfig:
+    """The run's config with each `auto` setting as the run decided it; FinetuneError while one is still undecided."""
+    cfg = run.read_decided_config()
+    autos = {"dtype": cfg.model.dtype, "mixed_precision": cfg.mixed_precision, "batch_size": cfg.batch_size,
+             "max_steps": cfg.max_steps}  # fmt: skip
+    missing = [key for key, value in autos.items() if value == "auto"]
     if missing:
         raise FinetuneError(
             f"This run has not decided its {', '.join(missing)} yet (auto: set when it starts training on its "
             "machine): show its code once it has started."
         )
-    if out.model.dtype == "auto":
-        out.model.dtype = decided["dtype"]
-    for key in ("mixed_precision", "batch_size", "max_steps"):
-        if getattr(out, key) == "auto":
-            setattr(out, key, decided[key])
-    return out
+    return cfg
 
 
 def _check_covered(cfg: TrainConfig, template: Template, mapping: dict[str, str]) -> None:
@@ -445,7 +437,7 @@ def run_as_code(run_path: str | Path) -> str:
     started) or at all (DPO, chat templates)."""
     run = open_run(Path(run_path))
     status = run.read_status()
-    cfg = decided_config(run.read_config(), status)
+    cfg = decided_config(run)
     template = get_template(cfg.data.template)
     mapping = cfg.data.mapping or detect_mapping(load_dataset_source(cfg.data.source).column_names)
     _check_covered(cfg, template, mapping)

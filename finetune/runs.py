@@ -232,6 +232,18 @@ class RunDir:
     def read_config(self, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
         return load_train_config(self.config_file, overrides)
 
+    def read_decided_config(self) -> TrainConfig:
+        """The config with each `auto` setting as this run decided it on its machine (kept in its status by the
+        trainer: `decided`, `planned_steps`); still `auto` where it has not decided yet."""
+        cfg, status = self.read_config(), self.read_status()
+        decided = {**(status.get("decided") or {}), "max_steps": status.get("planned_steps")}
+        if cfg.model.dtype == "auto" and decided.get("dtype"):
+            cfg.model.dtype = decided["dtype"]
+        for key in ("mixed_precision", "batch_size", "max_steps"):
+            if getattr(cfg, key) == "auto" and decided.get(key) is not None:
+                setattr(cfg, key, decided[key])
+        return cfg
+
     def write_config(self, cfg: TrainConfig) -> None:
         write_text_atomic(self.config_file, dump_train_config(cfg))
 

@@ -139,6 +139,7 @@ def test_a_participant_goes_through_every_tab(browser, home, tiny_llama, free_po
 
         # Arena: the new adapter is picked up; base, tuned and reference stream side by side.
         page.get_by_role("tab", name="Arena").click()
+        page.get_by_text("Models and settings").click()  # folded by default
         page.get_by_role("checkbox", name="Greedy").uncheck()  # a random tiny model writes visible text when sampling
         page.evaluate(RECORD_STREAMING)
         ask(page, "What is the capital of France?")
@@ -194,11 +195,23 @@ def in_first_screen(page, locator) -> bool:
     )
 
 
-def test_the_arena_fits_the_first_screen_and_a_missing_adapter_is_a_hint(browser, home, tiny_llama, free_port):
-    """A laptop's 1366x768: the question, Ask and the three columns without scrolling; models folded away."""
+NUMBERED_HEADERS = """() => [...document.querySelectorAll('table')].filter(t => t.offsetParent !== null).some(t =>
+  [...t.querySelectorAll('th')].map(h => h.innerText.trim()).join(' ').startsWith('1 2 3'))"""
+
+
+def test_before_any_run_each_tab_says_what_will_appear_and_the_arena_fits_the_first_screen(
+    browser, home, tiny_llama, free_port
+):
+    """A laptop's 1366x768 and no run yet: Train and Evaluate show what will appear and how (no empty tables headed
+    `1 2 3`); the Arena's question, Ask and three columns are on the first screen, its models folded away."""
     settings = Settings(base_model=tiny_llama, reference_model=tiny_llama, max_new_tokens=32)
     with running_app(settings, free_port) as url:
         page = open_page(browser, url, viewport={"width": 1366, "height": 768})
+        for tab, says in (("Evaluate", "No trained run yet"), ("Train", "No run yet")):
+            page.get_by_role("tab", name=tab).click()
+            page.get_by_text(says).first.wait_for()
+            page.screenshot(path=ARTIFACTS / f"browser-empty-{tab.lower()}.png", full_page=True)
+            assert not page.evaluate(NUMBERED_HEADERS), f"{tab}: a table headed 1 2 3"
         page.get_by_role("tab", name="Arena").click()
         question, send = (
             page.get_by_role("textbox", name="Question"),

@@ -75,6 +75,26 @@ def test_two_runs_differ_in_exactly_the_two_settings_changed(two_runs):
         compare_runs([first, first])
 
 
+def test_a_recipe_run_on_two_cpu_classes_shows_what_each_run_used(tmp_path):
+    """The same recipe (`auto` dtype, batch and steps) on a native-bfloat16 CPU and an AVX2 one: the settings that
+    differ are the ones each run decided, and the held-out losses the guided path measured are side by side."""
+    recipe = TrainConfig(model=ModelSpec("tiny"), data=DataConfig("qa.jsonl"), max_steps="auto", batch_size="auto")
+    native, avx2 = (_run(tmp_path, name, recipe, [2.0, 1.8], tokens_per_step=64) for name in ("native", "avx2"))
+    native.update_status(decided={"dtype": "bfloat16", "mixed_precision": "no", "batch_size": 8}, planned_steps=269)
+    avx2.update_status(decided={"dtype": "float32", "mixed_precision": "no", "batch_size": 4}, planned_steps=164)
+    native.write_guided({"loss_before": 2.25, "loss_after": 1.79, "reduction": 0.2})
+    comparison = compare_runs([native, avx2])
+    assert comparison.settings == [
+        {"setting": "model.dtype", "native": "bfloat16", "avx2": "float32"},
+        {"setting": "max_steps", "native": 269, "avx2": 164},
+        {"setting": "batch_size", "native": 8, "avx2": 4},
+    ]
+    results = {row["result"]: row for row in comparison.results}
+    assert results["held-out loss before (guided path)"] == {"result": "held-out loss before (guided path)",
+                                                             "native": 2.25, "avx2": None}  # fmt: skip
+    assert results["held-out loss after (guided path)"]["native"] == 1.79
+
+
 def test_loss_curves_one_line_per_run_and_series_by_step_or_tokens(two_runs):
     by_step = loss_curves(list(two_runs))
     assert {p["line"] for p in by_step} == {"run-a · train", "run-a · held-out", "run-b · train", "run-b · held-out"}

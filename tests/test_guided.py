@@ -122,7 +122,7 @@ def test_guided_start_endpoint_streams_the_steps_and_the_manual_endpoints_see_th
         client = Client(f"http://127.0.0.1:{free_port}/", verbose=False)
         job = client.submit(None, api_name="/guided_start")
         updates = list(job)
-        run_id, steps, message, adapter, question = job.result()[:5]  # (the button's update is not an output value)
+        run_id, steps, message, chart, adapter, question = job.result()[:6]  # (buttons' updates are no values)
         status = client.predict(run_id, api_name="/train_status")  # the Train tab's endpoints
         runs = client.predict(api_name="/runs")
     finally:
@@ -133,6 +133,9 @@ def test_guided_start_endpoint_streams_the_steps_and_the_manual_endpoints_see_th
     assert current == sorted(current) and len(set(current)) >= 3  # the indicator advanced step by step
     assert steps.count('data-state="done"') == len(STEPS) - 1  # all but the vote step
     assert "lower" in message and question and adapter.endswith("adapter")
+    # The Start tab's chart: the loss of the run, step by step.
+    assert chart["visible"] and chart["value"]["columns"] == ["step", "loss", "series"]
+    assert len({step for step, _, series in chart["value"]["data"] if series == "train"}) >= 2, chart
     assert status["state"] == "finished" and [(r["run_id"], r["adapter"]) for r in runs] == [(run_id, adapter)]
 
 

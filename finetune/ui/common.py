@@ -69,3 +69,8 @@ def loss_frame(run: RunDir | None) -> pd.DataFrame:
     rows = run.loss_curve() if run is not None else []
     # Typed even when empty: the chart keeps the axis types of its first value (object columns = categories).
     return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
+
+
+def shown(frame: pd.DataFrame):
+    """A table or chart hidden while it has no rows (an empty one shows headers `1 2 3`)."""
+    return gr.update(value=frame, visible=not frame.empty)

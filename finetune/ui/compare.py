@@ -11,7 +11,7 @@ import pandas as pd
 
 from finetune.compare import X_AXES, compare_runs, loss_curves
 from finetune.runner import Runner
-from finetune.ui.common import user_errors
+from finetune.ui.common import shown, user_errors
 
 
 def curve_frame(rows: list[dict], x: str) -> pd.DataFrame:
@@ -32,9 +32,11 @@ def build_compare_panel(runner: Runner, choices: Callable[[], list[tuple[str, st
         note = gr.Markdown("Pick two or more runs: their losses share one chart, with the settings that differ.")
         chart = gr.LinePlot(curve_frame([], "step"), x="x", x_title="step", y="loss", color="line",
                             label="Loss of the chosen runs", height=300, elem_id="compare-chart")  # fmt: skip
-        settings = gr.Dataframe(label="Settings that differ", interactive=False, wrap=True)
+        # Hidden while empty (an empty table shows headers `1 2 3`): the note says what to do.
+        settings = gr.Dataframe(label="Settings each run used that differ (auto as each run decided it)",
+                                interactive=False, wrap=True, visible=False)  # fmt: skip
         results = gr.Dataframe(label="Results: final losses, and the evaluation where a run has one", wrap=True,
-                               interactive=False)  # fmt: skip
+                               interactive=False, visible=False)  # fmt: skip
 
     @user_errors
     def show(run_ids: list[str] | None, x: str):
@@ -53,7 +55,10 @@ def build_compare_panel(runner: Runner, choices: Callable[[], list[tuple[str, st
         return gr.update(choices=listed, value=[i for i in current or [] if i in ids])
 
     # always_last: a change of axis while the runs' chart is still coming is drawn, not dropped
-    gr.on([picked.change, axis.change], show, [picked, axis], [note, chart, settings, results],
-          api_name="compare_runs", trigger_mode="always_last")  # fmt: skip
+    compared = gr.on([picked.change, axis.change], show, [picked, axis], [note, chart, settings, results],
+                     api_name="compare_runs", trigger_mode="always_last")  # fmt: skip
+    # The API gives the tables as they are; the page hides the empty ones.
+    tables = [settings, results]
+    compared.then(lambda a, b: (shown(a), shown(b)), tables, tables, api_visibility="private")
     axis.change(lambda x: gr.LinePlot(x_title=x), axis, chart, api_visibility="private")
     gr.on([refresh.click, accordion.expand], refresh_choices, picked, picked, api_visibility="private")

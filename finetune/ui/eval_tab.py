@@ -18,7 +18,7 @@ from finetune.models import ModelPool
 from finetune.runs import adapter_label, adapter_ref, list_runs, open_run, parse_adapter_ref
 from finetune.settings import Settings
 from finetune.spaces import gpu
-from finetune.ui.common import loss_frame, user_errors
+from finetune.ui.common import loss_frame, shown, user_errors
 
 ORDERS = ("biggest wins", "biggest losses", "test order")
 EVAL_GPU_SECONDS = 120  # ZeroGPU budget of one evaluation: 140 questions x2 answered in batches
@@ -94,6 +94,18 @@ def describe(result: dict) -> str:
     return text + "".join(f"\n\n*{note}*" for note in result.get("notes", []))
 
 
+# What the tab shows before there is anything to show, and how to get there (the tables stay hidden till then).
+NO_RUN = (
+    "**No trained run yet.** Press **Fine-tune in 5 minutes** on the Start tab (or train one in the Train tab): "
+    "then pick it here and press **Run evaluation** to see the same held-out questions answered by the base and "
+    "the tuned model, scored side by side."
+)
+NOT_EVALUATED = (
+    "**Not evaluated yet.** Press **Run evaluation**: the held-out questions, the base and the tuned model's answers "
+    "and their scores (exact match, F1, similarity) appear here."
+)
+
+
 def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.components.Component]:
     """Builds the tab; returns the controls the lesson note's "try this" can fill, by name."""
     cancels: dict[str, threading.Event] = {}  # session -> the cancel switch of its running evaluation
@@ -114,9 +126,9 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
         arc = gr.Checkbox(False, label="Also ARC-Easy (needs lm-eval and the ai2_arc data set)")
         start = gr.Button("Run evaluation", variant="primary")
         stop = gr.Button("Cancel", variant="stop")
-    status = gr.Markdown()
+    status = gr.Markdown(lambda: "" if run_choices() else NO_RUN)  # on each page load
     with gr.Row():
-        summary = gr.Dataframe(label="Summary: base vs tuned", interactive=False, scale=1)
+        summary = gr.Dataframe(label="Summary: base vs tuned", interactive=False, scale=1, visible=False)
         bars = gr.BarPlot(
             x="bar",
             y="value",
@@ -128,31 +140,24 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
             y_title="score",
             label="Scores (0-1, higher is better)",
             scale=1,
+            visible=False,
         )
-    curve = gr.LinePlot(x="step", y="loss", color="series", label="This run's training loss")
+    curve = gr.LinePlot(x="step", y="loss", color="series", label="This run's training loss", visible=False)
     order = gr.Radio(list(ORDERS), value=ORDERS[0], label="Order questions by change in F1 (tuned - base)")
-    table = gr.Dataframe(label="Per question", interactive=False, wrap=True, max_height=600)
-    files = gr.File(label="Per-question table (CSV, JSONL)", file_count="multiple", interactive=False)
+    table = gr.Dataframe(label="Per question", interactive=False, wrap=True, max_height=600, visible=False)
+    files = gr.File(label="Per-question table (CSV, JSONL)", file_count="multiple", interactive=False, visible=False)
     outputs = [status, summary, bars, curve, table, files]
 
     @user_errors
     def show(run_id: str | None, how: str, note: str = ""):
         if not run_id:
-            empty = pd.DataFrame()
-            return "No trained run yet: train an adapter in the Train tab.", empty, empty, empty, empty, None
+            return NO_RUN, *(pd.DataFrame(),) * 4, None
         run_id, step = parse_adapter_ref(run_id)  # checked as an id, never taken as a path
         run_dir = open_run(run_id)
         result, curve_df = run_dir.read_eval(step), loss_frame(run_dir)
         if result is None:
             empty = pd.DataFrame()
-            return (
-                note or "No evaluation of this run yet: press **Run evaluation**.",
-                empty,
-                empty,
-                curve_df,
-                empty,
-                None,
-            )
+            return note or NOT_EVALUATED, empty, empty, curve_df, empty, None
         downloads = [str(path) for path in run_dir.eval_exports_of(step) if path.is_file()]
         return (
             (note + "\n\n" if note else "") + describe(result),
@@ -196,6 +201,12 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
             cancels.pop(request.session_hash, None)
         return show(run_id, how)
 
+    def show_in_page(run_id: str | None, how: str):
+        """`show`, with each table, chart and file list hidden while it is empty (the status says what to do)."""
+        status_, summary_, bars_, curve_, table_, files_ = show(run_id, how)
+        frames = (shown(frame) for frame in (summary_, bars_, curve_, table_))
+        return status_, *frames, gr.update(value=files_, visible=bool(files_))
+
     def cancel_eval(request: gr.Request) -> str:
         event = cancels.get(request.session_hash)
         if event is None:
@@ -209,16 +220,18 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
         return gr.update(choices=choices, value=current if current in refs else (refs[0] if refs else None))
 
     # On page load (runs trained since the app started) and on Refresh: update the list, then show the choice.
-    gr.on(None, lambda: refresh_runs(), None, run).then(show, [run, order], outputs)
-    refresh.click(refresh_runs, run, run).then(show, [run, order], outputs)
-    gr.on([run.input, order.change], show, [run, order], outputs)
-    start.click(
+    private = {"api_visibility": "private"}
+    gr.on(None, lambda: refresh_runs(), None, run, **private).then(show_in_page, [run, order], outputs, **private)
+    refresh.click(refresh_runs, run, run, **private).then(show_in_page, [run, order], outputs, **private)
+    gr.on([run.input, order.change], show_in_page, [run, order], outputs, **private)
+    evaluated = start.click(
         run_eval,
         [run, limit, max_new_tokens, arc, order],
         outputs,
-        api_name="evaluate",
+        api_name="evaluate",  # plain values: the tables and files as they are
         concurrency_limit=1,
         concurrency_id="evaluate",
     )
+    evaluated.then(show_in_page, [run, order], outputs, **private)
     stop.click(cancel_eval, None, status, api_name=False)
     return {"limit": limit, "run": run}

@@ -18,7 +18,7 @@ import gradio as gr
 from finetune import FinetuneError
 from finetune.guided import STEP_TITLES, STEPS, VOTES_NEEDED, Guide, GuidedStep, current_step
 from finetune.settings import Settings
-from finetune.ui.common import adapter_choices, current_user, machine_line, user_errors
+from finetune.ui.common import adapter_choices, current_user, loss_frame, machine_line, shown, user_errors
 
 STORAGE_KEY = "finetune-guided-run"
 _COLORS = {"done": "#15803d", "current": "#1d4ed8", "error": "#b91c1c", "todo": "#6b7280"}
@@ -88,6 +88,9 @@ def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None 
         gr.Markdown(lambda: machine_line(guide.config()), elem_id="guided-machine")
         steps = gr.HTML(steps_html(None), elem_id="guided-steps")
         message = gr.Markdown(elem_id="guided-message")
+        # The loss drawing itself while the run trains (hidden until it has points).
+        chart = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", label="Loss", height=220,
+                            visible=False, elem_id="guided-chart")  # fmt: skip
         with gr.Row():
             start = gr.Button("Fine-tune in 5 minutes", variant="primary", elem_id="guided-start")
             open_arena = gr.Button("Open the Arena", visible=False, elem_id="guided-open-arena")
@@ -99,10 +102,12 @@ def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None 
     def view(step: GuidedStep):
         result = step.result or {}
         text = f"**{STEP_TITLES[step.step]}**: {step.message}"
+        run = guide.runner.open(step.run_id) if step.run_id and _exists(guide, step.run_id) else None
         return (
             step.run_id,
             steps_html(step),
             text,
+            shown(loss_frame(run)),
             result.get("adapter", "") if step.done else "",
             result.get("question", ""),
             gr.Button(visible=step.done),
@@ -120,7 +125,16 @@ def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None 
 
     def resume(previous: str | None):
         if not previous or not _exists(guide, previous):
-            yield None, steps_html(None), "", "", "", gr.Button(visible=False), gr.Button(visible=False)
+            yield (
+                None,
+                steps_html(None),
+                "",
+                shown(loss_frame(None)),
+                "",
+                "",
+                gr.Button(visible=False),
+                gr.Button(visible=False),
+            )
             return
         for step in guide.follow(previous):
             yield view(step)
@@ -132,7 +146,7 @@ def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None 
         for step in guide.learn_from_votes(previous, owner=current_user(request), limits=Settings.current()):
             yield view(step)
 
-    outputs = [run_id, steps, message, adapter, question, open_arena, learn]
+    outputs = [run_id, steps, message, chart, adapter, question, open_arena, learn]
     triggers = [start.click, *(b.click for b in extra_starts or [])]
     started = gr.on(triggers, start_guided, run_id, outputs, api_name="guided_start", concurrency_limit=None)
     resumed = page.load(resume, run_id, outputs, api_visibility="private", concurrency_limit=None)

@@ -23,7 +23,7 @@ from finetune.runs import ACTIVE_STATES, RunInfo
 from finetune.settings import Settings
 from finetune.templates import TEMPLATES
 from finetune.ui.checkpoints import build_checkpoints_panel
-from finetune.ui.common import current_user, loss_frame, machine_line, user_errors
+from finetune.ui.common import current_user, loss_frame, machine_line, shown, user_errors
 from finetune.ui.compare import build_compare_panel
 from finetune.ui.forms import component, form_config, get_dotted, help_of, more_settings
 
@@ -44,7 +44,8 @@ def _duration(seconds: float | None) -> str:
 
 def status_markdown(status: dict) -> str:
     if not status:
-        return "No run selected. Set up a run on the left and press **Train**."
+        return ("**No run yet.** Set one up on the left and press **Train** (or **Fine-tune in 5 minutes** on the "
+                "Start tab): its loss curve, progress and time left appear here, and the runs below.")
     state = status.get("state", "?")
     parts = [f"**{state}**"]
     step, total = status.get("step") or 0, status.get("total")
@@ -175,7 +176,8 @@ def build_train_tab(
             status_md = gr.Markdown(status_markdown({}))
             chart = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", label="Loss", height=260)
             log = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, autoscroll=True, interactive=False)
-    runs_table = gr.Dataframe(runs_frame([]), label="Runs (click one to show it)", interactive=False, wrap=True)
+    runs_table = gr.Dataframe(runs_frame([]), label="Runs (click one to show it)", interactive=False, wrap=True,
+                              visible=False)  # fmt: skip
     timer = gr.Timer(2.0)
     build_checkpoints_panel(runner, run, timer)
     build_compare_panel(runner, lambda: _run_choices(runner))
@@ -222,11 +224,11 @@ def build_train_tab(
         except FinetuneError:  # a typed name that is no run (the dropdown takes any value)
             run = None
         if run is None:
-            return status_markdown({}), loss_frame(None), "", runs_frame(infos), gr.update(visible=False)
+            return status_markdown({}), loss_frame(None), "", shown(runs_frame(infos)), gr.update(visible=False)
         status = runner.status(run_id)
         zipped = run.adapter_zip() if status.get("state") not in ACTIVE_STATES else None
         button = gr.update(value=str(zipped) if zipped else None, visible=zipped is not None)
-        return status_markdown(status), loss_frame(run), run.log_tail(), runs_frame(infos), button
+        return status_markdown(status), loss_frame(run), run.log_tail(), shown(runs_frame(infos)), button
 
     def pick(event: gr.SelectData, table: pd.DataFrame):
         row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
