@@ -416,6 +416,14 @@ def torch_dtype(name: str, device: str, m: Machine | None = None) -> torch.dtype
         raise FinetuneError(f"Unknown dtype {name!r}: use auto, float32, bfloat16 or float16.") from None
 
 
+def cpu_busy(seconds: float = 0.2) -> float:
+    """The share of this machine's CPU in use right now (0-1), sampled over `seconds`: what a run started now will
+    not get (a browser, another run, another participant's Arena)."""
+    import psutil
+
+    return psutil.cpu_percent(interval=seconds) / 100
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 

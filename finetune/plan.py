@@ -66,11 +66,16 @@ def step_seconds(m: Machine, shape: ModelShape, tokens: float, answers: float, s
     return matmuls * (QUANT_FACTOR if quantized else 1.0) + rest
 
 
-def estimate_run(cfg: TrainConfig, m: Machine | None = None) -> Estimate:
+BUSY_FROM = 0.1  # the share of the CPU in use by others from which the line gives the busy machine's numbers too
+
+
+def estimate_run(cfg: TrainConfig, m: Machine | None = None, busy: float = 0.0) -> Estimate:
     """Seconds per step and steps of `cfg` on this machine, before anything is loaded but the tokenizer and data.
 
     The run itself times a real step at its start (`max_steps: auto` plans with that) and its status shows the ETA
-    from the steps done; this is what the Start and Train tabs show before the button is pressed.
+    from the steps done; this is what the Start and Train tabs show before the button is pressed. `busy`: the share
+    of the CPU others use now (`hardware.cpu_busy`); a run started now gets the rest, so the line gives both numbers
+    (measured: a browser on the same 2 cores took 25% and stretched a 0.9 s step to 1.21 s).
     """
     m = m or machine()
     tokenizer = load_tokenizer(cfg.model)
@@ -96,14 +101,23 @@ def estimate_run(cfg: TrainConfig, m: Machine | None = None) -> Estimate:
     else:
         steps = cfg.max_steps if cfg.max_steps > 0 else epochs
     parts = [m.describe()]
+    shared = step_s is not None and busy >= BUSY_FROM and m.train_device() == "cpu"  # a GPU's step hardly changes
+    busy_s = step_s / (1 - min(busy, 0.75)) if shared else None
     if step_s is None:
         parts.append("the step time is measured when training starts")
-    else:
+    elif busy_s is None:
         parts.append(f"about {step_s:.1f} s per step for this form")
         if cfg.max_steps == "auto":
             parts.append(f"{steps} steps fit in the {cfg.max_minutes:g}-minute budget")
         elif steps:
             parts.append(f"{steps} steps: about {_minutes(step_s * steps)}")
+    else:
+        parts.append(f"about {step_s:.1f}-{busy_s:.1f} s per step for this form (the CPU is {busy:.0%} busy now)")
+        if cfg.max_steps == "auto":
+            fewer = planned_steps(cfg.max_minutes * 60 - setup_s * busy_s / step_s, busy_s, epochs)
+            parts.append(f"{fewer}-{steps} steps fit in the {cfg.max_minutes:g}-minute budget")
+        elif steps:
+            parts.append(f"{steps} steps: about {_minutes(step_s * steps)}-{_minutes(busy_s * steps)}")
     return Estimate(step_s, steps, " · ".join(parts), cfg, shape, tokens, answers, setup_s)
 
 

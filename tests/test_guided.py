@@ -153,3 +153,25 @@ def test_a_zero_gpu_space_fits_the_quick_start_to_its_cpu():
     on_zero, on_cpu = fit_budget(load_train_config(RECIPE), zero), fit_budget(load_train_config(RECIPE), cpu)
     assert on_cpu.max_minutes < on_zero.max_minutes <= minutes  # the CPU also pays for the measurement
     assert fit_budget(load_train_config(RECIPE), Machine(gpus=(GPU(0, "L4", 22.0, (8, 9)),))).max_minutes == minutes
+
+
+def test_the_estimate_counts_what_the_machine_is_busy_with(tiny_llama, monkeypatch):
+    """A browser on the same 2 cores took 25% of them and stretched a 0.9 s step to 1.21 s, and the 269 steps the
+    line promised became 164: with the CPU busy, the line gives the busy machine's numbers beside the idle one's."""
+    from finetune.hardware import Machine, Probe
+    from finetune.plan import estimate_run
+    from finetune.ui import common
+
+    m = Machine(isa=("avx2",), probe=Probe(float32=20.0, bfloat16=1.0))
+    cfg = tiny_cfg(tiny_llama, max_steps="auto", max_minutes=1.0, num_epochs=100)
+    idle, busy = estimate_run(cfg, m), estimate_run(cfg, m, busy=0.25)
+    assert idle.step_s == busy.step_s and "busy" not in idle.line and f"{idle.steps} steps fit" in idle.line
+    low, high = (float(x) for x in busy.line.split("about ")[1].split(" s per step")[0].split("-"))
+    assert (low, high) == (round(idle.step_s, 1), round(idle.step_s / 0.75, 1)) and "25% busy now" in busy.line
+    fewer = int(busy.line.split(" steps fit")[0].split(" · ")[-1].split("-")[0])
+    assert fewer < idle.steps and f"{fewer}-{idle.steps} steps fit in the 1-minute budget" in busy.line
+    assert estimate_run(cfg, m, busy=0.05).line == idle.line  # a little background work changes nothing
+    monkeypatch.setattr(common, "cpu_busy", lambda: 0.5)
+    monkeypatch.setattr(common, "machine", lambda: m)
+    monkeypatch.setattr("finetune.plan.machine", lambda: m)
+    assert "50% busy now" in common.machine_line(cfg)  # what the Start and Train tabs show

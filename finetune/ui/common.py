@@ -12,7 +12,7 @@ import pandas as pd
 from finetune import FinetuneError
 from finetune.arena import list_adapters
 from finetune.config import TrainConfig
-from finetune.hardware import machine
+from finetune.hardware import cpu_busy, machine
 from finetune.plan import estimate_run
 from finetune.runs import RunDir
 
@@ -59,7 +59,7 @@ def adapter_choices() -> list[tuple[str, str]]:
 def machine_line(cfg: TrainConfig) -> str:
     """The machine, the choices `auto` makes here, and what this run will take (shown before pressing Train)."""
     try:
-        return estimate_run(cfg).line
+        return estimate_run(cfg, busy=cpu_busy()).line  # counts what the machine is busy with as the form shows
     except Exception as e:  # noqa: BLE001 - a half-typed form (unknown model, missing file): say why no estimate
         return f"{machine().describe()} · no estimate for this form yet: {str(e).splitlines()[0][:160]}"
 
