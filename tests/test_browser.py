@@ -84,6 +84,7 @@ def ask(page, question: str, answered: int = 3) -> None:
             """n => { const t = document.body.innerText;
                      return (t.match(/tokens\\/s/g) || []).length >= n && !t.includes('streaming…'); }""",
             arg=answered,
+            timeout=TRAIN_TIMEOUT_MS,  # three columns on 2 cores: a busy machine (a parallel run) takes longer
         )
     except Exception:
         page.screenshot(path=ARTIFACTS / "failed-ask.png", full_page=True)
