@@ -23,22 +23,7 @@ import copy
 import tempfile
 import time
 
-from common import load_note, machine, memory_bandwidth_gbs, p50, per_cpu_class, pick_adapter, table
-
-
-class FirstToken:
-    """A streamer that notes when `generate` hands over its first new token."""
-
-    def __init__(self):
-        self.prompt_seen, self.at = False, None
-
-    def put(self, value) -> None:
-        if self.prompt_seen and self.at is None:
-            self.at = time.perf_counter()
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        pass
+from common import FirstToken, load_note, machine, memory_bandwidth_gbs, p50, per_cpu_class, pick_adapter, table
 
 
 def plain_generate(model, tokenizer, prompt: str, stops: tuple[str, ...], params) -> tuple[int, float | None]:

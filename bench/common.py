@@ -214,3 +214,18 @@ def percentile(values: list[float], q: float) -> float:
     """The nearest-rank `q` quantile (0..1) of `values`; nan for none."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+class FirstToken:
+    """A streamer that notes when `generate` hands over its first new token."""
+
+    def __init__(self):
+        self.prompt_seen, self.at = False, None
+
+    def put(self, value) -> None:
+        if self.prompt_seen and self.at is None:
+            self.at = time.perf_counter()
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass

@@ -13,7 +13,8 @@ Measures issue 25's "Done when" on the embedded Gemma-3-270M:
 3. llama.cpp (llama-cpp-python) runs the q8_0 GGUF, and the base model's own GGUF (Q4_K_M) with the GGUF LoRA:
    next-token logits, greedy answers beside the app's, and decode speed against the app's own CPU path for the same
    tuned model (transformers `generate` of the merged model in the app's inference dtype, with the app's output-layer
-   step `finetune.generate.prepare_head`), same prompts, the three interleaved per question in the same run.
+   step `finetune.generate.prepare_head`), same prompts, every path and thread count interleaved per question in the
+   same run.
 
 The baseline of the speed ratio is the app's path measured in this run, at the same thread count (`--threads 2,1`:
 torch's intra-op threads and llama.cpp's n_threads; the app itself decodes one answer on all cores). Decode speed is
@@ -36,28 +37,13 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, load_note, machine, per_cpu_class, table
+from common import ROOT, FirstToken, load_note, machine, per_cpu_class, table
 
 # This file is named gguf.py, and its folder is first on the import path: without it there, `import gguf` (the export
 # writes with the `gguf` package) finds the package rather than this file.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 BASE = "gemma-3-270m"
-
-
-class FirstToken:
-    """A streamer that notes when `generate` hands over its first new token."""
-
-    def __init__(self):
-        self.prompt_seen, self.at = False, None
-
-    def put(self, value) -> None:
-        if self.prompt_seen and self.at is None:
-            self.at = time.perf_counter()
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        pass
 
 
 def train_run(out: Path, max_steps: int | None) -> tuple[Path, dict]:
@@ -152,8 +138,12 @@ def hf_speed(model, tokenizer, prompt: str, n: int, threads: int) -> dict:
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            out = model.generate(**inputs, **generate_kwargs(tokenizer, GenerationParams(max_new_tokens=n, stop=())),
-                                 min_new_tokens=n, streamer=streamer)  # fmt: skip
+            out = model.generate(
+                **inputs,
+                **generate_kwargs(tokenizer, GenerationParams(max_new_tokens=n, stop=())),
+                min_new_tokens=n,
+                streamer=streamer,
+            )
     finally:
         end = time.perf_counter()
         torch.set_num_threads(CPU_THREADS)
@@ -171,9 +161,13 @@ def llama_logits(llm, ids: list[int]):
 
 
 def llama_answer(llm, prompt: str, n: int) -> str:
-    """llama.cpp's greedy completion of the prompt text (its own tokenizer), to its end-of-generation token."""
-    out = llm.create_completion(prompt, max_tokens=n, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
-                                repeat_penalty=1.0)  # fmt: skip
+    """llama.cpp's greedy completion of the prompt text (its own tokenizer), to its end-of-generation token. From an
+    empty cache, as a fresh `llama-cli` run: reusing a cached prompt prefix splits the prompt into other batches, whose
+    products round differently, and near-tied greedy answers then change (seen with the LoRA: 2 of 5)."""
+    llm.reset()
+    out = llm.create_completion(
+        prompt, max_tokens=n, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0
+    )
     return out["choices"][0]["text"]
 
 
@@ -243,7 +237,7 @@ def main() -> None:
     from finetune.gguf_export import export_gguf, export_gguf_lora
     from finetune.hardware import inference_dtype_name, torch_dtype
     from finetune.hardware import machine as hw_machine
-    from finetune.models import EMBEDDED
+    from finetune.models import EMBEDDED, embedded_name
     from finetune.templates import conversation_prompt, get_template
 
     try:
@@ -257,8 +251,11 @@ def main() -> None:
     print(f"machine: {machine()}; {load_note()} at start")
     print(f"CPU class: {hw_machine().describe()}")
     version = llama_cpp.__version__ if llama_cpp else "not installed"
-    print(f"torch threads: {torch.get_num_threads()}; llama.cpp (llama-cpp-python): {version}; speed runs on "
-          f"{', '.join(map(str, threads))} threads\n", flush=True)  # fmt: skip
+    print(
+        f"torch threads: {torch.get_num_threads()}; llama.cpp (llama-cpp-python): {version}; speed runs on "
+        f"{', '.join(map(str, threads))} threads\n",
+        flush=True,
+    )
 
     # --- 1. the quick-start adapter ----------------------------------------------------------------------------------
     if args.run:
@@ -267,7 +264,7 @@ def main() -> None:
         print(f"training the guided recipe{f' for {steps} steps' if steps else ''} ...", flush=True)
         run, run_info = train_run(out, steps)
     adapter, cfg = adapter_and_config(run)
-    if cfg.model.source != BASE:
+    if (embedded_name(cfg.model.source) or cfg.model.source) != BASE:
         raise SystemExit(f"{run} was trained on {cfg.model.source}: this bench measures {BASE} (its own GGUF is here)")
     run_info["path"] = str(run)
 
@@ -276,12 +273,24 @@ def main() -> None:
     for kind in ("f16", "q8_0"):
         result, seconds = timed(export_gguf, run, out, kind)
         exports[kind] = result.gguf
-        export_rows.append({"file": f"{kind} GGUF (merged)", "export s": round(seconds, 1),
-                            "MB": round(result.gguf.stat().st_size / 1e6, 1), "name": result.gguf.name})  # fmt: skip
+        export_rows.append(
+            {
+                "file": f"{kind} GGUF (merged)",
+                "export s": round(seconds, 1),
+                "MB": round(result.gguf.stat().st_size / 1e6, 1),
+                "name": result.gguf.name,
+            }
+        )
         gc.collect()
     lora, seconds = timed(export_gguf_lora, run, out)
-    export_rows.append({"file": "GGUF LoRA (adapter alone)", "export s": round(seconds, 1),
-                        "MB": round(lora.stat().st_size / 1e6, 1), "name": lora.name})  # fmt: skip
+    export_rows.append(
+        {
+            "file": "GGUF LoRA (adapter alone)",
+            "export s": round(seconds, 1),
+            "MB": round(lora.stat().st_size / 1e6, 1),
+            "name": lora.name,
+        }
+    )
     base_gguf = EMBEDDED[BASE].locate_gguf()
 
     # --- 3. transformers: the merged model vs each GGUF read back ----------------------------------------------------
@@ -295,8 +304,9 @@ def main() -> None:
     answers = {"merged (transformers, float32)": hf_answers(merged, tokenizer, prompts, answer_n)}
     logits, loads = {}, {}
     for kind, path in exports.items():
-        model, seconds = timed(lambda p=path: AutoModelForCausalLM.from_pretrained(
-            p.parent, gguf_file=p.name, dtype=torch.float32).eval())  # fmt: skip
+        model, seconds = timed(
+            lambda p=path: AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
+        )
         loads[f"{kind} GGUF (transformers)"] = seconds
         logits[f"{kind} GGUF (transformers)"] = compare_logits(next_logits(model, tokenizer, prompts), ref_logits)
         answers[f"{kind} GGUF (transformers)"] = hf_answers(model, tokenizer, prompts, answer_n)
@@ -324,8 +334,11 @@ def main() -> None:
         for label, (model_path, lora_path) in llms.items():
             kwargs = {"lora_path": str(lora_path)} if lora_path else {}
             for t in threads:  # one instance per thread count; the first answers and gives the logits
-                llm, seconds = timed(lambda m=model_path, k=kwargs, t=t: llama_cpp.Llama(
-                    model_path=str(m), n_threads=t, n_ctx=512, verbose=False, **k))  # fmt: skip
+                llm, seconds = timed(
+                    lambda m=model_path, k=kwargs, t=t: llama_cpp.Llama(
+                        model_path=str(m), n_threads=t, n_ctx=512, verbose=False, **k
+                    )
+                )
                 paths[(label, t)] = lambda p, ids, llm=llm: llama_speed(llm, ids, speed_n)
                 if label in logits:
                     continue
@@ -349,34 +362,56 @@ def main() -> None:
     ref_answers = answers["merged (transformers, float32)"]
     app_answers = answers[app_label]
     logit_table = [
-        {"model": label, "max abs diff": round(c["max_abs"], 4), "mean abs diff": round(c["mean_abs"], 5),
-         "max / largest logit": f"{100 * c['max_rel']:.2f}%", "mean / largest logit": f"{100 * c['mean_rel']:.3f}%",
-         "same top-1": f"{c['top1_same']}/{len(prompts)}", "load s": round(loads[label], 1)}  # fmt: skip
+        {
+            "model": label,
+            "max abs diff": round(c["max_abs"], 4),
+            "mean abs diff": round(c["mean_abs"], 5),
+            "max / largest logit": f"{100 * c['max_rel']:.2f}%",
+            "mean / largest logit": f"{100 * c['mean_rel']:.3f}%",
+            "same top-1": f"{c['top1_same']}/{len(prompts)}",
+            "load s": round(loads[label], 1),
+        }
         for label, c in logits.items()
     ]
     same_rows = []
     for label, texts in list(answers.items())[1:]:
         vs = app_answers if label.startswith("llama.cpp") else ref_answers
         vs_name = "app path" if label.startswith("llama.cpp") else "merged float32"
-        same_rows.append({
-            "answers of": label, "vs": vs_name,
-            "identical as shown": f"{sum(shown(a) == shown(b) for a, b in zip(texts, vs, strict=True))}/{len(texts)}",
-            "identical raw": f"{sum(a == b for a, b in zip(texts, vs, strict=True))}/{len(texts)}",
-        })  # fmt: skip
+        pairs = list(zip(texts, vs, strict=True))
+        same_rows.append(
+            {
+                "answers of": label,
+                "vs": vs_name,
+                "identical as shown": f"{sum(shown(a) == shown(b) for a, b in pairs)}/{len(pairs)}",
+                "identical raw": f"{sum(a == b for a, b in pairs)}/{len(pairs)}",
+            }
+        )
     answer_table = []
     for i, q in enumerate(questions):
         for label, texts in answers.items():
-            answer_table.append({"question": cell(q, 60) if label == next(iter(answers)) else "", "model": label,
-                                 f"greedy answer ({answer_n} new tokens at most)": cell(texts[i])})  # fmt: skip
+            answer_table.append(
+                {
+                    "question": cell(q, 60) if label == next(iter(answers)) else "",
+                    "model": label,
+                    f"greedy answer ({answer_n} new tokens at most)": cell(texts[i]),
+                }
+            )
+
     def ratio(label: str, t: int) -> float:
         """Decode tokens/s of `label` over the app path's, at the same thread count."""
         return speed[(label, t)]["decode_tokens_per_s"] / speed[(app_label, t)]["decode_tokens_per_s"]
 
     speed_table = [
-        {"path": label, "threads": t, "new tokens": s["tokens"], "s": round(s["s"], 1),
-         "tokens/s (with prompt)": round(s["tokens_per_s"], 1), "decode tokens/s": round(s["decode_tokens_per_s"], 1),
-         "vs app path (decode, same threads)": f"{ratio(label, t):.2f}x",
-         "first token p50 s": round(s["first_token_p50_s"], 3)}  # fmt: skip
+        {
+            "path": label,
+            "threads": t,
+            "new tokens": s["tokens"],
+            "s": round(s["s"], 1),
+            "tokens/s (with prompt)": round(s["tokens_per_s"], 1),
+            "decode tokens/s": round(s["decode_tokens_per_s"], 1),
+            "vs app path (decode, same threads)": f"{ratio(label, t):.2f}x",
+            "first token p50 s": round(s["first_token_p50_s"], 3),
+        }
         for (label, t), s in sorted(speed.items(), key=lambda item: -item[0][1])
     ]
     run_table = [{"run": run.name, **{k: v for k, v in run_info.items() if k not in ("path",)}}]
@@ -392,40 +427,59 @@ def main() -> None:
     title = f"Decode speed: {speed_n} new tokens x {len(prompts)} questions (EOS suppressed), greedy, interleaved"
     sections.append(table(speed_table, title))
     if tokenization:
-        sections.append("llama.cpp's own tokenization of the prompt text equals the app's: "
-                        + ", ".join(f"{k} {v}/{len(prompts)}" for k, v in tokenization.items()))  # fmt: skip
+        sections.append(
+            "llama.cpp's own tokenization of the prompt text equals the app's: "
+            + ", ".join(f"{k} {v}/{len(prompts)}" for k, v in tokenization.items())
+        )
     if llama_note:
         sections.append(llama_note)
     report = "\n\n".join(sections)
     print(report)
     (out / "gguf.md").write_text(report + "\n", encoding="utf-8")
     data = {
-        "machine": machine(), "cpu_class": hw_machine().describe(), "loadavg_start": load_start,
-        "loadavg_end": load_end, "run": run_info, "exports": export_rows, "load_s": loads,
+        "machine": machine(),
+        "cpu_class": hw_machine().describe(),
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+        "run": run_info,
+        "exports": export_rows,
+        "load_s": loads,
         "logits": logits,
-        "questions": questions, "answers": answers, "identical": same_rows, "speed_tokens": speed_n,
+        "questions": questions,
+        "answers": answers,
+        "identical": same_rows,
+        "speed_tokens": speed_n,
         "speed": [{"path": label, "threads": t, **s} for (label, t), s in speed.items()],
-        "answer_tokens": answer_n, "app_dtype": app_dtype, "llama_cpp_tokenization_same": tokenization,
+        "answer_tokens": answer_n,
+        "app_dtype": app_dtype,
+        "llama_cpp_tokenization_same": tokenization,
         "llama_cpp": llama_cpp.__version__ if llama_cpp else None,
-    }  # fmt: skip
+    }
     with open(out / "gguf.json", "w") as f:
         json.dump(data, f, indent=1)
     print(f"\nwrote {out / 'gguf.md'} and {out / 'gguf.json'}")
 
     f16, q8 = logits["f16 GGUF (transformers)"], logits["q8_0 GGUF (transformers)"]
     same = {r["answers of"]: r["identical as shown"] for r in same_rows}
-    line = (f"headline: logits vs merged, max |diff| f16 {f16['max_abs']:.3g} ({100 * f16['max_rel']:.2f}% of the "
-            f"largest), q8_0 {q8['max_abs']:.3g} ({100 * q8['max_rel']:.2f}%); identical greedy answers f16 "
-            f"{same['f16 GGUF (transformers)']}, q8_0 {same['q8_0 GGUF (transformers)']}")  # fmt: skip
+    line = (
+        f"headline: logits vs merged, max |diff| f16 {f16['max_abs']:.3g} ({100 * f16['max_rel']:.2f}% of the "
+        f"largest), q8_0 {q8['max_abs']:.3g} ({100 * q8['max_rel']:.2f}%); identical greedy answers f16 "
+        f"{same['f16 GGUF (transformers)']}, q8_0 {same['q8_0 GGUF (transformers)']}"
+    )
     if llama_cpp is not None:
         llama_same = ", ".join(f"{k.removeprefix('llama.cpp ')} {v}" for k, v in same.items() if k.startswith("llama"))
         line += f"; llama.cpp answers identical to the app's: {llama_same}"
         for t in threads:
-            ratios = ", ".join(f"{label.removeprefix('llama.cpp ')} {ratio(label, t):.1f}x"
-                               for (label, n), _ in speed.items() if n == t and label != app_label)  # fmt: skip
+            ratios = ", ".join(
+                f"{label.removeprefix('llama.cpp ')} {ratio(label, t):.1f}x"
+                for (label, n), _ in speed.items()
+                if n == t and label != app_label
+            )
             app = speed[(app_label, t)]["decode_tokens_per_s"]
-            line += (f"; {t} thread{'s' if t > 1 else ''}: llama.cpp decodes {ratios} the app's transformers path "
-                     f"({app_dtype}, {app:.1f} tokens/s)")  # fmt: skip
+            line += (
+                f"; {t} thread{'s' if t > 1 else ''}: llama.cpp decodes {ratios} the app's transformers path "
+                f"({app_dtype}, {app:.1f} tokens/s)"
+            )
     print(line + f"; load avg {load_start[0]:.1f}-{load_end[0]:.1f} on {os.cpu_count()} cores")
 
 
