@@ -175,3 +175,12 @@ def test_the_estimate_counts_what_the_machine_is_busy_with(tiny_llama, monkeypat
     monkeypatch.setattr(common, "machine", lambda: m)
     monkeypatch.setattr("finetune.plan.machine", lambda: m)
     assert "50% busy now" in common.machine_line(cfg)  # what the Start and Train tabs show
+
+
+def test_the_training_step_says_the_minutes_left():
+    from finetune.guided import _train_message
+
+    running = {"state": "running", "step": 30, "total": 180, "loss": 1.9964, "eta_s": 250.0, "message": "training"}
+    assert _train_message(running) == "step 30/180 · training · training loss 1.996 · about 5 min left"
+    assert _train_message({**running, "eta_s": 42.0}).endswith("about 42 s left")
+    assert "left" not in _train_message({**running, "state": "queued"})
