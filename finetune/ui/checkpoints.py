@@ -2,7 +2,7 @@
 them or download its adapter. The Evaluate and Arena tabs list them too (`run · step N`). "Show the code": the run as
 one standalone Python file and notebook (`finetune.runcode`). "Take it home": the tuned model as a GGUF file with an
 Ollama Modelfile, or the adapter alone as a GGUF LoRA (`finetune.gguf_export`). Named API endpoints: train_resume_from,
-train_show_code, train_export_gguf.
+train_show_code, train_export_gguf, train_export_gguf_lora.
 """
 
 from __future__ import annotations
