@@ -24,12 +24,17 @@ import torch
 from finetune import FinetuneError
 from finetune.export import adapter_and_config, merged_model
 from finetune.models import EMBEDDED, embedded_name
-from finetune.runs import run_of_adapter
+from finetune.runs import ADAPTER_CONFIG, run_of_adapter
 from finetune.serving import serving_chat_template
 from finetune.templates import Template, conversation_prompt, get_template
 
 KINDS = ("f16", "q8_0", "q4_0")  # what the `gguf` package writes: 16-bit floats, and its two 32-value block formats
 ARCHS = ("llama", "gemma3")  # the base GGUFs here, each with its layout rule below (`_to_gguf_layout`)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise FinetuneError(f"GGUF type {kind!r} cannot be written here: use {', '.join(KINDS)}.")
 
 
 def _gguf():
@@ -191,8 +196,7 @@ def write_gguf(
 ) -> Path:
     """`model` (a transformers model of the base GGUF's architecture) as a GGUF file: the base file's metadata and
     tensor list, the model's weights."""
-    if kind not in KINDS:
-        raise FinetuneError(f"GGUF type {kind!r} cannot be written here: use {', '.join(KINDS)}.")
+    _check_kind(kind)
     gguf = _gguf()
     header = read_header(base)
     arch = header.arch
@@ -246,8 +250,7 @@ def _run_name(adapter: Path) -> str:
 
 def export_gguf(path: str | Path, out_dir: str | Path, kind: str = "q8_0", step: int | None = None) -> GGUFExport:
     """Merge a run's adapter into its base model and write it as `OUT/<run>-<kind>.gguf`, with an Ollama Modelfile."""
-    if kind not in KINDS:  # before the merge, which takes a while
-        raise FinetuneError(f"GGUF type {kind!r} cannot be written here: use {', '.join(KINDS)}.")
+    _check_kind(kind)  # before the merge, which takes a while
     adapter, cfg = adapter_and_config(path, step)
     base = base_gguf(cfg.model.source)
     model, tokenizer = merged_model(adapter, cfg)
@@ -275,7 +278,7 @@ def export_gguf_lora(path: str | Path, out_dir: str | Path, step: int | None = N
     base = base_gguf(cfg.model.source)
     header = read_header(base)
     arch = header.arch
-    lora = json.loads((adapter / "adapter_config.json").read_text())
+    lora = json.loads((adapter / ADAPTER_CONFIG).read_text())
     if lora.get("use_dora") or lora.get("use_rslora") or lora.get("modules_to_save"):
         raise FinetuneError("A GGUF LoRA holds plain LoRA pairs: this adapter uses DoRA, rsLoRA or saved modules.")
     weights = {k: v.astype(np.float32) for k, v in load_file(adapter / "adapter_model.safetensors").items()}
@@ -333,14 +336,9 @@ def _turns(template: Template, tokenizer) -> tuple[str, str, str] | None:
     return head, after_question, after_answer
 
 
-def ollama_template(template: Template, tokenizer) -> str | None:
-    """The prompt as an Ollama (Go) template over the conversation's messages: the same text the app builds for
-    user and assistant turns. None where the template has no such form."""
-    if template.answer_field != "output":  # the `text` template prompts nothing
-        return None
-    turns = _turns(template, tokenizer)
-    if turns is None or any("{{" in text or '"""' in text for text in turns):  # not literal text in a Modelfile
-        return None
+def ollama_template(turns: tuple[str, str, str], tokenizer) -> str:
+    """The prompt as an Ollama (Go) template over the conversation's messages, from the template's `_turns`: the same
+    text the app builds for user and assistant turns."""
     head, after_question, after_answer = turns
     bos = getattr(tokenizer, "bos_token", None)
     if bos and head.startswith(bos):  # llama.cpp adds the BOS token itself (the GGUF's add_bos_token)
@@ -356,19 +354,18 @@ def ollama_template(template: Template, tokenizer) -> str | None:
 
 
 def modelfile(template: Template, tokenizer, gguf_file: str) -> str | None:
-    """An Ollama Modelfile for the GGUF: its TEMPLATE builds the app's prompt, its stops are the template's."""
-    go = ollama_template(template, tokenizer)
-    if go is None:
+    """An Ollama Modelfile for the GGUF: its TEMPLATE builds the app's prompt, its stops are the template's. None
+    where the template has no such form."""
+    if template.answer_field != "output":  # the `text` template prompts nothing
         return None
-    stops = list(dict.fromkeys(template.stop + tuple(_end_markers(template, tokenizer))))
-    lines = [f"FROM {gguf_file}", f'TEMPLATE """{go}"""', *(f"PARAMETER stop {json.dumps(s)}" for s in stops)]
-    return "\n".join(lines) + "\n"
-
-
-def _end_markers(template: Template, tokenizer) -> list[str]:
-    """The text a chat template puts after an answer (its turn's end marker, e.g. `<|im_end|>`)."""
     turns = _turns(template, tokenizer)
-    if not (template.chat or template.chat_template) or turns is None:
-        return []
-    marker = turns[2].strip().split("\n")[0].strip()
-    return [marker] if marker else []
+    if turns is None or any("{{" in text or '"""' in text for text in turns):  # not literal text in a Modelfile
+        return None
+    stops = template.stop
+    if template.chat or template.chat_template:  # a chat template's end of turn (e.g. `<|im_end|>`) ends an answer
+        marker = turns[2].strip().split("\n")[0].strip()
+        stops += (marker,) if marker else ()
+    go = ollama_template(turns, tokenizer)
+    lines = [f"FROM {gguf_file}", f'TEMPLATE """{go}"""']
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in dict.fromkeys(stops)]
+    return "\n".join(lines) + "\n"

@@ -105,19 +105,17 @@ def estimate_run(cfg: TrainConfig, m: Machine | None = None, busy: float = 0.0) 
     busy_s = step_s / (1 - min(busy, 0.75)) if shared else None
     if step_s is None:
         parts.append("the step time is measured when training starts")
-    elif busy_s is None:
-        parts.append(f"about {step_s:.1f} s per step for this form")
+    else:  # each number, and beside it the busy machine's while others use the CPU
+        slower = f"-{busy_s:.1f}" if busy_s else ""
+        now = f" (the CPU is {busy:.0%} busy now)" if busy_s else ""
+        parts.append(f"about {step_s:.1f}{slower} s per step for this form{now}")
         if cfg.max_steps == "auto":
-            parts.append(f"{steps} steps fit in the {cfg.max_minutes:g}-minute budget")
+            budget_s = cfg.max_minutes * 60
+            fewer = f"{planned_steps(budget_s - setup_s * busy_s / step_s, busy_s, epochs)}-" if busy_s else ""
+            parts.append(f"{fewer}{steps} steps fit in the {cfg.max_minutes:g}-minute budget")
         elif steps:
-            parts.append(f"{steps} steps: about {_minutes(step_s * steps)}")
-    else:
-        parts.append(f"about {step_s:.1f}-{busy_s:.1f} s per step for this form (the CPU is {busy:.0%} busy now)")
-        if cfg.max_steps == "auto":
-            fewer = planned_steps(cfg.max_minutes * 60 - setup_s * busy_s / step_s, busy_s, epochs)
-            parts.append(f"{fewer}-{steps} steps fit in the {cfg.max_minutes:g}-minute budget")
-        elif steps:
-            parts.append(f"{steps} steps: about {_minutes(step_s * steps)}-{_minutes(busy_s * steps)}")
+            longer = f"-{_minutes(busy_s * steps)}" if busy_s else ""
+            parts.append(f"{steps} steps: about {_minutes(step_s * steps)}{longer}")
     return Estimate(step_s, steps, " · ".join(parts), cfg, shape, tokens, answers, setup_s)
 
 

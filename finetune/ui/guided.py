@@ -17,6 +17,7 @@ import gradio as gr
 
 from finetune import FinetuneError
 from finetune.guided import STEP_TITLES, STEPS, VOTES_NEEDED, Guide, GuidedStep, current_step
+from finetune.runs import RunDir
 from finetune.settings import Settings
 from finetune.ui.common import adapter_choices, current_user, loss_frame, machine_line, shown, user_errors
 
@@ -102,7 +103,7 @@ def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None 
     def view(step: GuidedStep):
         result = step.result or {}
         text = f"**{STEP_TITLES[step.step]}**: {step.message}"
-        run = guide.runner.open(step.run_id) if step.run_id and _exists(guide, step.run_id) else None
+        run = _opened(guide, step.run_id)
         return (
             step.run_id,
             steps_html(step),
@@ -156,13 +157,16 @@ def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None 
     )
 
 
-def _exists(guide: Guide, run_id: str) -> bool:
-    """The browser's stored id names a run (it comes from the client: `Runner.open` takes ids only, no paths)."""
+def _opened(guide: Guide, run_id: str | None) -> RunDir | None:
+    """The run the browser's stored id names, or None (it comes from the client: `Runner.open` takes ids only)."""
     try:
-        guide.runner.open(run_id)
+        return guide.runner.open(run_id) if run_id else None
     except FinetuneError:
-        return False
-    return True
+        return None
+
+
+def _exists(guide: Guide, run_id: str) -> bool:
+    return _opened(guide, run_id) is not None
 
 
 def _ended(guide: Guide, run_id: str) -> bool:
