@@ -416,12 +416,22 @@ def torch_dtype(name: str, device: str, m: Machine | None = None) -> torch.dtype
         raise FinetuneError(f"Unknown dtype {name!r}: use auto, float32, bfloat16 or float16.") from None
 
 
+BUSY_FRESH_S = 5.0  # how long one sample of the CPU's load answers every page that asks
+_BUSY_SAMPLE: list[tuple[float, float]] = []  # [(when, share)]: the last sample
+
+
 def cpu_busy(seconds: float = 0.2) -> float:
     """The share of this machine's CPU in use right now (0-1), sampled over `seconds`: what a run started now will
-    not get (a browser, another run, another participant's Arena)."""
+    not get (a browser, another run, another participant's Arena). Page loads and form changes ask for it: a sample
+    younger than BUSY_FRESH_S answers them all, so a room opening the app at once waits for one sample, not each."""
     import psutil
 
-    return psutil.cpu_percent(interval=seconds) / 100
+    now = time.monotonic()
+    if _BUSY_SAMPLE and now - _BUSY_SAMPLE[-1][0] < BUSY_FRESH_S:
+        return _BUSY_SAMPLE[-1][1]
+    share = psutil.cpu_percent(interval=seconds) / 100
+    _BUSY_SAMPLE[:] = [(time.monotonic(), share)]
+    return share
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -190,3 +190,18 @@ def test_a_training_process_sees_one_gpu_unless_accelerate_launched_it(env, visi
     environ = dict(env)
     hardware.pin_one_gpu(environ)
     assert environ["CUDA_VISIBLE_DEVICES"] == visible
+
+
+def test_one_sample_of_the_cpu_load_answers_every_page_for_a_few_seconds(monkeypatch):
+    """A room opening the app at once: each page load asks how busy the CPU is; one 0.2 s sample answers them all."""
+    import psutil
+
+    from finetune import hardware
+
+    samples, clock = [], [100.0]
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval: samples.append(interval) or 25.0 * len(samples))
+    monkeypatch.setattr(hardware.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(hardware, "_BUSY_SAMPLE", [])
+    assert [hardware.cpu_busy() for _ in range(3)] == [0.25] * 3 and samples == [0.2]
+    clock[0] += hardware.BUSY_FRESH_S
+    assert hardware.cpu_busy() == 0.5 and len(samples) == 2  # an old sample is taken again
