@@ -132,10 +132,15 @@ def test_a_participant_goes_through_every_tab(browser, home, tiny_llama, free_po
         (run,) = runner.runs()
         assert run.state == "finished" and run.adapter_dir is not None
 
-        # Evaluate: the finished run is offered.
+        # Evaluate: the finished run is offered; two held-out questions fill the tables, hidden until then.
         page.get_by_role("tab", name="Evaluate").click()
         page.get_by_role("button", name="Refresh", exact=True).first.click()
-        page.get_by_role("button", name="Run evaluation").wait_for()
+        page.get_by_text("Not evaluated yet").wait_for()
+        assert not page.get_by_text("Per question").is_visible()
+        page.get_by_label("Questions (0 = the whole test split)").fill("2")
+        page.get_by_role("button", name="Run evaluation").click()
+        page.get_by_text("Per question").wait_for(timeout=TRAIN_TIMEOUT_MS)
+        page.get_by_text("Summary: base vs tuned").wait_for()
         page.screenshot(path=ARTIFACTS / "browser-evaluate.png")
 
         # Arena: the new adapter is picked up; base, tuned and reference stream side by side.

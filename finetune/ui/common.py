@@ -74,3 +74,15 @@ def loss_frame(run: RunDir | None) -> pd.DataFrame:
 def shown(frame: pd.DataFrame):
     """A table or chart hidden while it has no rows (an empty one shows headers `1 2 3`)."""
     return gr.update(value=frame, visible=not frame.empty)
+
+
+def _is_empty(value) -> bool:
+    """A table (DataFrame), a chart (its PlotData) or a file list, as a handler's input, with nothing in it."""
+    return value.empty if isinstance(value, pd.DataFrame) else not getattr(value, "data", value)
+
+
+def hide_empty(event, components: list) -> None:
+    """After `event`, a public endpoint (its API gives its values as they are, no `shown`): hide the `components` it
+    left empty. Visibility only: the values stay as they were sent."""
+    event.then(lambda *values: [gr.update(visible=not _is_empty(v)) for v in values], components, components,
+               api_visibility="private")  # fmt: skip

@@ -11,7 +11,7 @@ import pandas as pd
 
 from finetune.compare import X_AXES, compare_runs, loss_curves
 from finetune.runner import Runner
-from finetune.ui.common import shown, user_errors
+from finetune.ui.common import hide_empty, user_errors
 
 
 def curve_frame(rows: list[dict], x: str) -> pd.DataFrame:
@@ -57,8 +57,6 @@ def build_compare_panel(runner: Runner, choices: Callable[[], list[tuple[str, st
     # always_last: a change of axis while the runs' chart is still coming is drawn, not dropped
     compared = gr.on([picked.change, axis.change], show, [picked, axis], [note, chart, settings, results],
                      api_name="compare_runs", trigger_mode="always_last")  # fmt: skip
-    # The API gives the tables as they are; the page hides the empty ones.
-    tables = [settings, results]
-    compared.then(lambda a, b: (shown(a), shown(b)), tables, tables, api_visibility="private")
+    hide_empty(compared, [settings, results])
     axis.change(lambda x: gr.LinePlot(x_title=x), axis, chart, api_visibility="private")
     gr.on([refresh.click, accordion.expand], refresh_choices, picked, picked, api_visibility="private")

@@ -18,7 +18,7 @@ from finetune.models import ModelPool
 from finetune.runs import adapter_label, adapter_ref, list_runs, open_run, parse_adapter_ref
 from finetune.settings import Settings
 from finetune.spaces import gpu
-from finetune.ui.common import loss_frame, shown, user_errors
+from finetune.ui.common import hide_empty, loss_frame, shown, user_errors
 
 ORDERS = ("biggest wins", "biggest losses", "test order")
 EVAL_GPU_SECONDS = 120  # ZeroGPU budget of one evaluation: 140 questions x2 answered in batches
@@ -232,6 +232,6 @@ def build_eval_tab(settings: Settings, pool: ModelPool) -> dict[str, gr.componen
         concurrency_limit=1,
         concurrency_id="evaluate",
     )
-    evaluated.then(show_in_page, [run, order], outputs, **private)
+    hide_empty(evaluated, [summary, bars, curve, table, files])  # its own values: a cancel's note stays
     stop.click(cancel_eval, None, status, api_name=False)
     return {"limit": limit, "run": run}
