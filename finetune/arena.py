@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune import FinetuneError, home
+from finetune import FinetuneError, home, llamacpp
 from finetune.backends import (
     Backend,
     BackendError,
@@ -43,7 +43,7 @@ from finetune.backends import (
 from finetune.config import DataConfig, GenerationParams, ModelSpec
 from finetune.engine import ServeEngine, lora_name
 from finetune.generate import TextStream
-from finetune.hardware import inference_dtype_name
+from finetune.hardware import inference_dtype_name, machine
 from finetune.models import ModelPool, embedded_name
 from finetune.ratings import Battle
 from finetune.runs import ADAPTER_CONFIG, RunDir, adapter_label, is_adapter, list_runs, run_of_adapter
@@ -202,6 +202,7 @@ class ArenaSetup:
     serve_url: str = ""  # a serving engine (vLLM with LoRA) for base and tuned instead of this process
     serve_model: str = ""  # the base model's name on that server; empty: `base_model`
     serve_fallback: bool = False  # when the serving engine fails, base and tuned answer in this process
+    engine: str = "auto"  # local columns on "llama.cpp", "transformers", or "auto" (`local_engine`)
 
 
 class Unavailable(Backend):
@@ -289,20 +290,70 @@ def _served_columns(setup: ArenaSetup, info: AdapterInfo | None, template: str) 
     return columns, ""
 
 
+ENGINES = ("auto", "llama.cpp", "transformers")
+
+
+def local_engine(choice: str = "auto") -> str:
+    """The engine of the Arena's local columns for `choice`: auto is llama.cpp where llama-cpp-python is installed
+    and the app's models run on the CPU (on a GPU, transformers uses it), else transformers."""
+    if choice not in ENGINES:
+        raise FinetuneError(f"Unknown engine {choice!r}: use {', '.join(ENGINES)}.")
+    if choice == "auto":
+        return "llama.cpp" if llamacpp.available() and machine().app_device() == "cpu" else "transformers"
+    if choice == "llama.cpp" and not llamacpp.available():
+        raise FinetuneError(
+            "llama.cpp is not installed here: `pip install llama-cpp-python` (it builds with a C compiler and "
+            "cmake), or choose the transformers engine."
+        )
+    return choice
+
+
+def arena_concurrency(settings: Settings) -> int:
+    """Arena rounds answered at once: FINETUNE_GEN_CONCURRENCY, else as many as llama.cpp decodes together (it
+    batches every open answer), or 2 on transformers (two generations already share the cores)."""
+    if settings.generation_concurrency > 0:
+        return settings.generation_concurrency
+    try:
+        engine = local_engine(settings.arena_engine)
+    except FinetuneError:  # llama.cpp asked for but missing: each round says so
+        engine = "transformers"
+    return llamacpp.SLOTS if engine == "llama.cpp" else 2
+
+
+def _local_column(
+    pool: ModelPool, source: str, template: str, engine: str, info: AdapterInfo | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Backend:  # fmt: skip
+    """A local column on `engine`: llama.cpp where the model has a GGUF file (and the adapter exports to a GGUF
+    LoRA), else transformers, `warn` told why when llama.cpp was asked for."""
+    gguf = llamacpp.gguf_of(source) if engine == "llama.cpp" else None
+    if gguf is not None:
+        try:
+            lora = llamacpp.lora_gguf(info.path) if info is not None else None
+        except FinetuneError as e:
+            if warn is not None:
+                warn(f"The tuned column answers with transformers: {e}")
+        else:
+            adapter, name = (info.path, info.name) if info is not None else (None, None)
+            return llamacpp.LlamaBackend(gguf, source, template, lora, adapter, name)
+    spec = ModelSpec(source, dtype=inference_dtype_name())
+    return LocalBackend(pool, spec, template, *((info.path, info.name) if info is not None else ()))
+
+
 def make_backends(pool: ModelPool, setup: ArenaSetup, warn: Callable[[str], None] | None = None) -> dict[str, Backend]:
     """The three columns. Base and tuned use the adapter's training template; the reference its chat template.
 
-    With `setup.serve_url`, base and tuned come from that serving engine; `warn` hears when they fall back to this
-    process (`setup.serve_fallback`)."""
-    dtype = inference_dtype_name()
+    Local columns answer on llama.cpp or transformers (`setup.engine`, `local_engine`). With `setup.serve_url`, base
+    and tuned come from that serving engine; `warn` hears when they fall back to this process
+    (`setup.serve_fallback`)."""
+    engine = local_engine(setup.engine)
     info = resolve_adapter(setup.adapter) if setup.adapter else None
     template = setup.template or (info.template if info else "qa")
-    backends: dict[str, Backend] = {"base": LocalBackend(pool, ModelSpec(setup.base_model, dtype=dtype), template)}
+    backends: dict[str, Backend] = {"base": _local_column(pool, setup.base_model, template, engine)}
     if info is None:
         backends["tuned"] = Unavailable(NO_ADAPTER)
     else:
-        spec = ModelSpec(info.base_model, dtype=dtype)
-        backends["tuned"] = LocalBackend(pool, spec, template, info.path, info.name)
+        backends["tuned"] = _local_column(pool, info.base_model, template, engine, info, warn)
     if setup.serve_url.strip():
         served, error = _served_columns(setup, info, template)
         if not error or not setup.serve_fallback:
@@ -312,7 +363,7 @@ def make_backends(pool: ModelPool, setup: ArenaSetup, warn: Callable[[str], None
     if setup.endpoint_url.strip():
         backends["reference"] = OpenAIBackend(setup.endpoint_url, setup.endpoint_model, setup.api_key or None)
     else:
-        backends["reference"] = LocalBackend(pool, ModelSpec(setup.reference_model, dtype=dtype), "chat")
+        backends["reference"] = _local_column(pool, setup.reference_model, "chat", engine)
     return backends
 
 
@@ -385,6 +436,8 @@ def ask(
     session.params = asdict(params)
     streams = stream_all(backends, conversations, params)
     for columns in merge_streams(streams, token_counters(streams)):
+        for role, column in columns.items():
+            column.engine = backends[role].engine
         # The histories always hold what is on screen, so a follow-up question continues each column's own thread.
         for role, messages in conversations.items():
             session.histories[role] = messages + [{"role": "assistant", "content": columns[role].text.strip()}]

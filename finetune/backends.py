@@ -29,7 +29,7 @@ from finetune import FinetuneError
 from finetune.config import GenerationParams, ModelSpec
 from finetune.generate import BatchJob, StopFilter, TextStream, stream_batch, threads_per_generation
 from finetune.models import ModelPool
-from finetune.templates import conversation_prompt, get_template
+from finetune.templates import Template, conversation_prompt, get_template
 
 
 class BackendError(FinetuneError):
@@ -47,6 +47,23 @@ class Backend(ABC):
     @abstractmethod
     def stream(self, messages: list[dict], params: GenerationParams) -> TextStream: ...
 
+    @property
+    def engine(self) -> str:
+        """What computes the answers, for the stats line ("transformers", "llama.cpp", a server's host)."""
+        return ""
+
+
+def column_label(source: str, adapter: str | Path | None, adapter_label: str | None = None) -> str:
+    """A local column's model name: the model, plus the adapter's name. The same whichever engine answers, so votes
+    for a model add up on one leaderboard row."""
+    return source if adapter is None else f"{source} + {adapter_label or Path(adapter).name}"
+
+
+def template_stops(template: Template, params: GenerationParams) -> tuple[str, ...]:
+    """Where a text template's answer ends (its next header, and the caller's stops); a chat template's ends at the
+    model's end-of-turn token instead."""
+    return () if template.chat else tuple(dict.fromkeys(template.stop + params.stop))
+
 
 @dataclass
 class LocalBackend(Backend):
@@ -60,9 +77,11 @@ class LocalBackend(Backend):
 
     @property
     def label(self) -> str:
-        if self.adapter is None:
-            return self.spec.source
-        return f"{self.spec.source} + {self.adapter_label or Path(self.adapter).name}"
+        return column_label(self.spec.source, self.adapter, self.adapter_label)
+
+    @property
+    def engine(self) -> str:
+        return "transformers"
 
     def stream(self, messages: list[dict], params: GenerationParams) -> TextStream:
         return stream_all({"answer": self}, {"answer": messages}, params)["answer"]
@@ -81,7 +100,7 @@ def _local_job(
                 job.adapter_names[i] = pool.get_with_adapter(spec, backend.adapter)[1]
             template = get_template(backend.template)
             job.prompts[i] = conversation_prompt(template, messages, entry.tokenizer)
-            job.stops[i] = tuple(dict.fromkeys(template.stop + params.stop)) if not template.chat else ()
+            job.stops[i] = template_stops(template, params)
         except Exception as e:  # noqa: BLE001 (whatever breaks one row's adapter must not fail the others)
             job.errors[i] = e
     return job
@@ -133,6 +152,10 @@ class OpenAIBackend(Backend):
     @property
     def label(self) -> str:
         return self._label or f"{self.model} @ {self.host}"
+
+    @property
+    def engine(self) -> str:
+        return self.host
 
     @property
     def host(self) -> str:
@@ -276,6 +299,7 @@ class StreamState:
     error: str | None = None
     chunks: int = 0
     started: float = 0.0
+    engine: str = ""  # what answered ("transformers", "llama.cpp", a server's host): `Backend.engine`
     first_token_s: float | None = None  # time to first token
     elapsed_s: float = 0.0
     tokens: int | None = None  # set at the end when the caller gave a token counter

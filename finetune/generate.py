@@ -219,6 +219,13 @@ class RowText:
         if self.filter.stopped:
             self.finish()
 
+    def drain(self) -> Iterator[str]:
+        """The row's text chunks as they arrive; an error put in the queue is raised here, in the reader's thread."""
+        while (item := self.queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
     def finish(self, error: BaseException | None = None) -> None:
         if self.done:
             return
@@ -396,10 +403,7 @@ def stream_batch(build_job: Callable[[], BatchJob], n_rows: int, threads: int | 
                 state["thread"].start()
         row = rows[i]
         try:
-            while (item := row.queue.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from row.drain()
         finally:
             row.closed = True
             out.tokens = row.tokens

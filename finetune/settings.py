@@ -19,6 +19,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from finetune.config import _coerce  # numbers and booleans as a YAML recipe's: the same words, the same errors
 
@@ -46,9 +47,16 @@ class Settings:
     max_new_tokens: int = field(
         default=512, metadata={"env": "FINETUNE_MAX_NEW_TOKENS", "help": "Upper bound on generated tokens per answer."}
     )
+    arena_engine: Literal["auto", "llama.cpp", "transformers"] = field(
+        default="auto",
+        metadata={"env": "FINETUNE_ARENA_ENGINE", "help": "What answers the Arena's local columns: llama.cpp (the "
+                  "GGUF files as shipped; auto: where it is installed and the app runs on a CPU) or transformers."},
+    )  # fmt: skip
     generation_concurrency: int = field(
-        default=2, metadata={"env": "FINETUNE_GEN_CONCURRENCY", "help": "Arena requests served at once."}
-    )
+        default=0,
+        metadata={"env": "FINETUNE_GEN_CONCURRENCY", "help": "Arena requests served at once (0: 24 on llama.cpp, "
+                  "which decodes them together; 2 on transformers)."},
+    )  # fmt: skip
     serve_url: str = field(
         default="",
         metadata={"env": "FINETUNE_SERVE_URL", "help": "Serving engine (vLLM with LoRA) for the Arena's base and "

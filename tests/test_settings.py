@@ -18,7 +18,7 @@ def test_defaults_from_an_empty_environment():
     s = Settings.from_env({})
     assert s == Settings()
     assert (s.base_model, s.reference_model) == ("gemma-3-270m", "smollm2-135m-instruct")
-    assert (s.max_new_tokens, s.generation_concurrency) == (512, 2)
+    assert (s.max_new_tokens, s.generation_concurrency, s.arena_engine) == (512, 0, "auto")
     assert (s.max_upload_mb, s.max_train_steps, s.max_queued_runs) == (100.0, 2000, 2)
     assert s.home == Path.home() / ".cache" / "finetune-workbench" and s.model_cache is None
     assert (s.auth, s.admins, s.app_device, s.model_budget_gb) == ("", ("admin",), "auto", 0.0)

@@ -17,12 +17,14 @@ import pandas as pd
 
 from finetune import FinetuneError
 from finetune.arena import (
+    ENGINES,
     LABELS,
     NO_ADAPTER,
     ROLES,
     ArenaSession,
     ArenaSetup,
     RoundClock,
+    arena_concurrency,
     ask,
     battles,
     example_questions,
@@ -67,6 +69,8 @@ def _stats(col: StreamState | None) -> str:
         parts.append(f"{col.tokens} tokens")
     if col.tokens_per_s is not None:
         parts.append(f"{col.tokens_per_s:.1f} tokens/s")
+    if col.engine:
+        parts.append(col.engine)
     return " · ".join(parts) + ("" if col.done else " · streaming…")
 
 
@@ -143,11 +147,12 @@ def build_arena_tab(
     """
     store = store or VoteStore()
     clock = RoundClock()
+    concurrency = arena_concurrency(settings)
     adapters = adapter_choices()
     gr.Markdown(
         "Ask one question; the **base** model (pretrained), the **tuned** model (the same base + your LoRA "
-        "adapter) and a **reference** instruct model answer side by side. Base and tuned run in one batched "
-        "pass on one shared model. Turn on **blind mode** to vote without seeing names."
+        "adapter) and a **reference** instruct model answer side by side, each column's line saying what answered "
+        "(llama.cpp or transformers). Turn on **blind mode** to vote without seeing names."
     )
     session = gr.State(None)
     # The question and the three columns fit the first screen (1366x768); models and settings are folded below.
@@ -168,7 +173,7 @@ def build_arena_tab(
             vote = gr.Button("Vote", variant="primary", scale=1)
         verdict = gr.Markdown()
     settings_line = gr.Markdown()
-    wait_line = gr.Markdown(lambda: _wait_line(clock, settings.generation_concurrency))
+    wait_line = gr.Markdown(lambda: _wait_line(clock, concurrency))
     gr.Examples([[q] for q in example_questions()], inputs=question, label="Examples (lamini_docs test questions)")
     with gr.Accordion("Models and settings", open=False):
         with gr.Row():
@@ -207,6 +212,11 @@ def build_arena_tab(
                 settings.serve_model, label="Base model's name on that server", placeholder="the base model above"
             )
             serve_fallback = gr.Checkbox(value=False, label="If the server fails, answer base and tuned in this app")
+            engine = gr.Radio(
+                list(ENGINES),
+                value=settings.arena_engine,
+                label="Local columns on (auto: llama.cpp where it is installed and the app runs on a CPU)",
+            )
         with gr.Row():
             max_new_tokens = gr.Slider(
                 16, settings.max_new_tokens, value=min(128, settings.max_new_tokens), step=16, label="Max new tokens"
@@ -228,7 +238,7 @@ def build_arena_tab(
         question=question, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
         blind=blind, base_model=base_model, adapter=adapter, template=template, reference_model=reference_model,
         endpoint_url=endpoint_url, endpoint_model=endpoint_model, api_key_env=key_env, api_key=api_key,
-        serve_url=serve_url, serve_model=serve_model, serve_fallback=serve_fallback, state=session,
+        serve_url=serve_url, serve_model=serve_model, serve_fallback=serve_fallback, engine=engine, state=session,
     )  # fmt: skip
 
     @user_errors
@@ -251,6 +261,7 @@ def build_arena_tab(
         serve_url: str | None,
         serve_model: str | None,
         serve_fallback: bool,
+        engine: str | None,
         state: ArenaSession | None,
     ):
         if state is None or state.blind != blind:
@@ -268,6 +279,7 @@ def build_arena_tab(
             serve_url=serve_url or "",
             serve_model=serve_model or "",
             serve_fallback=bool(serve_fallback),
+            engine=engine or "auto",
         )
         params = GenerationParams(
             max_new_tokens=max(1, min(int(max_new_tokens), settings.max_new_tokens)),
@@ -286,13 +298,13 @@ def build_arena_tab(
     @functools.wraps(run)
     def timed_round(**form_values):
         # The round clock stays in this process: a ZeroGPU worker would time its own copy of it.
-        started, waiting = time.perf_counter(), _wait_line(clock, settings.generation_concurrency)
+        started, waiting = time.perf_counter(), _wait_line(clock, concurrency)
         for values in answer(**form_values):
             yield *values, waiting
         clock.add(time.perf_counter() - started)
 
     answers = [*chats, *stats, session, settings_line, question, vote_box, verdict, wait_line]
-    queued = dict(concurrency_limit=settings.generation_concurrency, concurrency_id="arena")
+    queued = dict(concurrency_limit=concurrency, concurrency_id="arena")
     gr.on([send.click, question.submit], timed_round, None, answers, inputs_kwargs=form, api_name="arena", **queued)
 
     def asked_if_filled(**form_values):
@@ -358,7 +370,7 @@ def build_arena_tab(
         tab.select(refresh_adapters, adapter, adapter, api_visibility="private")
         tab.select(lambda: _leaderboard(store), None, [board, csv_file], api_visibility="private")
         tab.select(
-            lambda: _wait_line(clock, settings.generation_concurrency), None, wait_line, api_visibility="private"
+            lambda: _wait_line(clock, concurrency), None, wait_line, api_visibility="private"
         )
         tab.select(*pairs_view, api_visibility="private")
     return {"question": question, "adapter": adapter, "answer_after": answer_after}
