@@ -38,7 +38,7 @@ lint: install-dev
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.llama
 install-dev: $(VENV)/.installed-dev
 
 $(PY):
@@ -57,10 +57,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt $(VEN
 	$(PIP) install -q --no-deps -r requirements-nodeps.txt
 	@touch $@
 
+# The Arena's llama.cpp engine (finetune/llamacpp.py): pip builds it from source, about 5 minutes on 2 cores, with a
+# C/C++ compiler and cmake. Where it cannot, the app runs without it (the Arena answers with transformers); tried once.
+$(VENV)/.llama: $(VENV)/.installed
+	@$(PIP) install -q $(CONSTRAINTS) -e ".[llama]" || echo "llama-cpp-python did not build here (it needs a C/C++ \
+	  compiler and cmake): the Arena answers with transformers. Install them and run: rm $@ && make install" >&2
+	@touch $@
+
 $(VENV)/.installed-dev: pyproject.toml constraints.txt requirements-nodeps.txt $(VENV)/.torch
 	$(PIP) install -q $(CONSTRAINTS) -e ".[dev]"
 	$(PIP) install -q --no-deps -r requirements-nodeps.txt
-	@touch $@ $(VENV)/.installed
+	@touch $@ $(VENV)/.installed $(VENV)/.llama
 
 # After the suite passed with newer versions (`make install-dev CONSTRAINTS=`, `make test`): record them.
 lock:

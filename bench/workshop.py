@@ -1,16 +1,19 @@
 """Workshop capacity: how many participants one machine serves in the Arena, with the real embedded models.
 
-    python bench/workshop.py [--quick] [--users 1,2,4,8,16,32] [--max-new-tokens 48] [--cpu-class native]
+    python bench/workshop.py [--quick] [--users 1,2,4,8,16,24,32] [--engines llama.cpp,transformers]
 
-Starts the app as `python app.py` does (its own process, a fresh data dir, the embedded Gemma-3-270M base and
-SmolLM2-135M-Instruct reference, `FINETUNE_GEN_CONCURRENCY` answers at once) on 127.0.0.1, then for each N drives N
-simulated participants, each a gradio_client like a browser in the room: ask a held-out lamini_docs question in blind
-mode, wait for the streamed answer of all three columns, vote. The N ask at the same moment (the host says "go"),
-each `--answers` // N questions in a row (at least one), so every N is measured on about the same number of answers.
+For each engine of the Arena's local columns (`FINETUNE_ARENA_ENGINE`: llama.cpp, the GGUF files as shipped, all open
+answers decoded together; transformers, `FINETUNE_GEN_CONCURRENCY` answers at once), starts the app as `python app.py`
+does (its own process, a fresh data dir, the embedded Gemma-3-270M base and SmolLM2-135M-Instruct reference) on
+127.0.0.1, then for each N drives N simulated participants, each a gradio_client like a browser in the room: ask a
+held-out lamini_docs question in blind mode, wait for the streamed answer of all three columns, vote. The N ask at the
+same moment (the host says "go"), each `--answers` // N questions in a row (at least one), so every N is measured on
+about the same number of answers.
 
 Prints per N: answers per minute, p50/p95 time to the first token and to the full answer (as a participant waits:
-the queue included), errors; then the largest N whose p95 full answer stays under 30 s. `--quick`: N = 1, 2, 4 and
-16 new tokens (a few minutes). The tuned column uses the newest run trained on Gemma, or a random LoRA (r=16).
+the queue included), errors; then per engine the largest N whose p95 full answer stays under 30 s (an engine stops at
+the first N past it: more participants only wait longer). `--quick`: N = 1, 2, 4 and 16 new tokens (a few minutes).
+The tuned column uses the newest run trained on Gemma, or a random LoRA (r=16).
 With FINETUNE_SERVE_URL set (see README, "A workshop room"), base and tuned come from that serving engine.
 The simulated participants run on the same cores as the app: their share is small (a poll every 50 ms each) but
 not zero, and the load average printed with the table says what else was running.
@@ -183,7 +186,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 1, 2, 4; 16 new tokens; 4 answers per N.")
-    parser.add_argument("--users", default="1,2,4,8,16,32", help="The N to measure, comma-separated.")
+    parser.add_argument("--users", default="1,2,4,8,16,24,32", help="The N to measure, comma-separated.")
+    parser.add_argument("--engines", default="llama.cpp,transformers", help="Engines of the local columns.")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--answers", type=int, default=8, help="Answers per N at least (N participants ask N).")
     parser.add_argument("--adapter", help="Adapter folder for the tuned column (default: newest run, else random).")
@@ -192,43 +196,51 @@ def main() -> None:
     if args.quick:
         users, args.max_new_tokens, args.answers = [n for n in users if n <= 4], 16, 4
 
+    from finetune.arena import arena_concurrency
     from finetune.config import ModelSpec
     from finetune.models import BASE_MODEL, load_model
+    from finetune.settings import Settings
 
     print(f"machine: {machine()}; {load_note()} at start")
     questions = held_out_questions()
+    serving = os.environ.get("FINETUNE_SERVE_URL") or "this app's process"
+    rows, headlines = [], []
     with tempfile.TemporaryDirectory(prefix="workshop-") as tmp:
         adapter, note = pick_adapter(BASE_MODEL, lambda: load_model(ModelSpec(BASE_MODEL))[0], tmp, args.adapter)
-        env = {"FINETUNE_HOME": str(Path(tmp) / "home"), "GRADIO_ANALYTICS_ENABLED": "False"}
-        env["FINETUNE_MODEL_CACHE"] = os.environ.get("FINETUNE_MODEL_CACHE") or str(
-            Path.home() / ".cache" / "finetune-workbench" / "models"
-        )  # the converted models stay where they are
-        started = time.perf_counter()
-        with app_server(env) as url:
-            print(f"app served in {time.perf_counter() - started:.1f} s; tuned column: {note}")
-            warm = ask_and_vote(client(url), "What is Lamini?", args.max_new_tokens, str(adapter.path))
-            if warm.error:  # loads both models and the adapter, off the clock
-                sys.exit(f"warm-up round failed: {warm.error}")
-            rows = []
-            for n in users:
-                rounds = max(1, args.answers // n)
-                rows.append(measure(url, n, questions, args.max_new_tokens, str(adapter.path), rounds))
-                print(f"N={n}: {rows[-1]['answers']} answers, {rows[-1]['errors']} errors", flush=True)
-    serving = os.environ.get("FINETUNE_SERVE_URL") or "this app's process"
-    concurrency = os.environ.get("FINETUNE_GEN_CONCURRENCY") or "2"
+        for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
+            env = {"FINETUNE_HOME": str(Path(tmp) / engine), "GRADIO_ANALYTICS_ENABLED": "False",
+                   "FINETUNE_ARENA_ENGINE": engine}  # fmt: skip
+            env["FINETUNE_MODEL_CACHE"] = os.environ.get("FINETUNE_MODEL_CACHE") or str(
+                Path.home() / ".cache" / "finetune-workbench" / "models"
+            )  # the converted models stay where they are
+            concurrency = arena_concurrency(Settings.from_env({**os.environ, **env}))
+            started = time.perf_counter()
+            with app_server(env) as url:
+                print(f"{engine}: app served in {time.perf_counter() - started:.1f} s; tuned column: {note}")
+                warm = ask_and_vote(client(url), "What is Lamini?", args.max_new_tokens, str(adapter.path))
+                if warm.error:  # loads both models and the adapter, off the clock
+                    sys.exit(f"warm-up round failed: {warm.error}")
+                measured = []
+                for n in users:
+                    rounds = max(1, args.answers // n)
+                    row = measure(url, n, questions, args.max_new_tokens, str(adapter.path), rounds)
+                    measured.append({"engine": engine, "answered at once": concurrency, **row})
+                    print(f"{engine} N={n}: {row['answers']} answers, {row['errors']} errors", flush=True)
+                    if row["errors"] or row["full answer p95 s"] > LIMIT_S:
+                        break  # more participants only wait longer
+            rows += measured
+            fits = capacity(measured)
+            worst = next((r for r in measured if r["participants"] == fits), None)
+            bound = "at least " if fits is not None and fits == max(users) else ""  # the largest N measured fits
+            at = f" ({worst['full answer p95 s']:.1f} s p95, {worst['answers/min']:.1f} answers/min)" if worst else ""
+            headlines.append(f"{engine} {bound}{fits or 0} participants{at}")
     print(
         f"\n{args.max_new_tokens} new tokens at most, greedy, blind rounds with a vote; base and tuned on {serving}; "
-        f"{concurrency} answers generated at once, the others queued"
+        "'answered at once': Arena rounds the app serves together, the others queued"
     )
     print(table(rows, "Workshop: N participants ask the Arena at once"))
     print(f"{load_note()} at end")
-    fits = capacity(rows)
-    worst = next((r for r in rows if r["participants"] == fits), None)
-    bound = "at least " if fits is not None and fits == max(users) else ""  # the largest N measured still fits
-    print(
-        f"headline: capacity {bound}{fits or 0} participants (largest N with p95 full answer <= {LIMIT_S:.0f} s"
-        + (f": {worst['full answer p95 s']:.1f} s, {worst['answers/min']:.1f} answers/min)" if worst else ")")
-    )
+    print(f"headline: capacity (largest N with p95 full answer <= {LIMIT_S:.0f} s): {'; '.join(headlines)}")
 
 
 if __name__ == "__main__":

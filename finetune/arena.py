@@ -310,14 +310,15 @@ def local_engine(choice: str = "auto") -> str:
 
 def arena_concurrency(settings: Settings) -> int:
     """Arena rounds answered at once: FINETUNE_GEN_CONCURRENCY, else as many as llama.cpp decodes together (it
-    batches every open answer), or 2 on transformers (two generations already share the cores)."""
+    batches every open answer) when the base model answers on it, or 2 on transformers (two generations already
+    share the cores)."""
     if settings.generation_concurrency > 0:
         return settings.generation_concurrency
     try:
         engine = local_engine(settings.arena_engine)
     except FinetuneError:  # llama.cpp asked for but missing: each round says so
         engine = "transformers"
-    return llamacpp.SLOTS if engine == "llama.cpp" else 2
+    return llamacpp.SLOTS if engine == "llama.cpp" and llamacpp.gguf_of(settings.base_model) else 2
 
 
 def _local_column(

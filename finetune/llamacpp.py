@@ -201,7 +201,8 @@ class _Context:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.active)
+        """Answers wait or are under way (an answer that ended gives back its slot at the next step)."""
+        return bool(self.waiting) or any(not a.gone for a in self.active)
 
     def admit(self) -> None:
         """Waiting answers take free slots, first come first served (under the engine's lock)."""
@@ -217,8 +218,7 @@ class _Context:
     def step(self, threads: int) -> None:
         """One decode: the next token of every answer under way, and prompt tokens of the new ones up to BATCH."""
         lib = _lib()
-        for answer in [a for a in self.active if a.gone]:
-            self._release(answer)
+        self._release_gone()  # readers that went away since the last step
         if not self.active:
             return
         if threads != self.threads:
@@ -249,6 +249,7 @@ class _Context:
                     logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx.ctx, i), (self.model.n_vocab,))
                     _penalize(logits, a.seen, a.params.repetition_penalty)
                 self._emit(a, lib.llama_sampler_sample(a.sampler.sampler, self.ctx.ctx, i))
+        self._release_gone()  # finished answers give back their slot now: the context may be idle after this step
 
     def _emit(self, a: _Answer, token: int) -> None:
         if self.model.is_end(token):
@@ -263,12 +264,13 @@ class _Context:
             a.row.finish()
         a.next = token
 
-    def _release(self, answer: _Answer) -> None:
-        _lib().llama_memory_seq_rm(self.ctx.memory, answer.seq, -1, -1)
-        self.free_seqs.append(answer.seq)
-        self.reserved -= answer.need
-        self.active.remove(answer)
-        answer.row.finish()
+    def _release_gone(self) -> None:
+        for answer in [a for a in self.active if a.gone]:
+            _lib().llama_memory_seq_rm(self.ctx.memory, answer.seq, -1, -1)
+            self.free_seqs.append(answer.seq)
+            self.reserved -= answer.need
+            self.active.remove(answer)
+            answer.row.finish()
 
     def close(self) -> None:
         _lib().llama_batch_free(self.batch)
@@ -325,6 +327,7 @@ class LlamaEngine:
         self._models: dict[Path, GGUFModel] = {}
         self._contexts: dict[tuple[Path, Path | None], _Context] = {}
         self._thread: threading.Thread | None = None
+        self._retired: list[_Context] = []  # evicted contexts, freed by the scheduler thread (it may be stepping one)
 
     @classmethod
     def shared(cls) -> LlamaEngine:
@@ -344,19 +347,27 @@ class LlamaEngine:
                     raise FinetuneError(f"llama.cpp could not load {path.name}: {e}") from None
             return self._models[path]
 
-    def _context(self, model: GGUFModel, lora: Path | None) -> _Context:
+    def _context(self, model: GGUFModel, lora: Path | None, answer: _Answer | None = None) -> _Context:
+        """The context for `model` with `lora`, made where there is none; `answer` joins its queue before any other
+        caller can retire it."""
         key = (model.path, lora)
         with self._load:
             with self._cv:
                 context = self._contexts.get(key)
-                idle = sorted((c.used, k) for k, c in self._contexts.items() if not c.busy and k != key)
-                evicted = [self._contexts.pop(k) for _, k in idle[: max(0, len(self._contexts) + 1 - MAX_CONTEXTS)]]
-            for old in evicted if context is None else []:
-                old.close()
+                if context is None:  # the least recently used idle contexts go; the scheduler frees them
+                    idle = sorted((c.used, k) for k, c in self._contexts.items() if not c.busy)
+                    excess = max(0, len(self._contexts) + 1 - MAX_CONTEXTS)
+                    self._retired += [self._contexts.pop(k) for _, k in idle[:excess]]
             if context is None:
                 context = _Context(model, lora, self.slots, self.per_slot)
-                with self._cv:
-                    self._contexts[key] = context
+            with self._cv:
+                self._contexts[key] = context
+                if answer is not None:
+                    context.waiting.append(answer)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="llama.cpp", daemon=True)
+                    self._thread.start()
+                self._cv.notify()  # an answer to decode, or contexts to free
             return context
 
     def answer(
@@ -366,21 +377,15 @@ class LlamaEngine:
         """The answer's text chunks as they are decoded, cut at the first of `stops`; closing it frees its slot.
         `out`: the TextStream this feeds, told the number of tokens at the end."""
         ids = model.tokenize(prompt)
-        context = self._context(model, lora)
         answer = _Answer(ids, params, RowText(), _sampler(params), seen=list(ids))
-        limit = min(context.capacity, model.llama.n_ctx_train())
+        limit = min(self.slots * self.per_slot, model.llama.n_ctx_train())
         if answer.need > limit:
             raise FinetuneError(
                 f"This conversation ({len(ids)} tokens, and {params.max_new_tokens} new) is longer than "
                 f"{model.path.stem} reads here ({limit} tokens): clear the Arena and ask again."
             )
         answer.row.filter = StopFilter(stops)
-        with self._cv:
-            context.waiting.append(answer)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="llama.cpp", daemon=True)
-                self._thread.start()
-            self._cv.notify()
+        self._context(model, lora, answer)
         try:
             yield from answer.row.drain()
         finally:
@@ -391,10 +396,13 @@ class LlamaEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (busy := [c for c in self._contexts.values() if c.busy]):
+                while not (busy := [c for c in self._contexts.values() if c.busy]) and not self._retired:
                     self._cv.wait()
+                retired, self._retired = self._retired, []
                 for context in busy:
                     context.admit()
+            for context in retired:
+                context.close()
             threads = self.free_cores()
             for context in busy:
                 try:

@@ -94,6 +94,17 @@ def test_closing_a_stream_frees_its_slot_for_the_next(smol):
     assert done, "the second answer never got the slot"
 
 
+def test_idle_contexts_beyond_the_limit_are_freed_and_answers_go_on(smol, monkeypatch):
+    monkeypatch.setattr(llamacpp, "MAX_CONTEXTS", 1)
+    engine = llamacpp.LlamaEngine(slots=1, per_slot=256)
+    gemma = engine.model(EMBEDDED[GEMMA].locate_gguf())
+    params = GenerationParams(max_new_tokens=4)
+    first = answer(engine, smol, qa_prompt("Hi?"), params)
+    assert answer(engine, gemma, qa_prompt("Hi?"), params)
+    assert [key[0] for key in engine._contexts] == [gemma.path]  # SmolLM2's context made way
+    assert answer(engine, smol, qa_prompt("Hi?"), params) == first
+
+
 def test_a_conversation_longer_than_the_context_gets_a_sentence(smol):
     small = llamacpp.LlamaEngine(slots=1, per_slot=64)
     with pytest.raises(FinetuneError, match="clear the Arena"):
@@ -124,6 +135,7 @@ def test_the_engine_is_chosen_and_said(monkeypatch):
     assert local_engine("auto") == "llama.cpp"  # installed here, and the app runs on the CPU
     assert arena_concurrency(Settings()) == llamacpp.SLOTS
     assert arena_concurrency(Settings(generation_concurrency=3)) == 3
+    assert arena_concurrency(Settings(base_model="HuggingFaceTB/SmolLM2-135M")) == 2  # no GGUF: transformers
     monkeypatch.setattr(llamacpp, "available", lambda: False)
     assert local_engine("auto") == "transformers" and arena_concurrency(Settings()) == 2
     with pytest.raises(FinetuneError, match="pip install llama-cpp-python"):
