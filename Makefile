@@ -13,6 +13,11 @@ CONSTRAINTS ?= -c constraints.txt
 TORCH ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
+# llama-cpp-python (the Arena's engine) is built without OpenMP: with it, ggml shares torch's libgomp, and once torch
+# has run in the app's process libgomp throttles its spin-waits, so ggml's barrier between every two operations
+# sleeps (decoding 1.8x slower on 2 cores). ggml's own threadpool does not.
+CMAKE_ARGS ?= -DGGML_OPENMP=OFF
+export CMAKE_ARGS
 
 .PHONY: install install-dev run test lint lock browser
 
@@ -59,12 +64,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt $(VEN
 
 # The Arena's llama.cpp engine (finetune/llamacpp.py): pip builds it from source, about 5 minutes on 2 cores, with a
 # C/C++ compiler and cmake. Where it cannot, the app runs without it (the Arena answers with transformers); tried once.
+# --no-cache-dir: a wheel pip built and cached before (with OpenMP, say) would be taken whatever CMAKE_ARGS says.
 $(VENV)/.llama: $(VENV)/.installed
-	@$(PIP) install -q $(CONSTRAINTS) -e ".[llama]" || echo "llama-cpp-python did not build here (it needs a C/C++ \
-	  compiler and cmake): the Arena answers with transformers. Install them and run: rm $@ && make install" >&2
+	@$(PIP) install -q $(CONSTRAINTS) --no-cache-dir -e ".[llama]" || echo "llama-cpp-python did not build here (it \
+	  needs a C/C++ compiler and cmake): the Arena answers with transformers. Install them, then: rm $@; make install" >&2
 	@touch $@
 
 $(VENV)/.installed-dev: pyproject.toml constraints.txt requirements-nodeps.txt $(VENV)/.torch
+	$(PIP) install -q $(CONSTRAINTS) --no-cache-dir llama-cpp-python  # a test dependency: built as above
 	$(PIP) install -q $(CONSTRAINTS) -e ".[dev]"
 	$(PIP) install -q --no-deps -r requirements-nodeps.txt
 	@touch $@ $(VENV)/.installed $(VENV)/.llama

@@ -1,8 +1,8 @@
 """GGUF export benchmark: a quick-start adapter taken home as GGUF files, read back by transformers and llama.cpp.
 
-    python bench/gguf.py                 # trains the guided path's recipe (recipes/quickstart_cpu.yaml, ~4 minutes)
-    python bench/gguf.py --quick         # the same recipe, 20 steps; 24/48 new tokens (answers/speed)
-    python bench/gguf.py --run RUN_DIR   # an existing run folder on the embedded Gemma-3-270M, no training
+    python bench/gguf_export.py          # trains the guided path's recipe (recipes/quickstart_cpu.yaml, ~4 minutes)
+    python bench/gguf_export.py --quick  # the same recipe, 20 steps; 24/48 new tokens (answers/speed)
+    python bench/gguf_export.py --run RUN_DIR   # an existing run folder on the embedded Gemma-3-270M, no training
 
 Measures issue 25's "Done when" on the embedded Gemma-3-270M:
 1. Export: the run merged into its base and written as f16 and q8_0 GGUF (`finetune.gguf_export.export_gguf`, each
@@ -33,15 +33,10 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from common import ROOT, FirstToken, load_note, machine, per_cpu_class, table
-
-# This file is named gguf.py, and its folder is first on the import path: without it there, `import gguf` (the export
-# writes with the `gguf` package) finds the package rather than this file.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 BASE = "gemma-3-270m"
 
