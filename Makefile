@@ -65,9 +65,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt $(VEN
 # The Arena's llama.cpp engine (finetune/llamacpp.py): pip builds it from source, about 5 minutes on 2 cores, with a
 # C/C++ compiler and cmake. Where it cannot, the app runs without it (the Arena answers with transformers); tried once.
 # --no-cache-dir: a wheel pip built and cached before (with OpenMP, say) would be taken whatever CMAKE_ARGS says.
+NO_LLAMA = llama-cpp-python did not build here (it needs a C/C++ compiler and cmake): the Arena answers with \
+  transformers. Install them, then: rm $(VENV)/.llama; make install
 $(VENV)/.llama: $(VENV)/.installed
-	@$(PIP) install -q $(CONSTRAINTS) --no-cache-dir -e ".[llama]" || echo "llama-cpp-python did not build here (it \
-	  needs a C/C++ compiler and cmake): the Arena answers with transformers. Install them, then: rm $@; make install" >&2
+	@$(PIP) install -q $(CONSTRAINTS) --no-cache-dir -e ".[llama]" || echo "$(NO_LLAMA)" >&2
 	@touch $@
 
 $(VENV)/.installed-dev: pyproject.toml constraints.txt requirements-nodeps.txt $(VENV)/.torch

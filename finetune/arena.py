@@ -21,11 +21,13 @@ import json
 import random
 import shutil
 import threading
+import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -51,6 +53,7 @@ from finetune.security import check_upload_size, extract_zip, safe_name
 from finetune.settings import Settings
 from finetune.votes import ROLES, Vote
 
+T = TypeVar("T")
 LABELS = ("A", "B", "C")  # blind names, by display position
 OUTCOMES = ("tie", "bad")  # votes that are not "this answer is best"
 COURSE_QUESTIONS = ("What do you think of Mars?",)
@@ -463,7 +466,38 @@ class RoundClock:
         return (sum(times) / len(times), len(times)) if times else None
 
 
-# --- votes ------------------------------------------------------------------------------------------
+_NOTHING = object()
+
+
+class Pace:
+    """How often the Arena's rounds in flight update their screens: together at most `per_s` updates a second, so each
+    of N rounds waits N / per_s seconds between two (the last state of a round is always sent). One update costs the
+    app's Python about 15 ms (the three chats built, diffed and sent): 16 rounds streaming every token took more of
+    2 cores than llama.cpp's decoding of them (`bench/workshop.py`)."""
+
+    def __init__(self, per_s: float = 20.0, clock: Callable[[], float] = time.monotonic):
+        self.per_s, self.clock = per_s, clock
+        self.rounds = 0
+        self._lock = threading.Lock()
+
+    def paced(self, updates: Iterator[T]) -> Iterator[T]:
+        """`updates` thinned to this round's share; the first and the last always pass."""
+        with self._lock:
+            self.rounds += 1
+        try:
+            last, held = float("-inf"), _NOTHING
+            for update in updates:
+                now = self.clock()
+                if now - last >= self.rounds / self.per_s:
+                    last, held = now, _NOTHING
+                    yield update
+                else:
+                    held = update
+            if held is not _NOTHING:
+                yield held
+        finally:
+            with self._lock:
+                self.rounds -= 1
 
 
 # --- votes as battles ---------------------------------------------------------------------------------

@@ -97,6 +97,10 @@ class GGUFModel:
         # process's stdout and stderr while loading, which other threads write to as well.
         self.llama = LlamaModel(path_model=str(self.path), params=lib.llama_model_default_params(), verbose=True)
         self.vocab, self.n_vocab = self.llama.vocab, self.llama.n_vocab()
+        # Looked up once, not per token: each call into llama.cpp lets go of the GIL, and with a room of Arena rounds
+        # the decoding thread then waits behind the app's other threads to get it back.
+        self.ends = frozenset(t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self.vocab, t))
+        self._pieces: dict[int, bytes] = {}
         meta = self.llama.metadata()
         specials = {"bos_token": self.llama.token_bos(), "eos_token": self.llama.token_eos()}
         self.tokenizer = PromptTokenizer(
@@ -115,16 +119,16 @@ class GGUFModel:
 
     def piece(self, token: int) -> bytes:
         """A token's bytes as text (control tokens: none, as `skip_special_tokens` decodes them)."""
-        lib, size = _lib(), 64
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = lib.llama_token_to_piece(self.vocab, token, buf, size, 0, False)
-            if n >= 0:
-                return buf.raw[:n]
-            size = -n
-
-    def is_end(self, token: int) -> bool:
-        return bool(_lib().llama_vocab_is_eog(self.vocab, token))
+        if token not in self._pieces:
+            lib, size = _lib(), 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = lib.llama_token_to_piece(self.vocab, token, buf, size, 0, False)
+                if n >= 0:
+                    break
+                size = -n
+            self._pieces[token] = buf.raw[:n]
+        return self._pieces[token]
 
 
 @dataclass(eq=False)
@@ -134,7 +138,7 @@ class _Answer:
     ids: list[int]
     params: GenerationParams
     row: RowText
-    sampler: object  # a llama.cpp sampler chain (`_sampler`)
+    sampler: object | None  # a llama.cpp sampler chain (`_sampler`); None: greedy
     seq: int = -1  # its sequence id in the context's KV cache while it holds a slot
     fed: int = 0  # prompt tokens decoded so far
     next: int | None = None  # the token sampled last: decoded at the next step
@@ -152,16 +156,16 @@ class _Answer:
 
 
 def _sampler(params: GenerationParams):
-    """llama.cpp's sampler chain for `params`, in transformers' order: temperature, top-p, then a draw."""
+    """llama.cpp's sampler chain for `params`, in transformers' order: temperature, top-p, then a draw; None for
+    greedy decoding (the step takes the argmax itself)."""
     from llama_cpp._internals import LlamaSampler
 
-    chain = LlamaSampler()
     if params.greedy:
-        chain.add_greedy()
-    else:
-        chain.add_temp(params.temperature)
-        chain.add_top_p(params.top_p, 1)
-        chain.add_dist(params.seed if params.seed is not None else _lib().LLAMA_DEFAULT_SEED)
+        return None
+    chain = LlamaSampler()
+    chain.add_temp(params.temperature)
+    chain.add_top_p(params.top_p, 1)
+    chain.add_dist(params.seed if params.seed is not None else _lib().LLAMA_DEFAULT_SEED)
     return chain
 
 
@@ -243,16 +247,21 @@ class _Context:
             for a in {id(a): a for a, *_ in items}.values():
                 a.row.finish(error)
             return
-        for i, (a, _, _, out) in enumerate(items):
-            if out and not a.gone:
-                if a.params.repetition_penalty != 1.0:
-                    logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx.ctx, i), (self.model.n_vocab,))
-                    _penalize(logits, a.seen, a.params.repetition_penalty)
+        rows = [(i, a) for i, (a, _, _, out) in enumerate(items) if out]  # llama.cpp keeps their logits in this order
+        logits = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx.ctx), (len(rows), self.model.n_vocab))
+        for k, (i, a) in enumerate(rows):
+            if a.gone:
+                continue
+            if a.params.repetition_penalty != 1.0:
+                _penalize(logits[k], a.seen, a.params.repetition_penalty)
+            if a.sampler is None:  # greedy: one argmax here rather than a call into llama.cpp per answer
+                self._emit(a, int(logits[k].argmax()))
+            else:
                 self._emit(a, lib.llama_sampler_sample(a.sampler.sampler, self.ctx.ctx, i))
         self._release_gone()  # finished answers give back their slot now: the context may be idle after this step
 
     def _emit(self, a: _Answer, token: int) -> None:
-        if self.model.is_end(token):
+        if token in self.model.ends:
             a.row.push(a.text.decode(b"", final=True))
             a.row.finish()
             return

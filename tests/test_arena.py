@@ -17,6 +17,7 @@ from finetune.arena import (
     NO_ADAPTER,
     ArenaSession,
     ArenaSetup,
+    Pace,
     Unavailable,
     ask,
     battles,
@@ -278,3 +279,20 @@ def test_the_tuned_column_carries_what_the_guided_path_measured(tmp_path, tiny_l
     blind = ArenaSession.start(blind=True)
     blind.notes = session.notes
     assert all("held-out" not in chat.label for chat in _chats(blind)[:3])  # blind: no names, no numbers
+
+
+def test_rounds_in_flight_share_the_screen_updates_and_each_sends_its_last():
+    now = [0.0]
+    pace = Pace(per_s=10, clock=lambda: now[0])
+
+    def updates(times):
+        for t in times:
+            now[0] = t
+            yield t
+
+    assert list(pace.paced(updates([0, 0.05, 0.1, 0.15, 0.31, 0.32]))) == [0, 0.1, 0.31, 0.32]
+    other = pace.paced(iter(range(3)))
+    next(other)  # a second round in flight: each gets half of the 10 updates a second
+    assert list(pace.paced(updates([0, 0.1, 0.2, 0.25]))) == [0, 0.2, 0.25]
+    other.close()
+    assert pace.rounds == 0

@@ -136,6 +136,10 @@ def test_the_engine_is_chosen_and_said(monkeypatch):
     assert arena_concurrency(Settings()) == llamacpp.SLOTS
     assert arena_concurrency(Settings(generation_concurrency=3)) == 3
     assert arena_concurrency(Settings(base_model="HuggingFaceTB/SmolLM2-135M")) == 2  # no GGUF: transformers
+    gpu = type("Machine", (), {"app_device": lambda self: "cuda:0"})()
+    with monkeypatch.context() as m:
+        m.setattr("finetune.arena.machine", lambda: gpu)
+        assert local_engine("auto") == "transformers"  # the app's models run on the GPU
     monkeypatch.setattr(llamacpp, "available", lambda: False)
     assert local_engine("auto") == "transformers" and arena_concurrency(Settings()) == 2
     with pytest.raises(FinetuneError, match="pip install llama-cpp-python"):

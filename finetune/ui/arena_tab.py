@@ -23,6 +23,7 @@ from finetune.arena import (
     ROLES,
     ArenaSession,
     ArenaSetup,
+    Pace,
     RoundClock,
     arena_concurrency,
     ask,
@@ -146,7 +147,7 @@ def build_arena_tab(
     `tab`: the Tab it sits in; opening it picks up adapters trained (and votes cast) since the page loaded.
     """
     store = store or VoteStore()
-    clock = RoundClock()
+    clock, pace = RoundClock(), Pace()
     concurrency = arena_concurrency(settings)
     adapters = adapter_choices()
     gr.Markdown(
@@ -299,7 +300,7 @@ def build_arena_tab(
     def timed_round(**form_values):
         # The round clock stays in this process: a ZeroGPU worker would time its own copy of it.
         started, waiting = time.perf_counter(), _wait_line(clock, concurrency)
-        for values in answer(**form_values):
+        for values in pace.paced(answer(**form_values)):  # a room of rounds shares the updates the app can send
             yield *values, waiting
         clock.add(time.perf_counter() - started)
 
