@@ -173,6 +173,44 @@ def capacity(rows: list[dict], limit_s: float = LIMIT_S) -> int | None:
     return max(fits, default=None)
 
 
+def engine_alone(n: int, questions: list[str], max_new_tokens: int, adapter: str) -> dict:
+    """N rounds (base, tuned and reference answers, greedy) asked of the llama.cpp engine at once, in this process:
+    no web server, no participants; what decoding alone takes."""
+    from finetune import llamacpp
+    from finetune.backends import template_stops
+    from finetune.config import GenerationParams
+    from finetune.generate import TextStream
+    from finetune.models import BASE_MODEL, REFERENCE_MODEL
+    from finetune.templates import conversation_prompt, get_template
+
+    engine = llamacpp.LlamaEngine()
+    base, ref = engine.model(llamacpp.gguf_of(BASE_MODEL)), engine.model(llamacpp.gguf_of(REFERENCE_MODEL))
+    lora = llamacpp.lora_gguf(adapter)
+    params = GenerationParams(max_new_tokens=max_new_tokens, stop=())
+    tokens = []
+
+    def column(model, lora_, question: str, template: str) -> None:
+        chosen = get_template(template)
+        prompt = conversation_prompt(chosen, [{"role": "user", "content": question}], model.tokenizer)
+        stops = template_stops(chosen, params)
+        stream = TextStream(lambda out: engine.answer(model, lora_, prompt, params, stops, out))
+        "".join(stream)
+        tokens.append(stream.tokens)
+
+    columns = [(m, lo, questions[i % len(questions)], t) for i in range(n)
+               for m, lo, t in ((base, None, "qa"), (base, lora, "qa"), (ref, None, "chat"))]  # fmt: skip
+    column(base, lora, "Warm up", "qa")
+    tokens.clear()
+    threads = [threading.Thread(target=column, args=c) for c in columns]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"rounds": n, "s": wall, "tokens/s": sum(tokens) / wall}
+
+
 def held_out_questions() -> list[str]:
     from finetune.config import DataConfig
     from finetune.data import load_splits
@@ -204,10 +242,12 @@ def main() -> None:
     print(f"machine: {machine()}; {load_note()} at start")
     questions = held_out_questions()
     serving = os.environ.get("FINETUNE_SERVE_URL") or "this app's process"
-    rows, headlines = [], []
+    rows, headlines, alone = [], [], []
     with tempfile.TemporaryDirectory(prefix="workshop-") as tmp:
         adapter, note = pick_adapter(BASE_MODEL, lambda: load_model(ModelSpec(BASE_MODEL))[0], tmp, args.adapter)
         for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
+            if engine == "llama.cpp":  # decoding alone, before any server or participant: one round, and the most
+                alone = [engine_alone(k, questions, args.max_new_tokens, str(adapter.path)) for k in (1, max(users))]
             env = {"FINETUNE_HOME": str(Path(tmp) / engine), "GRADIO_ANALYTICS_ENABLED": "False",
                    "FINETUNE_ARENA_ENGINE": engine}  # fmt: skip
             env["FINETUNE_MODEL_CACHE"] = os.environ.get("FINETUNE_MODEL_CACHE") or str(
@@ -240,6 +280,8 @@ def main() -> None:
     )
     print(table(rows, "Workshop: N participants ask the Arena at once"))
     print(f"{load_note()} at end")
+    if alone:
+        print(table(alone, "llama.cpp alone: N rounds asked of the engine at once in one process (no server)"))
     print(f"headline: capacity (largest N with p95 full answer <= {LIMIT_S:.0f} s): {'; '.join(headlines)}")
 
 
