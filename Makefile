@@ -62,7 +62,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt $(VEN
 	$(PIP) install -q --no-deps -r requirements-nodeps.txt
 	@touch $@
 
-# The Arena's llama.cpp engine (finetune/llamacpp.py): pip builds it from source, about 5 minutes on 2 cores, with a
+# The Arena's llama.cpp engine (finetune/llamacpp.py): pip builds it from source, 7 minutes on a 2-core EPYC, with a
 # C/C++ compiler and cmake. Where it cannot, the app runs without it (the Arena answers with transformers); tried once.
 # --no-cache-dir: a wheel pip built and cached before (with OpenMP, say) would be taken whatever CMAKE_ARGS says.
 NO_LLAMA = llama-cpp-python did not build here (it needs a C/C++ compiler and cmake): the Arena answers with \

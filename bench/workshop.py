@@ -131,6 +131,17 @@ def ask_and_vote(browser, question: str, max_new_tokens: int, adapter: str) -> A
     return answer
 
 
+def at_once(target, calls: list[tuple]) -> float:
+    """Seconds until `target(*args)` has returned for every args of `calls`, each started in its own thread at once."""
+    threads = [threading.Thread(target=target, args=args) for args in calls]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def measure(url: str, n: int, questions: list[str], max_new_tokens: int, adapter: str, rounds: int = 1) -> dict:
     """N participants ask at the same moment, `rounds` questions each, one after the other; one table row."""
     browsers = [client(url) for _ in range(n)]  # connected before the clock starts, as open browser tabs are
@@ -144,13 +155,7 @@ def measure(url: str, n: int, questions: list[str], max_new_tokens: int, adapter
             with lock:
                 answers.append(answer)
 
-    threads = [threading.Thread(target=participant, args=(i,)) for i in range(n)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = at_once(participant, [(i,) for i in range(n)])
     served = [a for a in answers if a.error is None]
     first, full = [a.first_s for a in served], [a.full_s for a in served]
     return {
@@ -201,13 +206,7 @@ def engine_alone(n: int, questions: list[str], max_new_tokens: int, adapter: str
                for m, lo, t in ((base, None, "qa"), (base, lora, "qa"), (ref, None, "chat"))]  # fmt: skip
     column(base, lora, "Warm up", "qa")
     tokens.clear()
-    threads = [threading.Thread(target=column, args=c) for c in columns]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = at_once(column, columns)
     return {"rounds": n, "s": wall, "tokens/s": sum(tokens) / wall}
 
 

@@ -46,6 +46,9 @@ from finetune.templates import conversation_prompt, get_template
 SLOTS = 24  # answers each context decodes at once (a workshop room); more wait for a free slot
 CONTEXT_PER_SLOT = 1024  # tokens of prompt and answer per slot on average: the slots share one KV cache
 BATCH = 512  # tokens of one decoding step: longer prompts are fed over several steps
+# Tokens llama.cpp computes at once within a step. Its work buffer holds the logits of that many: 64 x Gemma's 262k
+# words is 64 MiB where 512 took 514 MiB per context; a decoding step of a room's answers fits in 64.
+UBATCH = 64
 GGML_LOG_LEVEL_ERROR = 4  # ggml.h: debug 1, info 2, warn 3, error 4 (older than llama_cpp._logger's table)
 MAX_CONTEXTS = 4  # base, tuned, reference and one more adapter; the least recently used idle one is freed first
 
@@ -185,7 +188,7 @@ class _Context:
         lib = _lib()
         params = lib.llama_context_default_params()
         params.n_ctx, params.n_seq_max = slots * per_slot, slots
-        params.n_batch = params.n_ubatch = BATCH
+        params.n_batch, params.n_ubatch = BATCH, UBATCH
         params.kv_unified = True  # one cache shared by the slots: a long conversation may take what short ones leave
         self.model, self.lora, self.capacity = model, lora, slots * per_slot
         self.ctx = LlamaContext(model=model.llama, params=params, verbose=True)
