@@ -10,12 +10,14 @@ Why llama.cpp: decoding a small model on a CPU is bound by reading its weights, 
 as they are (a quarter of bfloat16's bytes, no conversion). Why one engine: each context (a model with one LoRA
 adapter, or none) holds up to `slots` answers, and one scheduler thread decodes the contexts in turn with the free
 cores; each step is one new token of every open answer plus the prompts of the newly asked (continuous batching, as
-llama.cpp's server does), so a room of participants costs little more per step than one. Two decodes at once, or more
-threads than free cores, wait on each other at every operation (2-core EPYC beside one busy core: 1 thread 42 tokens/s,
-2 threads 30), hence one thread that decodes and `FreeCores` that counts what others use.
+llama.cpp's server does), so each weight is read once per step for the whole room (on 2 AVX2 cores the products are
+then bound by arithmetic: 24 rounds at once decode 2.1x the tokens per second of one, `bench/workshop.py`). Two decodes
+at once, or more threads than free cores, wait on each other at every operation (2-core EPYC beside one busy core:
+1 thread 42 tokens/s, 2 threads 30), hence one thread that decodes and `FreeCores` that counts what others use.
 
-`LlamaBackend` is an Arena column on this engine (a `finetune.backends.Backend`). It needs llama-cpp-python
-(`pip install llama-cpp-python`: pip builds it with a C compiler and cmake); `available()` says whether it is there.
+`LlamaBackend` is an Arena column on this engine (a `finetune.backends.Backend`). It needs llama-cpp-python, built
+without OpenMP (`CMAKE_ARGS=-DGGML_OPENMP=OFF pip install llama-cpp-python`, as the Makefile does: pip builds it with
+a C compiler and cmake); `available()` says whether it is there.
 """
 
 from __future__ import annotations
