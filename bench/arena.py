@@ -155,7 +155,7 @@ def main() -> None:
     from finetune.evaluate import answer_losses, mean_loss
     from finetune.generate import BASE_ADAPTER, CPU_THREADS, threads_per_generation
     from finetune.hardware import inference_dtype_name
-    from finetune.models import BASE_MODEL, REFERENCE_MODEL, ModelPool, load_model, model_bytes
+    from finetune.models import BASE_MODEL, REFERENCE_MODEL, ModelPool, embedded_gguf, load_model, model_bytes
     from finetune.templates import conversation_prompt, encode_row, get_template
 
     print(f"machine: {machine()}; {load_note()} at start")
@@ -219,7 +219,7 @@ def main() -> None:
             same = same_answers(pool, adapter, asked, tokenizer)
             template = get_template(backends["base"].template)
             encoded = [encode_row(tokenizer, template, row) for row in held_out.select(range(40))]
-            base_gguf, lora = llamacpp.gguf_of(BASE_MODEL), llamacpp.lora_gguf(adapter.path)
+            base_gguf, lora = embedded_gguf(BASE_MODEL), llamacpp.lora_gguf(adapter.path)
             tuned_name = pool.get_with_adapter(base_spec, adapter.path)[1]
             for label, names, gguf_lora in (("base", BASE_ADAPTER, None), ("tuned", tuned_name, lora)):
                 hf = mean_loss(answer_losses(base_entry.model, tokenizer, encoded, [names] * len(encoded)))
@@ -251,7 +251,7 @@ def main() -> None:
     if llama is not None:
         # Every llama.cpp step reads the GGUF's weights once per context: base and tuned contexts, and the reference.
         models = (("base", BASE_MODEL), ("ref", REFERENCE_MODEL))
-        gguf_bytes = {r: llamacpp.gguf_of(m).stat().st_size for r, m in models}
+        gguf_bytes = {r: embedded_gguf(m).stat().st_size for r, m in models}
         t = llama["tokens"]
         llama_bytes = (t["base"] + t["tuned"]) * gguf_bytes["base"] + t["reference"] * gguf_bytes["ref"]
         rows.append(row("Arena on llama.cpp (GGUF as shipped, one engine)", llama, llama_bytes))

@@ -185,11 +185,11 @@ def engine_alone(n: int, questions: list[str], max_new_tokens: int, adapter: str
     from finetune.backends import template_stops
     from finetune.config import GenerationParams
     from finetune.generate import TextStream
-    from finetune.models import BASE_MODEL, REFERENCE_MODEL
+    from finetune.models import BASE_MODEL, REFERENCE_MODEL, embedded_gguf
     from finetune.templates import conversation_prompt, get_template
 
     engine = llamacpp.LlamaEngine()
-    base, ref = engine.model(llamacpp.gguf_of(BASE_MODEL)), engine.model(llamacpp.gguf_of(REFERENCE_MODEL))
+    base, ref = engine.model(embedded_gguf(BASE_MODEL)), engine.model(embedded_gguf(REFERENCE_MODEL))
     lora = llamacpp.lora_gguf(adapter)
     params = GenerationParams(max_new_tokens=max_new_tokens, stop=())
     tokens = []

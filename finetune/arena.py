@@ -46,7 +46,7 @@ from finetune.config import DataConfig, GenerationParams, ModelSpec
 from finetune.engine import ServeEngine, lora_name
 from finetune.generate import TextStream
 from finetune.hardware import inference_dtype_name, machine
-from finetune.models import ModelPool, embedded_name
+from finetune.models import ModelPool, embedded_gguf, embedded_name
 from finetune.ratings import Battle
 from finetune.runs import ADAPTER_CONFIG, RunDir, adapter_label, is_adapter, list_runs, run_of_adapter
 from finetune.security import check_upload_size, extract_zip, safe_name
@@ -321,7 +321,7 @@ def arena_concurrency(settings: Settings) -> int:
         engine = local_engine(settings.arena_engine)
     except FinetuneError:  # llama.cpp asked for but missing: each round says so
         engine = "transformers"
-    return llamacpp.SLOTS if engine == "llama.cpp" and llamacpp.gguf_of(settings.base_model) else 2
+    return llamacpp.SLOTS if engine == "llama.cpp" and embedded_gguf(settings.base_model) else 2
 
 
 def _local_column(
@@ -330,18 +330,17 @@ def _local_column(
 ) -> Backend:  # fmt: skip
     """A local column on `engine`: llama.cpp where the model has a GGUF file (and the adapter exports to a GGUF
     LoRA), else transformers, `warn` told why when llama.cpp was asked for."""
-    gguf = llamacpp.gguf_of(source) if engine == "llama.cpp" else None
+    adapter, name = (info.path, info.name) if info is not None else (None, None)
+    gguf = embedded_gguf(source) if engine == "llama.cpp" else None
     if gguf is not None:
         try:
-            lora = llamacpp.lora_gguf(info.path) if info is not None else None
+            lora = llamacpp.lora_gguf(adapter) if adapter is not None else None
         except FinetuneError as e:
             if warn is not None:
                 warn(f"The tuned column answers with transformers: {e}")
         else:
-            adapter, name = (info.path, info.name) if info is not None else (None, None)
             return llamacpp.LlamaBackend(gguf, source, template, lora, adapter, name)
-    spec = ModelSpec(source, dtype=inference_dtype_name())
-    return LocalBackend(pool, spec, template, *((info.path, info.name) if info is not None else ()))
+    return LocalBackend(pool, ModelSpec(source, dtype=inference_dtype_name()), template, adapter, name)
 
 
 def make_backends(pool: ModelPool, setup: ArenaSetup, warn: Callable[[str], None] | None = None) -> dict[str, Backend]:
@@ -439,9 +438,8 @@ def ask(
     session.models = {r: b.label for r, b in backends.items()}
     session.params = asdict(params)
     streams = stream_all(backends, conversations, params)
-    for columns in merge_streams(streams, token_counters(streams)):
-        for role, column in columns.items():
-            column.engine = backends[role].engine
+    engines = {role: backend.engine for role, backend in backends.items()}
+    for columns in merge_streams(streams, token_counters(streams), engines):
         # The histories always hold what is on screen, so a follow-up question continues each column's own thread.
         for role, messages in conversations.items():
             session.histories[role] = messages + [{"role": "assistant", "content": columns[role].text.strip()}]

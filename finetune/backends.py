@@ -318,13 +318,16 @@ _DONE = object()
 def merge_streams(
     streams: dict[str, Iterator[str]],
     count_tokens: dict[str, Callable[[str], int]] | None = None,
+    engines: dict[str, str] | None = None,
 ) -> Iterator[dict[str, StreamState]]:
     """Run each stream in its own thread and yield the state of every column after each new chunk.
 
-    A stream that raises shows its error in its own column; the other columns keep streaming.
+    A stream that raises shows its error in its own column; the other columns keep streaming. `engines`: what
+    answers in each column (`Backend.engine`), kept in its state.
     """
     events: queue.Queue = queue.Queue()
-    columns = {name: StreamState(started=time.perf_counter()) for name in streams}
+    started = time.perf_counter()
+    columns = {name: StreamState(started=started, engine=(engines or {}).get(name, "")) for name in streams}
     stop = threading.Event()
 
     def pump(name: str, it: Iterator[str]) -> None:

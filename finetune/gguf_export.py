@@ -23,7 +23,7 @@ import torch
 
 from finetune import FinetuneError
 from finetune.export import adapter_and_config, merged_model
-from finetune.models import EMBEDDED, embedded_name
+from finetune.models import EMBEDDED, embedded_gguf, embedded_name
 from finetune.runs import ADAPTER_CONFIG, run_of_adapter
 from finetune.serving import serving_chat_template
 from finetune.templates import Template, conversation_prompt, get_template
@@ -45,14 +45,15 @@ def _gguf():
 
 def base_gguf(source: str) -> Path:
     """The base model's own GGUF file: the file an embedded model arrives as (named, or by its cache folder)."""
-    source = embedded_name(source) or source
-    if source not in EMBEDDED:
+    found = embedded_gguf(source)
+    if found is None:
+        name = embedded_name(source) or source
         raise FinetuneError(
-            f"GGUF export starts from the base model's own GGUF file, and {source} has none here (the embedded models "
+            f"GGUF export starts from the base model's own GGUF file, and {name} has none here (the embedded models "
             f"{', '.join(EMBEDDED)} do): export the merged model (`python -m finetune export RUN OUT`) and convert it "
             "with llama.cpp's convert_hf_to_gguf.py."
         )
-    return EMBEDDED[source].locate_gguf()
+    return found
 
 
 @dataclass

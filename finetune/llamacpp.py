@@ -42,7 +42,7 @@ from finetune import FinetuneError
 from finetune.backends import Backend, column_label, template_stops
 from finetune.config import GenerationParams
 from finetune.generate import CPU_THREADS, RowText, StopFilter, TextStream
-from finetune.models import EMBEDDED, embedded_name, model_cache
+from finetune.models import model_cache
 from finetune.templates import conversation_prompt, get_template
 
 SLOTS = 24  # answers each context decodes at once (a workshop room); more wait for a free slot
@@ -192,7 +192,7 @@ class _Context:
         params.n_ctx, params.n_seq_max = slots * per_slot, slots
         params.n_batch, params.n_ubatch = BATCH, UBATCH
         params.kv_unified = True  # one cache shared by the slots: a long conversation may take what short ones leave
-        self.model, self.lora, self.capacity = model, lora, slots * per_slot
+        self.model, self.capacity = model, slots * per_slot
         self.ctx = LlamaContext(model=model.llama, params=params, verbose=True)
         if lora is not None:
             adapter = lib.llama_adapter_lora_init(model.llama.model, str(lora).encode())
@@ -442,12 +442,6 @@ def lora_gguf(adapter: str | Path) -> Path:
         with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
             os.replace(export_gguf_lora(adapter, tmp), cached)
     return cached
-
-
-def gguf_of(source: str) -> Path | None:
-    """The GGUF file a model arrives as (the embedded models, by name or by their cache folder); None for others."""
-    name = embedded_name(source) or source
-    return EMBEDDED[name].locate_gguf() if name in EMBEDDED else None
 
 
 @dataclass

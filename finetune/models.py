@@ -121,6 +121,12 @@ def embedded_name(path: str | Path) -> str | None:
     return name if name in EMBEDDED and path.parent.resolve() == model_cache().resolve() else None
 
 
+def embedded_gguf(source: str) -> Path | None:
+    """The GGUF file a model arrives as: an embedded model's, named or by its cache folder; None for other models."""
+    name = embedded_name(source) or source
+    return EMBEDDED[name].locate_gguf() if name in EMBEDDED else None
+
+
 def cached_embedded(name: str) -> Path:
     """Folder of the safetensors copy of an embedded model, converting its GGUF on first use."""
     target = model_cache() / f"{name}{CACHE_SUFFIX}"
