@@ -98,8 +98,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export_gguf(args: argparse.Namespace) -> int:
-    from finetune.export import adapter_and_config
-    from finetune.gguf_export import base_gguf, export_gguf, export_gguf_lora
+    from finetune.gguf_export import export_gguf, export_gguf_lora
 
     if args.gguf:
         result = export_gguf(args.run, args.out, args.gguf, step=args.checkpoint)
@@ -108,8 +107,7 @@ def _export_gguf(args: argparse.Namespace) -> int:
         print(f"run it:\n{result.commands()}")
     if args.gguf_lora:
         lora = export_gguf_lora(args.run, args.out, step=args.checkpoint)
-        base = base_gguf(adapter_and_config(args.run, args.checkpoint)[1].model.source)
-        print(f"GGUF LoRA: {lora}\nrun it over the base model's own GGUF: llama-cli -m {base} --lora {lora}")
+        print(f"GGUF LoRA: {lora.gguf}\nrun it:\n{lora.commands()}")
     return 0
 
 

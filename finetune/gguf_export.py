@@ -234,14 +234,21 @@ def _write(writer) -> None:
 class GGUFExport:
     gguf: Path
     modelfile: Path | None  # None: the run's template has no Ollama form (a chat template with system turns, ...)
-    name: str  # the Ollama model name suggested
+    name: str  # the Ollama model's name suggested: the run's
+    lora_of: Path | None = None  # a GGUF LoRA: the base model's own GGUF file it runs over
 
     def commands(self) -> str:
+        if self.lora_of is not None:
+            return f"llama-cli -m {self.lora_of} --lora {self.gguf}   # llama.cpp, over the base model's own GGUF"
+        llama = f"llama-cli -m {self.gguf} --jinja   # llama.cpp, with the chat template inside the file"
         if self.modelfile is None:
-            return f"llama-cli -m {self.gguf} --jinja   # llama.cpp, with the chat template inside the file"
-        folder = self.modelfile.parent
-        return (f"cd {folder} && ollama create {self.name} -f Modelfile && ollama run {self.name}\n"
-                f"llama-cli -m {self.gguf} --jinja   # llama.cpp, with the chat template inside the file")  # fmt: skip
+            return llama
+        ollama = f"ollama create {self.name} -f Modelfile && ollama run {self.name}"
+        return f"cd {self.modelfile.parent} && {ollama}\n{llama}"
+
+
+def _ollama_name(name: str) -> str:
+    return name.lower().replace("_", "-")
 
 
 def _run_name(adapter: Path) -> str:
@@ -266,10 +273,10 @@ def export_gguf(path: str | Path, out_dir: str | Path, kind: str = "q8_0", step:
     if text is not None:
         modelfile_path = out_dir / "Modelfile"
         modelfile_path.write_text(text, encoding="utf-8")
-    return GGUFExport(gguf_path, modelfile_path, name.lower().replace("_", "-"))
+    return GGUFExport(gguf_path, modelfile_path, _ollama_name(name))
 
 
-def export_gguf_lora(path: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+def export_gguf_lora(path: str | Path, out_dir: str | Path, step: int | None = None) -> GGUFExport:
     """The adapter alone as a GGUF LoRA (`OUT/<run>-lora.gguf`), for llama.cpp's `--lora` and its server's per-request
     adapters over the base model's own GGUF file."""
     from safetensors.numpy import load_file
@@ -291,7 +298,8 @@ def export_gguf_lora(path: str | Path, out_dir: str | Path, step: int | None = N
     names = {hf: g for g, hf in _gguf_names(arch, list(pairs), config.num_hidden_layers).items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{_run_name(adapter)}-lora.gguf"
+    name = _run_name(adapter)
+    out = out_dir / f"{name}-lora.gguf"
     writer = gguf.GGUFWriter(out, arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -303,7 +311,7 @@ def export_gguf_lora(path: str | Path, out_dir: str | Path, step: int | None = N
         writer.add_tensor(f"{names[hf]}.lora_a", pair["A"])
         writer.add_tensor(f"{names[hf]}.lora_b", _to_gguf_layout(arch, names[hf], pair["B"], config))
     _write(writer)
-    return out
+    return GGUFExport(out, None, _ollama_name(name), lora_of=base)
 
 
 def _base_config(header: Header):

@@ -440,7 +440,7 @@ def lora_gguf(adapter: str | Path) -> Path:
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-            os.replace(export_gguf_lora(adapter, tmp), cached)
+            os.replace(export_gguf_lora(adapter, tmp).gguf, cached)
     return cached
 
 

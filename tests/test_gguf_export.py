@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from finetune.export import adapter_and_config, merged_model
 from finetune.gguf_export import (
     _gguf_names,
     _to_gguf_layout,
+    base_gguf,
     export_gguf,
     export_gguf_lora,
     modelfile,
@@ -113,7 +113,7 @@ def test_f16_and_q8_0_load_in_transformers_with_the_merged_models_logits(merged,
 def test_the_gguf_lora_over_the_base_gguf_answers_as_the_merged_model_in_llama_cpp(merged, smol_run, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     model, tokenizer = merged
-    lora = export_gguf_lora(smol_run, tmp_path)
+    lora = export_gguf_lora(smol_run, tmp_path).gguf
     reader = gguf.GGUFReader(lora)
     assert reader.fields["general.type"].contents() == "adapter"
     assert reader.fields["adapter.lora.alpha"].contents() == 16
@@ -219,7 +219,7 @@ def test_the_train_tab_exports_the_gguf_lora_and_says_what_is_missing(smol_run, 
         files, howto = handler["train_export_gguf_lora"]("run-1", "q8_0", progress=lambda *a, **k: None)
         (lora,) = files["value"]
         assert lora.endswith("run-1-lora.gguf") and read_header_of(lora) == "adapter"
-        assert f"--lora {Path(lora).name}" in howto["value"]
+        assert f"llama-cli -m {base_gguf(SMOL)} --lora {lora}" in howto["value"]
         make_run(smol_run.parent.parent, tiny_llama, run_id="tiny")  # a base with no GGUF of its own
         with pytest.raises(gr.Error, match="has none here"):
             handler["train_export_gguf"]("tiny", "q8_0", progress=lambda *a, **k: None)

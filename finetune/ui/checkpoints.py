@@ -11,7 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from finetune import FinetuneError
-from finetune.gguf_export import KINDS, base_gguf, export_gguf, export_gguf_lora
+from finetune.gguf_export import KINDS, export_gguf, export_gguf_lora
 from finetune.runcode import write_run_code
 from finetune.runner import Runner
 from finetune.runs import RunDir, exports_dir
@@ -99,16 +99,10 @@ def build_checkpoints_panel(runner: Runner, run: gr.Dropdown, timer: gr.Timer) -
             raise gr.Error(f"{run_id} has no adapter yet: export it once it has saved one.")
         out = exports_dir() / "gguf" / found.run_id
         progress(0.1, desc="merging the adapter and writing the GGUF (a minute for a 270M model)")
-        if lora:
-            path = export_gguf_lora(found.path, out)
-            base = base_gguf(found.read_config().model.source)
-            files, howto = [path], f"Over the base model's own GGUF: `llama-cli -m {base.name} --lora {path.name}`"
-        else:
-            result = export_gguf(found.path, out, kind)
-            files = [result.gguf, *([result.modelfile] if result.modelfile else [])]
-            howto = f"```\n{result.commands()}\n```"
-        return (gr.update(value=[str(f) for f in files], visible=True),
-                gr.update(value=f"Written to `{out}`. {howto}", visible=True))  # fmt: skip
+        result = export_gguf_lora(found.path, out) if lora else export_gguf(found.path, out, kind)
+        files = [result.gguf, *([result.modelfile] if result.modelfile else [])]
+        howto = f"Written to `{out}`. Run it:\n```\n{result.commands()}\n```"
+        return gr.update(value=[str(f) for f in files], visible=True), gr.update(value=howto, visible=True)
 
     gr.on([run.change, timer.tick], show, [run, step], [table, step], api_visibility="private", show_progress="hidden",
           queue=False)  # fmt: skip
