@@ -35,6 +35,7 @@ from finetune import FinetuneError, home, llamacpp
 from finetune.backends import (
     Backend,
     BackendError,
+    Hint,
     LocalBackend,
     OpenAIBackend,
     StreamState,
@@ -209,10 +210,11 @@ class ArenaSetup:
 
 
 class Unavailable(Backend):
-    """A column that cannot run (e.g. no adapter chosen): its stream raises a message saying what to do."""
+    """A column that cannot run (e.g. no adapter chosen): its stream raises a message saying what to do, as an error
+    or, with `hint`, as what the column shows in place of an answer."""
 
-    def __init__(self, message: str):
-        self.message = message
+    def __init__(self, message: str, hint: bool = False):
+        self.message, self.hint = message, hint
 
     @property
     def label(self) -> str:
@@ -220,7 +222,7 @@ class Unavailable(Backend):
 
     def stream(self, messages: list[dict], params: GenerationParams) -> TextStream:
         def fail(out: TextStream) -> Iterator[str]:
-            raise FinetuneError(self.message)
+            raise (Hint if self.hint else FinetuneError)(self.message)
             yield  # a generator, so the error is raised in the reader's thread
 
         return TextStream(fail)
@@ -279,7 +281,7 @@ def _served_columns(setup: ArenaSetup, info: AdapterInfo | None, template: str) 
         served = engine.models()
     except BackendError as e:
         return dict.fromkeys(("base", "tuned"), Unavailable(str(e))), str(e)
-    columns: dict[str, Backend] = {"base": engine.backend(template), "tuned": Unavailable(NO_ADAPTER)}
+    columns: dict[str, Backend] = {"base": engine.backend(template), "tuned": Unavailable(NO_ADAPTER, hint=True)}
     if info is not None:
         name = lora_name(info.name, info.path)
         try:
@@ -354,7 +356,7 @@ def make_backends(pool: ModelPool, setup: ArenaSetup, warn: Callable[[str], None
     template = setup.template or (info.template if info else "qa")
     backends: dict[str, Backend] = {"base": _local_column(pool, setup.base_model, template, engine)}
     if info is None:
-        backends["tuned"] = Unavailable(NO_ADAPTER)
+        backends["tuned"] = Unavailable(NO_ADAPTER, hint=True)
     else:
         backends["tuned"] = _local_column(pool, info.base_model, template, engine, info, warn)
     if setup.serve_url.strip():

@@ -32,6 +32,10 @@ from finetune.models import ModelPool
 from finetune.templates import Template, conversation_prompt, get_template
 
 
+class Hint(FinetuneError):
+    """Not an error: what a column says in place of an answer it cannot give yet (no tuned model: train one)."""
+
+
 class BackendError(FinetuneError):
     """A backend could not answer (server down, refused key, timeout, broken stream); shown in its column."""
 
@@ -297,6 +301,7 @@ class StreamState:
     text: str = ""
     done: bool = False
     error: str | None = None
+    hint: str | None = None  # not an error: what the column says in place of an answer (`Hint`)
     chunks: int = 0
     started: float = 0.0
     engine: str = ""  # what answered ("transformers", "llama.cpp", a server's host): `Backend.engine`
@@ -358,6 +363,8 @@ def merge_streams(
                 col.done, col.elapsed_s = True, now
                 if count_tokens and name in count_tokens and col.error is None:
                     col.tokens = count_tokens[name](col.text)
+            elif isinstance(item, Hint):
+                col.hint = str(item)
             elif isinstance(item, Exception):
                 # Our own errors already say what to do; anything else also needs its type to make sense.
                 col.error = str(item) if isinstance(item, FinetuneError) else f"{type(item).__name__}: {item}"

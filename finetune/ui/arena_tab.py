@@ -19,7 +19,6 @@ from finetune import FinetuneError
 from finetune.arena import (
     ENGINES,
     LABELS,
-    NO_ADAPTER,
     ROLES,
     ArenaSession,
     ArenaSetup,
@@ -59,7 +58,7 @@ def _model_choice(default: str, label: str) -> gr.Dropdown:
 def _stats(col: StreamState | None) -> str:
     if col is None:
         return ""
-    if col.error == NO_ADAPTER:
+    if col.hint:
         return ""  # the column itself says what to do
     if col.error:
         return f"**Error:** {col.error}"
@@ -100,8 +99,8 @@ def _chats(session: ArenaSession, columns: dict[str, StreamState] | None = None,
     for position, role in enumerate(session.order):
         messages = list(session.histories[role])
         col = (columns or {}).get(role)
-        if col is not None and col.error == NO_ADAPTER:  # a hint where the answer would be, not an error
-            messages = [*messages[:-1], {"role": "assistant", "content": NO_ADAPTER}]
+        if col is not None and col.hint:  # where the answer would be, not an error
+            messages = [*messages[:-1], {"role": "assistant", "content": col.hint}]
         elif col is not None and col.error and messages:
             messages[-1] = {"role": "assistant", "content": f"{col.text.strip()}\n\n*Error: {col.error}*".strip()}
         chats.append(gr.Chatbot(value=messages, label=_label(session, position)) if labels else messages)
