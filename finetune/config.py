@@ -186,6 +186,21 @@ class TrainConfig:
         return _from_dict(cls, values, "")
 
 
+def decided_settings(cfg: TrainConfig) -> dict:
+    """The settings `auto` leaves to the machine (`hardware.resolve_auto`) as `cfg` has them: a run keeps what it
+    decided in its status (`RunDir.read_decided_config` puts them back)."""
+    return {"dtype": cfg.model.dtype, "mixed_precision": cfg.mixed_precision, "batch_size": cfg.batch_size}
+
+
+def with_decided(cfg: TrainConfig, decided: dict) -> TrainConfig:
+    """`cfg` with each setting still `auto` set to its value in `decided` (decided_settings' keys, and max_steps)."""
+    for key, value in decided.items():
+        owner = cfg.model if key == "dtype" else cfg
+        if value is not None and getattr(owner, key) == "auto":
+            setattr(owner, key, value)
+    return cfg
+
+
 def _from_dict(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
         raise _config_error(f"{prefix.rstrip('.') or 'The config'} must be a mapping of keys to values.")

@@ -50,6 +50,7 @@ ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # env variables that c
 PROBE_SHAPE = (256, 640, 1024)  # rows x in x out: a Gemma-270M-sized projection
 BF16_FAST = 1.15  # bfloat16 must beat float32 by this much to be chosen (casts cost something too)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}  # mixed_precision -> compute dtype
 # Model types whose activations exceed float16's range (65504): the embedded Gemma-3-270M's residual stream reaches
 # 1e5 by its 9th layer, so in float16 every logit is NaN (tests/test_hardware.py; transformers issue 36822; vLLM
 # refuses float16 for gemma3). They compute in float32 where bfloat16 is not native.
@@ -162,8 +163,7 @@ class Machine:
 
     def quant_compute_dtype(self, device: str | None = None, fp16_ok: bool = True) -> torch.dtype:
         """bitsandbytes' 4-bit compute dtype."""
-        mixed = self.mixed_precision(device, fp16_ok)
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[mixed]
+        return AUTOCAST[self.mixed_precision(device, fp16_ok)]
 
     def inference_dtype(self, device: str | None = None, fp16_ok: bool = True) -> torch.dtype:
         """Weights of the app's models: the fastest exact-enough dtype where they run."""
@@ -432,6 +432,12 @@ def cpu_busy(seconds: float = 0.2) -> float:
     share = psutil.cpu_percent(interval=seconds) / 100
     _BUSY_SAMPLE[:] = [(time.monotonic(), share)]
     return share
+
+
+def compute_dtype(weights: torch.dtype, mixed_precision: str) -> torch.dtype:
+    """What a layer computes in: its weights' dtype, or the autocast's for float32 weights (a 4-bit model's
+    `bnb_4bit_compute_dtype` follows the same rule)."""
+    return AUTOCAST.get(mixed_precision, torch.float32) if weights == torch.float32 else weights
 
 
 def dtype_name(dtype: torch.dtype) -> str:

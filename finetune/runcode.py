@@ -23,8 +23,9 @@ from pathlib import Path
 from string import Template as Code
 
 from finetune import FinetuneError
-from finetune.config import TrainConfig
+from finetune.config import TrainConfig, decided_settings
 from finetune.data import BUNDLED, detect_mapping, is_hub_id, load_dataset_source
+from finetune.hardware import DTYPES, compute_dtype, dtype_name
 from finetune.models import EMBEDDED, resolve_source
 from finetune.runs import RunDir, open_run
 from finetune.templates import Template, get_template
@@ -37,9 +38,7 @@ LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parque
 def decided_config(run: RunDir) -> TrainConfig:
     """The run's config with each `auto` setting as the run decided it; FinetuneError while one is still undecided."""
     cfg = run.read_decided_config()
-    autos = {"dtype": cfg.model.dtype, "mixed_precision": cfg.mixed_precision, "batch_size": cfg.batch_size,
-             "max_steps": cfg.max_steps}  # fmt: skip
-    missing = [key for key, value in autos.items() if value == "auto"]
+    missing = [key for key, value in {**decided_settings(cfg), "max_steps": cfg.max_steps}.items() if value == "auto"]
     if missing:
         raise FinetuneError(
             f"This run has not decided its {', '.join(missing)} yet (auto: set when it starts training on its "
@@ -279,10 +278,7 @@ def _model_part(cfg: TrainConfig, decided: dict | None) -> tuple[str, bool]:
         base_note = "# The run's base model"
     quantized = spec.quantization in ("4bit", "8bit")
     if spec.quantization == "4bit":
-        # As `models.quantization_config`: the compute dtype is the weights', or the autocast's for float32 weights.
-        compute = spec.dtype if spec.dtype != "float32" else {"bf16": "bfloat16", "fp16": "float16"}.get(
-            cfg.mixed_precision, "float32"
-        )
+        compute = dtype_name(compute_dtype(DTYPES[spec.dtype], cfg.mixed_precision))  # as the run computed
         nf4 = [("load_in_4bit", True, ""), ("bnb_4bit_quant_type", "nf4", "4-bit NormalFloat"),
                ("bnb_4bit_use_double_quant", True, "its scales quantized too"),
                ("bnb_4bit_compute_dtype", Expr(f"torch.{compute}"), "")]  # fmt: skip

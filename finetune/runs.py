@@ -40,7 +40,7 @@ import psutil
 from filelock import FileLock
 
 from finetune import FinetuneError, home
-from finetune.config import TrainConfig, dump_train_config, load_train_config
+from finetune.config import TrainConfig, dump_train_config, load_train_config, with_decided
 
 CONFIG_FILE, STATUS_FILE, METRICS_FILE, LOG_FILE, STOP_FILE = (
     "config.yaml", "status.json", "metrics.jsonl", "train.log", "STOP"
@@ -235,14 +235,9 @@ class RunDir:
     def read_decided_config(self) -> TrainConfig:
         """The config with each `auto` setting as this run decided it on its machine (kept in its status by the
         trainer: `decided`, `planned_steps`); still `auto` where it has not decided yet."""
-        cfg, status = self.read_config(), self.read_status()
+        status = self.read_status()
         decided = {**(status.get("decided") or {}), "max_steps": status.get("planned_steps")}
-        if cfg.model.dtype == "auto" and decided.get("dtype"):
-            cfg.model.dtype = decided["dtype"]
-        for key in ("mixed_precision", "batch_size", "max_steps"):
-            if getattr(cfg, key) == "auto" and decided.get(key) is not None:
-                setattr(cfg, key, decided[key])
-        return cfg
+        return with_decided(self.read_config(), decided)
 
     def write_config(self, cfg: TrainConfig) -> None:
         write_text_atomic(self.config_file, dump_train_config(cfg))

@@ -40,9 +40,9 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from finetune import FinetuneError
 from finetune.callbacks import KeepCheckpoints, RunCallback, check_tracker, tracker_callbacks
-from finetune.config import TrainConfig, check_choices
+from finetune.config import TrainConfig, check_choices, decided_settings
 from finetune.export import push_adapter
-from finetune.hardware import machine, refresh_probe, resolve_auto
+from finetune.hardware import AUTOCAST, machine, refresh_probe, resolve_auto
 from finetune.loss import answer_hidden, answer_loss_sum, causal_lm
 from finetune.runs import Checkpoint, RunDir, process_fields
 from finetune.serving import serving_chat_template, write_chat_template
@@ -415,11 +415,6 @@ def _train(
     return adapter
 
 
-def decided_settings(cfg: TrainConfig) -> dict:
-    """The settings `auto` leaves to the machine, as a run decided them (kept in its status)."""
-    return {"dtype": cfg.model.dtype, "mixed_precision": cfg.mixed_precision, "batch_size": cfg.batch_size}
-
-
 Announce = Callable[[str, str], None]  # (summary, rows): what trains on what, said once model and data are ready
 
 
@@ -505,12 +500,12 @@ def step_seconds(cfg: TrainConfig, model, loss) -> float:
     mean of the runs after the first (which pays one-time allocations), times grad_accum. Gradients are dropped after
     each run: a backward that adds into kept gradients took 25% longer (2-core AVX2), and planned too few steps."""
     device = next(model.parameters()).device
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    autocast = AUTOCAST.get(cfg.mixed_precision, torch.float32)
     model.train()
     seconds = []
     for _ in range(TIMED_RUNS):
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast != torch.float32):
             value = loss()
         value.backward()
         if device.type == "cuda":

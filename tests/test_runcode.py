@@ -145,8 +145,8 @@ def test_the_notebook_has_the_files_cells(written):
 @pytest.mark.parametrize(("gpu", "dtype", "autocast"), [(("L4", 22.0, (8, 9)), "bfloat16", "bf16"),
                                                         (("T4", 15.0, (7, 5)), "float32", "fp16")])  # fmt: skip
 def test_auto_settings_are_what_the_run_decided(gpu, dtype, autocast, tiny_llama, qa_file, tmp_path):  # noqa: F811
+    from finetune.config import decided_settings
     from finetune.hardware import GPU, Machine, resolve_auto
-    from finetune.train import decided_settings
 
     cfg = tiny_config(tiny_llama, qa_file, max_steps="auto", max_minutes=1, batch_size="auto", mixed_precision="auto")
     cfg.model.dtype = "auto"
