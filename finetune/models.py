@@ -66,9 +66,16 @@ def _gemma_gguf() -> Path:
     target = model_cache() / "gguf" / pkg.MODEL_NAME
     if target.is_file() and _ASSEMBLED.get(target) == _file_stamp(target):
         return target
-    path = pkg.assemble(target)
-    _ASSEMBLED[path] = _file_stamp(path)
-    return path
+    if target.is_file():
+        pkg.assemble(target)  # checks its SHA-256
+    else:
+        # Assembled beside it, then renamed: another process assembling it too (a training run, a second test
+        # worker) finds a whole file or none, never one half written (which `assemble` refuses as corrupt).
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            os.replace(pkg.assemble(Path(tmp) / target.name), target)
+    _ASSEMBLED[target] = _file_stamp(target)
+    return target
 
 
 def _file_stamp(path: Path) -> tuple[int, int]:

@@ -113,6 +113,31 @@ def test_cache_round_trip_gives_the_same_logits(tmp_path, monkeypatch):
     torch.testing.assert_close(ours, theirs, atol=0.3, rtol=0.02)
 
 
+def test_two_processes_assembling_gemmas_gguf_at_once_both_get_the_whole_file(tmp_path, monkeypatch):
+    """A fresh machine: the app and a training run (or two test workers) each assemble the shipped chunks. Written in
+    place, the second one found the first one's half-written file and refused it as corrupt."""
+    from finetune import models
+
+    monkeypatch.setenv("FINETUNE_MODEL_CACHE", str(tmp_path))
+    barrier, found, errors = threading.Barrier(2), [], []
+
+    def assemble():
+        barrier.wait()
+        try:
+            found.append(models._gemma_gguf())
+        except Exception as e:  # noqa: BLE001 (the verdict below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=assemble) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(found) == 2 and found[0] == found[1], errors
+    assert [p.name for p in (tmp_path / "gguf").iterdir()] == [found[0].name]  # no temp folder left
+    assert models._gemma_gguf() == found[0]  # and its SHA-256 is the shipped one (assemble checks it)
+
+
 def test_pool_reloads_an_adapter_rewritten_on_disk(tiny_llama, tmp_path):
     import os
 
