@@ -113,6 +113,16 @@ def test_every_tab_opens_with_its_lesson_note_and_a_try_button(tiny_app):
             assert len(filled) == len(lesson.try_values), name
 
 
+def test_the_arena_asks_by_itself_only_what_the_guided_path_filled_in(tiny_app):
+    """Each page load's resume ends in the Arena's ask-once-filled step too: a question the participant had typed by
+    then was asked behind their back, and its round cleared the box under their own Ask ("Type a question first",
+    seen in the browser tests on a busy machine)."""
+    auto = [d for d in tiny_app.fns.values() if getattr(d.fn, "__name__", "") == "asked_if_filled"]
+    assert len(auto) == 4  # the run's end, a reload's resume, the vote step, "Open the Arena"
+    for d in auto:
+        assert list(d.fn(asked="", question="Typed meanwhile: is it asked?")) == []
+
+
 def test_guided_start_endpoint_streams_the_steps_and_the_manual_endpoints_see_the_run(tiny_app, free_port):
     from gradio_client import Client
 

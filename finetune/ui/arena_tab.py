@@ -307,13 +307,16 @@ def build_arena_tab(
     queued = dict(concurrency_limit=concurrency, concurrency_id="arena")
     gr.on([send.click, question.submit], timed_round, None, answers, inputs_kwargs=form, api_name="arena", **queued)
 
-    def asked_if_filled(**form_values):
-        if (form_values["question"] or "").strip():  # nothing filled in (no adapter ready yet): nothing to ask
+    def asked_if_filled(asked: str, **form_values):
+        # Only what `event` filled in: the page load's resume also ends here with nothing (no run), and a question
+        # typed meanwhile is the participant's, asked when they press Ask (asked here too, it was then empty).
+        if (asked or "").strip():
             yield from timed_round(**form_values)
 
-    def answer_after(event) -> None:
-        """Ask the question in the box once `event` has filled it (the guided path opening the Arena)."""
-        event.then(asked_if_filled, None, answers, inputs_kwargs=form, api_visibility="private", **queued)
+    def answer_after(event, asked: gr.Textbox) -> None:
+        """Ask the question in the box once `event` has filled it with `asked` (the guided path opening the Arena)."""
+        inputs = {**form, "asked": asked}
+        event.then(asked_if_filled, None, answers, inputs_kwargs=inputs, api_visibility="private", **queued)
 
     def reset(blind_: bool):
         state = ArenaSession.start(blind_)

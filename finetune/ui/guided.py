@@ -74,10 +74,10 @@ class GuidedPanel:
 
         args = (to_arena, [self.adapter, self.question], [tabs, adapter, question])
         for event in self.finished:
-            arena["answer_after"](event.then(*args, api_visibility="private"))
+            arena["answer_after"](event.then(*args, api_visibility="private"), self.question)
         # A refusal (too few votes) stays on this tab.
-        arena["answer_after"](self.learned.success(*args, api_visibility="private"))
-        arena["answer_after"](self.open_arena.click(*args, api_visibility="private"))
+        arena["answer_after"](self.learned.success(*args, api_visibility="private"), self.question)
+        arena["answer_after"](self.open_arena.click(*args, api_visibility="private"), self.question)
 
 
 def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None = None) -> GuidedPanel:
@@ -110,7 +110,7 @@ def build_guided_panel(guide: Guide, page: gr.Blocks, extra_starts: list | None 
             text,
             shown(loss_frame(run)),
             result.get("adapter", "") if step.done else "",
-            result.get("question", ""),
+            result.get("question", "") if step.done else "",  # what the Arena asks once it opens (`opens_arena`)
             gr.Button(visible=step.done),
             gr.Button(visible=step.done or step.step == "vote"),
         )
