@@ -13,6 +13,9 @@ CONSTRAINTS ?= -c constraints.txt
 TORCH ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
+# Two worker processes (pytest-xdist): much of the suite waits on subprocesses, servers and browsers, so two take
+# 30% less time than one on 2 cores. `make test PYTEST_WORKERS=0` runs it in one process.
+PYTEST_WORKERS ?= 2
 # llama-cpp-python (the Arena's engine) is built without OpenMP: with it, ggml shares torch's libgomp, and once torch
 # has run in the app's process libgomp throttles its spin-waits, so ggml's barrier between every two operations
 # sleeps (decoding 1.8x slower on 2 cores). ggml's own threadpool does not.
@@ -25,7 +28,7 @@ run: install
 	$(PY) app.py
 
 test: install-dev browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The browser tests drive a Chromium: Debian's package where apt-get can install it (root, as on CI), else
 # playwright's own build (`playwright install chromium`), which tests/test_browser.py finds when there is no system one.
