@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import tempfile
 import threading
 import time
 from collections import defaultdict, deque
@@ -132,9 +133,8 @@ def install_adapter(files: list[str | Path], name: str) -> AdapterInfo:
     target = uploads_dir() / safe
     if target.exists():
         raise FinetuneError(f"An adapter named {safe!r} exists already: choose another name.")
-    tmp = uploads_dir() / f".{safe}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{safe}-", dir=target.parent))  # its own: two uploads at once never mix
     try:
         for f in map(Path, files):
             check_upload_size(f)
@@ -153,7 +153,10 @@ def install_adapter(files: list[str | Path], name: str) -> AdapterInfo:
                 f"The upload lacks {', '.join(missing)}: upload both files of a PEFT adapter or a .zip."
             )
         shutil.rmtree(tmp / "unpacked", ignore_errors=True)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another participant's upload took the name meanwhile
+            raise FinetuneError(f"An adapter named {safe!r} exists already: choose another name.") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return adapter_info(target, safe, "upload")

@@ -12,6 +12,7 @@ import errno
 import os
 import sqlite3
 import subprocess
+import threading
 import zipfile
 from pathlib import Path
 
@@ -171,6 +172,29 @@ def test_uploaded_adapter_names_stay_inside_the_data_dir(home, adapter_files, na
     info = install_adapter(list(adapter_files.iterdir()), name)
     assert info.path.parent == home / "adapters" and info.path.is_dir()
     assert len(info.path.name) <= 64 and "/" not in info.name and "\x00" not in info.name
+
+
+def test_two_uploads_of_one_name_at_once_give_one_whole_adapter_and_a_clear_refusal(home, adapter_files):
+    """A workshop room: two participants upload under one name at the same moment. They shared one temporary
+    folder, so one could install the other's half-copied files or fail with a bare OSError."""
+    barrier, done, refused = threading.Barrier(2), [], []
+
+    def upload():
+        barrier.wait()
+        try:
+            done.append(install_adapter(list(adapter_files.iterdir()), "team-a"))
+        except FinetuneError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=upload) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(done) == 1 and refused == ["An adapter named 'team-a' exists already: choose another name."], refused
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (done[0].path / f).read_bytes() == (adapter_files / f).read_bytes()
+    assert [p.name for p in (home / "adapters").iterdir()] == ["team-a"]  # no temporary folder left
 
 
 @pytest.mark.parametrize("name", ["", "..", "/", "\x00", "../.."])
