@@ -83,22 +83,17 @@ def llama_losses(gguf, lora, encoded: list[dict]) -> list[tuple[float, int]]:
 
     engine = LlamaEngine(slots=1, per_slot=max(len(r["input_ids"]) for r in encoded) + 8)
     model = engine.model(gguf)
-    context = engine._context(model, lora)  # a context of its own: no answer shares its KV cache
+    context = engine.context(model, lora)  # a context of its own: no answer shares its KV cache
     out = []
     for row in encoded:
         ids, labels = list(row["input_ids"]), list(row["labels"])
         llama_cpp.llama_memory_clear(context.ctx.memory, True)
-        batch = context.batch
-        batch.n_tokens = len(ids)
-        for i, token in enumerate(ids):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
-            batch.seq_id[i][0] = 0
-        assert llama_cpp.llama_decode(context.ctx.ctx, batch) == 0
+        rows = context.decode([(token, i, 0, True) for i, token in enumerate(ids)])
         total, count = 0.0, 0
         for t in range(len(ids) - 1):
             if labels[t + 1] == -100:
                 continue
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.ctx.ctx, t), (model.n_vocab,))
+            logits = rows[t]
             top = logits.max()
             total += float(np.log(np.exp(logits - top).sum()) + top - logits[ids[t + 1]])
             count += 1

@@ -184,15 +184,15 @@ def _penalize(logits: np.ndarray, seen: list[int], penalty: float) -> None:
 class _Context:
     """One llama.cpp context: a model with one LoRA adapter (or none), decoding up to `slots` answers at once."""
 
-    def __init__(self, model: GGUFModel, lora: Path | None, slots: int, per_slot: int):
+    def __init__(self, model: GGUFModel, lora: Path | None, slots: int, capacity: int):
         from llama_cpp._internals import LlamaContext
 
         lib = _lib()
         params = lib.llama_context_default_params()
-        params.n_ctx, params.n_seq_max = slots * per_slot, slots
+        params.n_ctx, params.n_seq_max = capacity, slots
         params.n_batch, params.n_ubatch = BATCH, UBATCH
         params.kv_unified = True  # one cache shared by the slots: a long conversation may take what short ones leave
-        self.model, self.capacity = model, slots * per_slot
+        self.model, self.capacity = model, capacity
         self.ctx = LlamaContext(model=model.llama, params=params, verbose=True)
         if lora is not None:
             adapter = lib.llama_adapter_lora_init(model.llama.model, str(lora).encode())
@@ -241,19 +241,13 @@ class _Context:
             take = min(len(a.ids) - a.fed, BATCH - len(items))
             items += [(a, a.ids[k], k, k == len(a.ids) - 1) for k in range(a.fed, a.fed + max(take, 0))]
             a.fed += max(take, 0)
-        batch = self.batch
-        batch.n_tokens = len(items)
-        for i, (a, token, pos, out) in enumerate(items):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, out
-            batch.seq_id[i][0] = a.seq
-        code = lib.llama_decode(self.ctx.ctx, batch)
-        if code != 0:
-            error = FinetuneError(f"llama.cpp could not decode this step (code {code}): ask again.")
+        try:
+            logits = self.decode([(token, pos, a.seq, out) for a, token, pos, out in items])
+        except FinetuneError as error:
             for a in {id(a): a for a, *_ in items}.values():
                 a.row.finish(error)
             return
-        rows = [(i, a) for i, (a, _, _, out) in enumerate(items) if out]  # llama.cpp keeps their logits in this order
-        logits = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx.ctx), (len(rows), self.model.n_vocab))
+        rows = [(i, a) for i, (a, _, _, out) in enumerate(items) if out]
         for k, (i, a) in enumerate(rows):
             if a.gone:
                 continue
@@ -264,6 +258,20 @@ class _Context:
             else:
                 self._emit(a, lib.llama_sampler_sample(a.sampler.sampler, self.ctx.ctx, i))
         self._release_gone()  # finished answers give back their slot now: the context may be idle after this step
+
+    def decode(self, tokens: list[tuple[int, int, int, bool]]) -> np.ndarray:
+        """One llama_decode of (token, position, sequence, logits wanted) rows, at most BATCH: the logits of the rows
+        that want them, in their order (a view into llama.cpp's buffer, valid until the next decode)."""
+        lib, batch = _lib(), self.batch
+        batch.n_tokens = len(tokens)
+        for i, (token, pos, seq, out) in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, out
+            batch.seq_id[i][0] = seq
+        code = lib.llama_decode(self.ctx.ctx, batch)
+        if code != 0:
+            raise FinetuneError(f"llama.cpp could not decode this step (code {code}): ask again.")
+        wanted = sum(out for *_, out in tokens)
+        return np.ctypeslib.as_array(lib.llama_get_logits(self.ctx.ctx), (wanted, self.model.n_vocab))
 
     def _emit(self, a: _Answer, token: int) -> None:
         if token in self.model.ends:
@@ -334,7 +342,7 @@ class LlamaEngine:
     _shared_lock = threading.Lock()
 
     def __init__(self, slots: int = SLOTS, per_slot: int = CONTEXT_PER_SLOT, cores: int = CPU_THREADS):
-        self.slots, self.per_slot = slots, per_slot
+        self.slots, self.capacity = slots, slots * per_slot  # a context's answers at once, and its tokens
         self.free_cores = FreeCores(cores)
         self._cv = threading.Condition()
         self._load = threading.Lock()  # loading a model or making a context: one at a time
@@ -361,7 +369,7 @@ class LlamaEngine:
                     raise FinetuneError(f"llama.cpp could not load {path.name}: {e}") from None
             return self._models[path]
 
-    def _context(self, model: GGUFModel, lora: Path | None, answer: _Answer | None = None) -> _Context:
+    def context(self, model: GGUFModel, lora: Path | None, answer: _Answer | None = None) -> _Context:
         """The context for `model` with `lora`, made where there is none; `answer` joins its queue before any other
         caller can retire it."""
         key = (model.path, lora)
@@ -373,7 +381,7 @@ class LlamaEngine:
                     excess = max(0, len(self._contexts) + 1 - MAX_CONTEXTS)
                     self._retired += [self._contexts.pop(k) for _, k in idle[:excess]]
             if context is None:
-                context = _Context(model, lora, self.slots, self.per_slot)
+                context = _Context(model, lora, self.slots, self.capacity)
             with self._cv:
                 self._contexts[key] = context
                 if answer is not None:
@@ -392,14 +400,14 @@ class LlamaEngine:
         `out`: the TextStream this feeds, told the number of tokens at the end."""
         ids = model.tokenize(prompt)
         answer = _Answer(ids, params, RowText(), _sampler(params), seen=list(ids))
-        limit = min(self.slots * self.per_slot, model.llama.n_ctx_train())
+        limit = min(self.capacity, model.llama.n_ctx_train())
         if answer.need > limit:
             raise FinetuneError(
                 f"This conversation ({len(ids)} tokens, and {params.max_new_tokens} new) is longer than "
                 f"{model.path.stem} reads here ({limit} tokens): clear the Arena and ask again."
             )
         answer.row.filter = StopFilter(stops)
-        self._context(model, lora, answer)
+        self.context(model, lora, answer)
         try:
             yield from answer.row.drain()
         finally:
