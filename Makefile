@@ -13,8 +13,8 @@ CONSTRAINTS ?= -c constraints.txt
 TORCH ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
-# Two worker processes (pytest-xdist): much of the suite waits on subprocesses, servers and browsers, so two take
-# 30% less time than one on 2 cores. `make test PYTEST_WORKERS=0` runs it in one process.
+# Two worker processes (pytest-xdist): much of the suite waits on subprocesses, servers and browsers, so two took
+# 8:41-9:59 where one took 12:35 on a 2-core AVX2 EPYC. `make test PYTEST_WORKERS=0` runs it in one process.
 PYTEST_WORKERS ?= 2
 # llama-cpp-python (the Arena's engine) is built without OpenMP: with it, ggml shares torch's libgomp, and once torch
 # has run in the app's process libgomp throttles its spin-waits, so ggml's barrier between every two operations

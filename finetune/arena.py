@@ -131,8 +131,9 @@ def install_adapter(files: list[str | Path], name: str) -> AdapterInfo:
     if not safe:
         raise FinetuneError("Give the uploaded adapter a name (letters, digits, - or _).")
     target = uploads_dir() / safe
+    taken = FinetuneError(f"An adapter named {safe!r} exists already: choose another name.")
     if target.exists():
-        raise FinetuneError(f"An adapter named {safe!r} exists already: choose another name.")
+        raise taken
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{safe}-", dir=target.parent))  # its own: two uploads at once never mix
     try:
@@ -156,7 +157,7 @@ def install_adapter(files: list[str | Path], name: str) -> AdapterInfo:
         try:
             tmp.rename(target)
         except OSError:  # another participant's upload took the name meanwhile
-            raise FinetuneError(f"An adapter named {safe!r} exists already: choose another name.") from None
+            raise taken from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return adapter_info(target, safe, "upload")
